@@ -1,0 +1,87 @@
+# Every option is a make variable passed through to `python -m pipeline <step>`:
+#   make features BACKBONE=mobilenet_v2 SIZE=160     (see `make options STEP=features`)
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+export PIPELINE_SHARED := $(abspath $(SHARED))
+
+# command-line variables (other than the ones above) become NAME=value options of the step
+OWN := PYTHON VENV SHARED STEP TESTS
+ARGS = $(foreach v,$(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))),$(if $(filter $(v),$(OWN)),,'$(v)=$($(v))'))
+
+INSTALLED := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+## print this help
+help:
+	@awk '/^## /{h=substr($$0,4); next} /^[a-z][a-z-]*:/{if(h){split($$0,t,":"); printf "  make %-10s %s\n", t[1], h}; h=""}' $(MAKEFILE_LIST)
+	@echo "  Options: make options STEP=<step>; e.g. make features DATA=path/to/tree BACKBONE=mobilenet_v2"
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+## create the virtual environment and install the project (done by every target that needs it)
+install: $(INSTALLED)
+
+## the main job, offline: digits through efficientnet_lite0 into cache/, then a head on it
+run: head
+
+## extract frozen-backbone features into the HDF5 cache (DATA, BACKBONE, WEIGHTS, SIZE, POOLING, ...)
+features: $(INSTALLED)
+	$(PY) -m pipeline features $(ARGS)
+
+## train a head on the cache, made first if missing (HEAD=logreg|svm|dense..., its parameters: C=10, HIDDEN=256)
+head: $(INSTALLED)
+	$(PY) -m pipeline head $(ARGS)
+
+## cross-validate every head (HEADS=all, CV=5, JOBS=-1), print the leaderboard, save the best
+sweep: $(INSTALLED)
+	$(PY) -m pipeline sweep $(ARGS)
+
+## list the head registry: parameters, defaults, sweep grids
+heads: $(INSTALLED)
+	$(PY) -m pipeline heads
+
+## list what the cache holds
+cache: $(INSTALLED)
+	$(PY) -m pipeline cache $(ARGS)
+
+## list the backbone registry
+backbones: $(INSTALLED)
+	$(PY) -m pipeline backbones
+
+## list a step's options: make options STEP=features
+options: $(INSTALLED)
+	$(PY) -m pipeline $(or $(STEP),features) --help
+
+## run the test suite (TESTS=tests/test_x.py to pick)
+test: $(INSTALLED)
+	$(PY) -m pytest $(or $(TESTS),tests)
+
+## delete the virtual environment (the cache stays)
+clean:
+	rm -rf $(VENV) *.egg-info
+
+.PHONY: help install run features head sweep heads cache backbones options test clean
+
+## measure speed, memory and accuracy side by side (N, REPEATS, SECTIONS=overhead,caching,...): reports/bench-*
+bench: $(INSTALLED)
+	$(PY) -m pipeline bench $(ARGS)
+
+.PHONY: bench
+
+## fine-tune end to end on the cached dense head (UNFREEZE=block_16|20|0.3|blocks:2|all|none, FINETUNE_EPOCHS, FINETUNE_LR)
+finetune: $(INSTALLED)
+	$(PY) -m pipeline finetune $(ARGS)
+
+## label images with the fine-tuned model: make predict IMAGES='photo.jpg folder/' (MODEL=, TOP_K=3)
+predict: $(INSTALLED)
+	$(PY) -m pipeline predict $(ARGS)
+
+.PHONY: finetune predict

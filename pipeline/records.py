@@ -1,0 +1,84 @@
+"""Atomic writes, file hashes, version records: what every output of the pipeline relies on."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from importlib import metadata
+
+from pipeline.errors import PipelineError
+
+VERSIONED = ("pipeline", "tensorflow", "keras", "h5py", "numpy", "scikit-learn", "joblib")
+
+
+def versions(packages=VERSIONED) -> dict:
+    """Installed versions of the packages that shape an output."""
+    out = {}
+    for p in packages:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def file_digest(path: str, block: int = 1 << 20) -> str:
+    """sha256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digest(obj) -> str:
+    """sha256 of a JSON-able object in canonical form."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ""):
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: missing") from None
+    except ValueError as e:
+        raise PipelineError(f"{path}: not valid JSON ({e}); delete it and rerun the step that makes it") from None
+
+
+def check_versions(recorded: dict, path: str, packages=("keras", "scikit-learn", "tensorflow")) -> None:
+    """Refuse an artifact made with another major.minor version of a package whose format matters."""
+    now = versions(packages)
+    for p in packages:
+        was, is_ = recorded.get(p), now.get(p)
+        if was and is_ and was.split(".")[:2] != is_.split(".")[:2]:
+            raise PipelineError(f"{path} was made with {p} {was}, this is {p} {is_}: "
+                                "retrain it with this installation")

@@ -1,0 +1,68 @@
+"""The command line and the Makefile: help, option parsing, one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from pipeline import cli
+from pipeline.config import FeaturesConfig
+
+
+def test_make_alone_prints_help_for_every_target():
+    out = subprocess.run(["make", "-s"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for target in ("features", "cache", "test", "run"):
+        assert f"make {target}" in out
+    targets = subprocess.run(["make", "-qp"], cwd=ROOT, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if line.strip().startswith("make "):
+            name = line.split()[1]
+            assert f"\n{name}:" in targets, name
+
+
+def test_make_passes_variables_through_as_options():
+    out = subprocess.run(["make", "-n", "features", "SIZE=96", "BACKBONE=vgg16", "VENV=.venv"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "-m pipeline features 'BACKBONE=vgg16' 'SIZE=96'" in out
+
+
+def test_both_option_spellings_parse_to_the_config():
+    step = cli._steps()["features"]
+    cfg, extra = cli.parse("features", step, ["SIZE=96", "--backbone", "vgg16", "--val-fraction=0.3"])
+    assert cfg == FeaturesConfig(size=96, backbone="vgg16", val_fraction=0.3) and extra == {}
+
+
+def test_unknown_option_lists_the_valid_ones(capsys):
+    assert cli.main(["features", "COLOUR=red"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: features: unknown option 'COLOUR'; valid: DATA, BACKBONE,")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_value_type_is_a_one_line_error(capsys):
+    assert cli.main(["features", "SIZE=big"]) == 2
+    assert "SIZE='big': expected int" in capsys.readouterr().err
+
+
+def test_unknown_step_and_unknown_backbone(capsys):
+    assert cli.main(["featurs"]) == 2
+    assert "unknown step 'featurs'; valid: features" in capsys.readouterr().err
+    assert cli.main(["features", "BACKBONE=resnet9"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown backbone 'resnet9'; valid:" in err and "efficientnet_lite0" in err
+
+
+def test_step_help_lists_every_option():
+    out = subprocess.run([sys.executable, "-m", "pipeline", "features", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    for name in ("--data", "--backbone", "--weights", "--size", "--pooling", "--dtype", "--seed", "--cache-dir"):
+        assert name in out
+
+
+@pytest.mark.parametrize("args", [["DATA=/no/such/folder"], ["POOLING=mean"], ["SIZE=16", "BACKBONE=vgg16"]])
+def test_bad_inputs_fail_in_one_line_without_traceback(args):
+    p = subprocess.run([sys.executable, "-m", "pipeline", "features", *args], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: ") and "Traceback" not in p.stderr + p.stdout
