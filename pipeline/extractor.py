@@ -1,0 +1,56 @@
+"""The frozen feature extractor: raw RGB pixels -> backbone's preprocessing -> backbone -> pooling."""
+
+from __future__ import annotations
+
+import keras
+
+from pipeline import backbones
+from pipeline.errors import choose
+
+LITE0_MEAN, LITE0_STD = 127.0, 128.0
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class Preprocess(keras.layers.Layer):
+    """A backbone family's own ``preprocess_input``, inside the model (tensors are never changed in place).
+
+    Modes as in keras.applications: ``caffe`` (RGB->BGR, ImageNet mean subtracted), ``tf`` ([-1, 1]),
+    ``torch`` ([0, 1], ImageNet mean/std), ``lite0`` ((x - 127) / 128), ``none`` (the backbone does it).
+    """
+
+    MODES = ("caffe", "tf", "torch", "lite0", "none")
+
+    def __init__(self, mode, **kwargs):
+        super().__init__(**kwargs)
+        choose(mode, dict.fromkeys(self.MODES), "preprocessing mode")
+        self.mode = mode
+
+    def call(self, x):
+        x = keras.ops.cast(x, "float32")
+        if self.mode == "none":
+            return x
+        if self.mode == "lite0":
+            return (x - LITE0_MEAN) / LITE0_STD
+        return keras.applications.imagenet_utils.preprocess_input(x, mode=self.mode)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+POOLING_LAYERS = {
+    "avg": keras.layers.GlobalAveragePooling2D,
+    "max": keras.layers.GlobalMaxPooling2D,
+    "flatten": keras.layers.Flatten,
+}
+
+
+def build(spec, size, weights, pooling, alpha=None, seed=0):
+    """(extractor, base): ``extractor`` maps (N, size, size, 3) pixels in [0, 255] to pooled features."""
+    pool = choose(pooling, POOLING_LAYERS, "pooling")
+    base = backbones.build_base(spec, size, weights, alpha=alpha, seed=seed)
+    base.trainable = False
+    inputs = keras.Input((size, size, 3), name="pixels")
+    x = Preprocess(spec.preprocess, name="preprocess")(inputs)
+    x = base(x, training=False)
+    outputs = pool(name=f"{pooling}_pool")(x)
+    return keras.Model(inputs, outputs, name=f"{spec.name}_features"), base
