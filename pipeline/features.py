@@ -1,0 +1,142 @@
+"""``features``: run a dataset once through a frozen backbone into the HDF5 cache (resumable, keyed)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+
+from pipeline import backbones, data, records, store
+from pipeline.config import FeaturesConfig, asdict
+from pipeline.errors import PipelineError, choose
+
+EXTRACT_VERSION = 1  # bump when extraction changes what it computes: old caches then no longer match
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class Plan:
+    """Everything resolved from a config: the dataset, the extractor, the key and the cache path."""
+
+    def __init__(self, cfg: FeaturesConfig, log=print):
+        if cfg.keras_home:
+            os.environ["KERAS_HOME"] = os.path.abspath(cfg.keras_home)
+        self.cfg = cfg
+        self.spec = backbones.get(cfg.backbone)
+        choose(cfg.dtype, DTYPES, "dtype")
+        from pipeline import extractor, images
+
+        choose(cfg.pooling, extractor.POOLING_LAYERS, "pooling")
+        choose(cfg.interpolation, images.INTERPOLATIONS, "interpolation")
+        self.size = backbones.resolve_size(self.spec, cfg.size)
+        if cfg.batch < 1 or cfg.chunk < 1:
+            raise PipelineError("BATCH and CHUNK must be positive")
+        self.chunk = math.ceil(cfg.chunk / cfg.batch) * cfg.batch
+        os.makedirs(cfg.cache_dir, exist_ok=True)
+        self.ds = data.open_source(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.per_class,
+                                   cfg.max_pixels, os.path.join(cfg.cache_dir, "checked-images.json"),
+                                   progress=True)
+        self.model, base = extractor.build(self.spec, self.size, cfg.weights, cfg.pooling,
+                                           alpha=cfg.alpha or None, seed=cfg.seed)
+        weights = {"source": cfg.weights if cfg.weights in ("imagenet", "none") else "file",
+                   "sha256": backbones.weights_digest(base)}
+        if weights["source"] == "file":
+            weights["file"] = os.path.abspath(cfg.weights)
+        self.dim = int(self.model.output_shape[-1])
+        self.identity = {
+            "manifest": self.ds.manifest_digest(), "backbone": self.spec.name, "weights": weights,
+            "size": self.size, "alpha": cfg.alpha or self.spec.alpha,
+            "interpolation": cfg.interpolation, "preprocessing": self.spec.preprocess,
+            "pooling": cfg.pooling, "dtype": cfg.dtype, "extract_version": EXTRACT_VERSION,
+        }
+        self.key = records.digest(self.identity)
+        stem = f"{self.ds.name}_{self.spec.name}_{self.size}_{cfg.pooling}_{self.key[:12]}"
+        self.path = os.path.join(cfg.cache_dir, stem + ".h5")
+        self.report_path = os.path.join(cfg.cache_dir, stem + ".skipped.tsv")
+        self.log = log
+
+    def record(self) -> dict:
+        """What the cache file records about how it was made."""
+        return {
+            "config": {**asdict(self.cfg), "size": self.size, "identity": self.identity,
+                       "feature_dim": self.dim, "source_root": self.ds.root},
+            "class_names": self.ds.class_names,
+            "versions": records.versions(("pipeline", "tensorflow", "keras", "h5py", "numpy")),
+        }
+
+    def up_to_date(self) -> bool:
+        if not os.path.exists(self.path):
+            return False
+        cache = store.load(self.path, expect_key=self.key, check_finite=False)
+        return cache.key == self.key
+
+
+def _report_skipped(plan):
+    ds, log = plan.ds, plan.log
+    if ds.skipped:
+        lines = ["relpath\treason"] + [f"{rel}\t{why}" for rel, why in ds.skipped]
+        records.atomic_write_text(plan.report_path, "\n".join(lines) + "\n")
+        reasons = {}
+        for _, why in ds.skipped:
+            kind = why.split(":")[0].split("(")[0].strip()
+            reasons[kind] = reasons.get(kind, 0) + 1
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        log(f"warning: skipped {len(ds.skipped)} file(s): {summary}; list in {plan.report_path}")
+    if ds.ignored:
+        log(f"ignored {ds.ignored} hidden/system file(s)")
+
+
+def extract(plan: Plan) -> str:
+    """Extract every split into the partial file (resuming it), verify and rename into place."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline import tfdata
+
+    ds, cfg, log = plan.ds, plan.cfg, plan.log
+    splits = {s: ds.split(s) for s in ds.splits()}
+    layout = {s: ([ds.items[i].label for i in idx], [ds.items[i].relpath for i in idx])
+              for s, idx in splits.items()}
+    rec = plan.record()
+    writer = store.Writer(plan.path, plan.key, rec, layout, plan.dim, cfg.dtype, plan.chunk, log=log)
+    spec = tf.TensorSpec((None, plan.size, plan.size, 3), tf.uint8)
+    call = tf.function(lambda x: plan.model(x, training=False), input_signature=[spec])
+    total = sum(len(v) for v in splits.values())
+    done = sum(writer.done(s) for s in splits)
+    bar = keras.utils.Progbar(total, unit_name="image", stateful_metrics=["img/s"])
+    t0, n_new = time.perf_counter(), 0
+    try:
+        for s, idx in splits.items():
+            start = writer.done(s)
+            if start >= len(idx):
+                continue
+            pending, at = [], start
+            for x in tfdata.images(ds, idx[start:], plan.size, cfg.interpolation, cfg.batch):
+                pending.append(call(x).numpy().astype(cfg.dtype, copy=False))
+                n_new += len(x)
+                bar.update(done + n_new, [("img/s", n_new / (time.perf_counter() - t0))])
+                if sum(len(p) for p in pending) >= plan.chunk:
+                    rows = np.concatenate(pending)
+                    writer.write(s, at, rows)
+                    at, pending = at + len(rows), []
+            if pending:
+                writer.write(s, at, np.concatenate(pending))
+        path = writer.finish()
+    finally:
+        writer.close()
+    secs = time.perf_counter() - t0
+    counts = ", ".join(f"{s} {len(v)}" for s, v in splits.items())
+    log(f"wrote {path}: {counts} x {plan.dim} {cfg.dtype} features; "
+        f"{n_new} images in {secs:.1f} s ({n_new / max(secs, 1e-9):.1f} img/s)")
+    return path
+
+
+def run(cfg: FeaturesConfig, log=print) -> str:
+    """Make sure the cache for ``cfg`` exists; returns its path. Unchanged inputs extract nothing."""
+    plan = Plan(cfg, log)
+    _report_skipped(plan)
+    if plan.up_to_date():
+        log(f"up to date: {plan.path}")
+        return plan.path
+    return extract(plan)
