@@ -1,0 +1,82 @@
+"""The steps of ``python -m pipeline``: each binds a config dataclass to the function that runs it."""
+
+from __future__ import annotations
+
+from pipeline.cli import Step
+from pipeline.config import FeaturesConfig
+
+
+def _features(cfg, extra):
+    from pipeline import features
+
+    features.run(cfg)
+
+
+def _cache(cfg, extra):
+    from pipeline import store
+
+    rows = store.listing(cfg.cache_dir)
+    if not rows:
+        print(f"{cfg.cache_dir}: empty; run make features")
+        return
+    head = f"{'key':<13}{'source':<12}{'backbone':<20}{'weights':<10}{'size':>5} {'pool':<8}{'counts':<34}{'date':<26}status"
+    print(head)
+    for r in rows:
+        if "key" not in r:
+            print(f"{r['file']}: {r['status']}")
+            continue
+        counts = " ".join(f"{s}={c}" for s, c in r["counts"].items())
+        weights = r["weights"] if r["weights"] in ("imagenet", "none") else "file"
+        print(f"{r['key']:<13}{str(r['source'])[-11:]:<12}{r['backbone']:<20}{weights:<10}{r['size']:>5} "
+              f"{r['pooling']:<8}{counts:<34}{r['date'] or '-':<26}{r['status']}")
+
+
+def _backbones(cfg, extra):
+    from pipeline.backbones import BACKBONES
+
+    print(f"{'name':<22}{'preprocessing':<14}{'size':>5}{'min':>5}{'features':>9}  alpha")
+    for b in BACKBONES.values():
+        print(f"{b.name:<22}{b.preprocess:<14}{b.default_size:>5}{b.min_size:>5}{b.features:>9}  "
+              f"{b.alpha if b.alpha is not None else '-'}")
+
+
+def _head(cfg, extra):
+    from pipeline import headstep
+
+    headstep.run_head(cfg, extra)
+
+
+def _sweep(cfg, extra):
+    from pipeline import headstep
+
+    headstep.sweep(cfg, extra)
+
+
+def _heads(cfg, extra):
+    from pipeline import headstep
+
+    print(headstep.list_heads())
+
+
+def _head_config():
+    from pipeline.headstep import HeadConfig
+
+    return HeadConfig
+
+
+STEPS = {
+    "features": Step("extract frozen-backbone features of a dataset into the HDF5 cache", FeaturesConfig,
+                     _features),
+    "cache": Step("list what the cache holds (key, source, backbone, size, counts, date)", FeaturesConfig,
+                  _cache),
+    "backbones": Step("list the backbone registry", None, _backbones),
+    "head": Step("train a head on the feature cache (made first if missing), report it on test, save it",
+                 _head_config(), _head,
+                 extra="head hyper-parameters: NAME=value, e.g. C=0.1, HIDDEN=1024,512, CLASS_WEIGHT=balanced "
+                       "(see `python -m pipeline heads`)"),
+    "sweep": Step("cross-validate every head's regularisation on train+val; leaderboard; save the best",
+                  _head_config(), _sweep,
+                  extra="fixed head hyper-parameters: NAME=value, applied to every swept head that has it "
+                        "(e.g. EPOCHS=30; one named in a head's grid replaces that grid)"),
+    "heads": Step("list the head registry with hyper-parameters, defaults and sweep grids", None, _heads),
+}
