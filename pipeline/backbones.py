@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError, choose
@@ -119,6 +120,20 @@ def build_base(spec: Backbone, size: int, weights: str, alpha: float | None = No
                                     f"(size {size}, alpha {kwargs.get('alpha')}): {e}".splitlines()[0]) from None
             raise
         fname = url.group(1).rsplit("/", 1)[-1]
+        if size != spec.default_size:
+            # MobileNet's ImageNet files are per input size, but its weights are not: as Keras does for
+            # sizes it has no file for, load the default size's (cached) file into the requested size.
+            try:
+                ref = build_base(spec, spec.default_size, weights, alpha=alpha, seed=seed)
+            except PipelineError:
+                pass
+            else:
+                keras.utils.set_random_seed(seed)
+                model = constructor(weights=None, **kwargs)
+                model.set_weights(ref.get_weights())
+                warnings.warn(f"{fname} is not cached: using the {spec.default_size}x{spec.default_size} "
+                              f"ImageNet weights of {spec.name} at size {size}", stacklevel=2)
+                return model
         raise PipelineError(
             f"{spec.name} ImageNet weights are not in the Keras cache and this machine is offline: "
             f"put {fname} into {os.path.join(keras_home(), 'models')}/ (from {url.group(1)}), "

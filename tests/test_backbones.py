@@ -71,6 +71,16 @@ def test_imagenet_weights_offline_and_not_cached_name_the_file():
     assert "models" in msg and "\n" not in msg
 
 
+def test_mobilenet_at_another_size_uses_the_cached_default_size_weights():
+    spec = backbones.get("mobilenet")  # conftest links only mobilenet_2_5_224_tf_no_top.h5 into KERAS_HOME
+    reference = backbones.build_base(spec, 224, "imagenet", alpha=0.25)
+    with pytest.warns(UserWarning, match="mobilenet_2_5_128_tf_no_top.h5 is not cached"):
+        model = backbones.build_base(spec, 128, "imagenet", alpha=0.25)
+    assert model.input_shape == (None, 128, 128, 3)
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(PipelineError, match="no such file"):
         backbones.build_base(backbones.get("mobilenet_v2"), 96, str(tmp_path / "nope.h5"))
