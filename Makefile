@@ -69,3 +69,13 @@ clean:
 	rm -rf $(VENV) *.egg-info
 
 .PHONY: help install run features head sweep heads cache backbones options test clean
+
+## fine-tune end to end on the cached dense head (UNFREEZE=block_16|20|0.3|blocks:2|all|none, FINETUNE_EPOCHS, FINETUNE_LR)
+finetune: $(INSTALLED)
+	$(PY) -m pipeline finetune $(ARGS)
+
+## label images with the fine-tuned model: make predict IMAGES='photo.jpg folder/' (MODEL=, TOP_K=3)
+predict: $(INSTALLED)
+	$(PY) -m pipeline predict $(ARGS)
+
+.PHONY: finetune predict

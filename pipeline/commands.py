@@ -80,3 +80,37 @@ STEPS = {
                         "(e.g. EPOCHS=30; one named in a head's grid replaces that grid)"),
     "heads": Step("list the head registry with hyper-parameters, defaults and sweep grids", None, _heads),
 }
+
+
+
+def _finetune(cfg, extra):
+    from pipeline import finetune
+
+    finetune.run(cfg, extra)
+
+
+def _predict(cfg, extra):
+    from pipeline import predict
+
+    return predict.run(cfg)
+
+
+def _finetune_config():
+    from pipeline.finetune import FinetuneConfig
+
+    return FinetuneConfig
+
+
+def _predict_config():
+    from pipeline.predict import PredictConfig
+
+    return PredictConfig
+
+
+STEPS["finetune"] = Step("fine-tune end to end: augmentation -> backbone (top unfrozen, BatchNorm frozen) -> the "
+                         "cached dense head; report head only vs fine-tuned on test; export one .keras file",
+                         _finetune_config(), _finetune,
+                         extra="dense head hyper-parameters: NAME=value as for `head` (e.g. HIDDEN=256); a saved "
+                               "dense head with other ones is retrained first")
+STEPS["predict"] = Step("label image files and folders with the exported fine-tuned model (top-k probabilities)",
+                        _predict_config(), _predict, positional="images")

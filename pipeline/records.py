@@ -11,6 +11,9 @@ from importlib import metadata
 
 from pipeline.errors import PipelineError
 
+_UMASK = os.umask(0o022)  # read once (it can only be read by setting it) and put back
+os.umask(_UMASK)
+
 VERSIONED = ("pipeline", "tensorflow", "keras", "h5py", "numpy", "scikit-learn", "joblib")
 
 
@@ -48,6 +51,7 @@ def atomic_path(path: str, suffix: str = ""):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,102 @@
+"""The exported model and ``predict``: same predictions after reloading, a folder with a bad file, files
+refused when their record does not check out."""
+
+import json
+import shutil
+import subprocess
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import MOBILENET_V2_FILE, ROOT, write_image
+from pipeline import backbones, cli, finetune, heads, images, predict, records
+from pipeline.errors import PipelineError
+
+CLASSES = ["cat", "dog", "fox"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A small end-to-end model (MobileNetV2 0.35 at 32 px, augmentation, a dense head) and its export."""
+    folder = tmp_path_factory.mktemp("export")
+    spec = backbones.get("mobilenet_v2")
+    base = backbones.build_base(spec, 32, str(MOBILENET_V2_FILE), alpha=0.35)
+    keras.utils.set_random_seed(1)
+    head = heads.build_model(1280, len(CLASSES), (8,))
+    model = finetune.build_model(spec, 32, base, "avg", head, finetune.augmentation(seed=1))
+    rec = predict.export(model, str(folder / "finetune.keras"), class_names=CLASSES, size=32,
+                         interpolation="bilinear", extra={"config": {"note": "test"}})
+    return model, rec
+
+
+def test_export_reloads_with_the_same_predictions_on_raw_images(exported):
+    model, rec_path = exported
+    rec = json.loads(open(rec_path).read())
+    assert rec["classes"] == CLASSES and rec["input_size"] == 32 and rec["config"] == {"note": "test"}
+    assert rec["sha256"] == records.file_digest(rec_path.replace(".json", ".keras"))
+    loaded, rec2 = predict.load(rec_path)
+    assert rec2 == rec and loaded.get_layer("augment") is not None  # augmentation inside, inert
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
+    ours = predict.probabilities(predict.compiled(model, 32), [pixels])
+    call = predict.compiled(loaded, 32)
+    theirs = predict.probabilities(call, [pixels])
+    assert ours.shape == (6, 3) and ours.std(axis=0).max() > 1e-3
+    np.testing.assert_allclose(theirs, ours, atol=1e-6)
+    np.testing.assert_array_equal(predict.probabilities(call, [pixels]), theirs)  # no random layer active
+
+
+def test_predict_labels_a_folder_with_a_bad_file(exported, tmp_path, capsys):
+    model, rec_path = exported
+    folder = tmp_path / "photos"
+    good = [write_image(folder / f"p{i}.jpg", (60 * i, 90, 200 - 50 * i), size=(50, 40), seed=i) for i in range(3)]
+    good.append(write_image(folder / "sub" / "q.png", (10, 200, 10), size=(20, 30)))
+    (folder / "x.jpg").write_text("not really a picture\n")
+    (folder / "notes.txt").write_text("ignored\n")
+    (folder / ".DS_Store").write_bytes(b"\0\1")
+    missing = tmp_path / "missing.jpg"
+    code = cli.main(["predict", f"IMAGES={missing}", str(folder), f"MODEL={rec_path}", "TOP_K=2",
+                     f"OUTPUT={tmp_path / 'out.json'}"])
+    out, err = capsys.readouterr()
+    assert code == 1  # some input could not be labelled; the rest were
+    assert f"skipped {folder / 'x.jpg'}: not an image (text)" in err and "labelled 4 image(s)" in err
+    assert f"skipped {missing}: no such file or folder" in err and "2 could not be read" in err
+    lines = {line.split()[0]: line.split()[1:] for line in out.strip().splitlines()}
+    assert sorted(lines) == sorted(str(p) for p in good)
+    pixels = np.stack([images.load_resized(p, 32) for p in good])
+    probs = predict.probabilities(predict.compiled(model, 32), [pixels])
+    for p, row in zip(good, probs):
+        order = np.argsort(-row)[:2]
+        assert lines[str(p)] == [v for i in order for v in (CLASSES[i], f"{row[i]:.3f}")]
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert len(saved["predictions"]) == 4 and {u["path"] for u in saved["unreadable"]} == {str(missing),
+                                                                                           str(folder / "x.jpg")}
+
+
+def test_loading_checks_the_record(exported, tmp_path):
+    _, rec_path = exported
+    for name in ("finetune.keras", "finetune.json"):
+        shutil.copy(rec_path.replace("finetune.json", name), tmp_path / name)
+    rec = json.loads((tmp_path / "finetune.json").read_text())
+    (tmp_path / "finetune.json").write_text(json.dumps({**rec, "versions": {**rec["versions"], "keras": "2.15.0"}}))
+    with pytest.raises(PipelineError, match="made with keras 2.15.0"):
+        predict.load(str(tmp_path / "finetune.keras"))
+    (tmp_path / "finetune.json").write_text(json.dumps({**rec, "format": "pipeline-head/1"}))
+    with pytest.raises(PipelineError, match="not a fine-tuned model record"):
+        predict.load(str(tmp_path))
+    (tmp_path / "finetune.json").write_text(json.dumps(rec))
+    with open(tmp_path / "finetune.keras", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(PipelineError, match="changed since it was saved"):
+        predict.load(str(tmp_path / "finetune.json"))
+
+
+def test_make_passes_images_and_no_model_is_a_clear_error(tmp_path, capsys):
+    out = subprocess.run(["make", "-n", "predict", "IMAGES=a.jpg photos/", "TOP_K=1"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "-m pipeline predict 'IMAGES=a.jpg photos/' 'TOP_K=1'" in out
+    cfg, _ = cli.parse("predict", cli._steps()["predict"], ["IMAGES=a.jpg", "b c.jpg", "--top-k", "2"])
+    assert predict.split_images(cfg.images) == ["a.jpg", "b c.jpg"] and cfg.top_k == 2
+    write_image(tmp_path / "a.jpg")
+    assert cli.main(["predict", str(tmp_path / "a.jpg"), f"MODELS_DIR={tmp_path / 'none'}"]) == 2
+    assert "error: no fine-tuned model under" in capsys.readouterr().err
