@@ -37,6 +37,40 @@ class Preprocess(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+@keras.saving.register_keras_serializable(package="pipeline")
+class InferenceMode(keras.layers.Layer):
+    """Runs the wrapped backbone with ``training=False`` whatever the caller says.
+
+    Keras 3's functional models hand ``fit``'s ``training=True`` down to every layer, overriding the
+    ``training=False`` recorded when the graph was built: frozen BatchNorm is safe (``trainable=False``
+    makes it infer), but the backbone's Dropout / drop-connect would switch on. Its weights stay trainable
+    as their own ``trainable`` flags say.
+    """
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(**kwargs)
+        self.layer = layer
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+
+    def call(self, x):
+        return self.layer(x, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "layer": keras.saving.serialize_keras_object(self.layer)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["layer"] = keras.saving.deserialize_keras_object(config["layer"])
+        return cls(**config)
+
+
 POOLING_LAYERS = {
     "avg": keras.layers.GlobalAveragePooling2D,
     "max": keras.layers.GlobalMaxPooling2D,

@@ -246,18 +246,18 @@ def augmentation(flip="horizontal", rotation=0.1, zoom=0.1, contrast=0.1, seed=0
 
 def build_model(spec, size, base, pooling, head_model, augment=None):
     """Raw (N, size, size, 3) pixels in [0, 255] -> ``augment`` -> the backbone's preprocessing -> ``base``
-    (called with ``training=False``) -> ``pooling`` -> a copy of ``head_model`` (features -> probabilities)
+    (always called with ``training=False``, see extractor.InferenceMode) -> ``pooling`` -> a copy of ``head_model`` (features -> probabilities)
     with its trained weights: fine-tuning leaves the cached head as it was. Layer names are fixed, so a
     rebuilt model takes a backup's weights."""
     import keras
 
-    from pipeline.extractor import POOLING_LAYERS, Preprocess
+    from pipeline.extractor import POOLING_LAYERS, InferenceMode, Preprocess
 
     pool = choose(pooling, POOLING_LAYERS, "pooling")
     inputs = keras.Input((size, size, 3), name="pixels")
     x = augment(inputs) if augment is not None else inputs
     x = Preprocess(spec.preprocess, name="preprocess")(x)
-    x = base(x, training=False)
+    x = InferenceMode(base, name="backbone")(x)  # training=False even inside fit (Dropout off)
     x = pool(name=f"{pooling}_pool")(x)
     head = keras.models.clone_model(head_model)
     head.set_weights(head_model.get_weights())

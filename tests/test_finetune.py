@@ -209,3 +209,21 @@ def test_make_passes_finetune_options_and_head_parameters():
     assert "-m pipeline finetune 'FINETUNE_LR=1e-4' 'HIDDEN=64' 'UNFREEZE=block_16'" in out
     cfg, extra = cli.parse("finetune", cli._steps()["finetune"], ["FINETUNE_LR=1e-4", "HIDDEN=64", "UNFREEZE=all"])
     assert cfg.finetune_lr == 1e-4 and cfg.unfreeze == "all" and cfg.head == "dense" and extra == {"HIDDEN": "64"}
+
+
+def test_backbone_stays_in_inference_mode_inside_fit():
+    """EfficientNet's drop-connect Dropout layers must not switch on when fit calls with training=True."""
+    spec = backbones.get("efficientnet_b0")
+    base = backbones.build_base(spec, 32, "none")
+    assert any(isinstance(layer, keras.layers.Dropout) for layer in base.layers)
+    head = heads.build_model(1280, N_CLASSES, ())
+    model = finetune.build_model(spec, 32, base, "avg", head)
+    finetune.apply_unfreeze(base, spec, finetune.parse_unfreeze("all"))
+    features = keras.Model(model.inputs, model.get_layer("avg_pool").output)
+    x = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+    inferred = keras.ops.convert_to_numpy(features(x, training=False))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(features(x, training=True)), inferred, rtol=1e-4, atol=0)
+    # and the plain call that Keras 3 overrides does differ: what the wrapper prevents
+    raw = keras.ops.convert_to_numpy(base(keras.ops.cast(x, "float32"), training=True))
+    plain = keras.ops.convert_to_numpy(base(keras.ops.cast(x, "float32"), training=False))
+    assert not np.allclose(raw, plain, rtol=1e-4, atol=0)
