@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pipeline.cli import Step
 from pipeline.config import FeaturesConfig
 
@@ -19,16 +21,19 @@ def _cache(cfg, extra):
     if not rows:
         print(f"{cfg.cache_dir}: empty; run make features")
         return
-    head = f"{'key':<13}{'source':<12}{'backbone':<20}{'weights':<10}{'size':>5} {'pool':<8}{'counts':<34}{'date':<26}status"
-    print(head)
+    table = []
     for r in rows:
         if "key" not in r:
-            print(f"{r['file']}: {r['status']}")
+            table.append((r["file"], "", "", "", "", "", "", "", r["status"]))
             continue
         counts = " ".join(f"{s}={c}" for s, c in r["counts"].items())
         weights = r["weights"] if r["weights"] in ("imagenet", "none") else "file"
-        print(f"{r['key']:<13}{str(r['source'])[-11:]:<12}{r['backbone']:<20}{weights:<10}{r['size']:>5} "
-              f"{r['pooling']:<8}{counts:<34}{r['date'] or '-':<26}{r['status']}")
+        table.append((r["key"], os.path.basename(str(r["source"]).rstrip("/")), r["backbone"], weights,
+                      str(r["size"]), r["pooling"], counts, r["date"] or "-", r["status"]))
+    names = ("key", "source", "backbone", "weights", "size", "pool", "counts", "date", "status")
+    widths = [max(len(str(row[i])) for row in [names, *table]) for i in range(len(names))]
+    for row in [names, *table]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
 def _backbones(cfg, extra):

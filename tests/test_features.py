@@ -132,3 +132,19 @@ def test_sigkill_mid_extraction_then_rerun_gives_identical_features(tmp_path):
     for s in b.splits:
         np.testing.assert_array_equal(a.splits[s].features, b.splits[s].features)
         np.testing.assert_array_equal(a.splits[s].labels, b.splits[s].labels)
+
+
+def test_cache_command_lists_key_source_backbone_size_counts_and_date(tmp_path, data, capsys):
+    from pipeline import cli
+
+    path = features.run(cfg(tmp_path))
+    (tmp_path / "cache" / "broken.h5").write_bytes(b"not hdf5")
+    capsys.readouterr()
+    assert cli.main(["cache", f"CACHE_DIR={tmp_path / 'cache'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "source", "backbone", "weights", "size", "pool", "counts", "date", "status"]
+    row = next(line for line in lines if line.startswith(store.load(path).key[:12]))
+    cols = row.split()
+    assert cols[1:6] == ["data", "mobilenet_v2", "none", "32", "avg"]
+    assert "train=13/13" in row and cols[-1] == "complete" and cols[-2].startswith("20")
+    assert any(line.startswith("broken.h5") and "unreadable" in line for line in lines)
