@@ -13,6 +13,7 @@ from pipeline.config import FeaturesConfig, asdict
 from pipeline.errors import PipelineError, choose
 
 EXTRACT_VERSION = 1  # bump when extraction changes what it computes: old caches then no longer match
+PREFETCH_BYTES = 32 << 20  # decoded pixels kept ready ahead of the backbone (at least 2 batches)
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -55,6 +56,7 @@ class Plan:
         self.path = os.path.join(cfg.cache_dir, stem + ".h5")
         self.report_path = os.path.join(cfg.cache_dir, stem + ".skipped.tsv")
         self.log = log
+        self.stats = {}  # filled by extract: images, seconds, start-up seconds (trace + first batch)
 
     def record(self) -> dict:
         """What the cache file records about how it was made."""
@@ -87,10 +89,53 @@ def _report_skipped(plan):
         log(f"ignored {ds.ignored} hidden/system file(s)")
 
 
-def extract(plan: Plan) -> str:
-    """Extract every split into the partial file (resuming it), verify and rename into place."""
-    import keras
+def compiled_call(model, size):
+    """``model`` as a compiled call on uint8 (N, size, size, 3) batches. Autograph is off: a Keras model
+    has no Python control flow to convert, and converting it costs a third of the tracing time."""
     import tensorflow as tf
+
+    spec = tf.TensorSpec((None, size, size, 3), tf.uint8)
+    return tf.function(lambda x: model(x, training=False), input_signature=[spec], autograph=False)
+
+
+class _Background:
+    """Runs one callable at a time in a worker thread, in order (HDF5 writes and flushes off the critical
+    path); at most one call waits while the next is prepared; an error surfaces at the next call or at
+    ``wait``."""
+
+    def __init__(self, name):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.pending = None
+
+    def submit(self, fn, *args):
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def wait(self):
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self):
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def extract(plan: Plan) -> str:
+    """Extract every split into the partial file (resuming it), verify and rename into place.
+
+    Decoding runs in tf.data's threads ahead of the backbone, up to PREFETCH_BYTES of pixels: while the
+    graph is traced (in a thread) and the first batch runs (graph optimisation: about a second on one core)
+    the other cores decode ahead, so decoding competes less with the backbone afterwards. Chunks are written
+    and flushed by a writer thread while the next chunk is computed. Rows and their order are exactly those
+    of a serial loop."""
+    import threading
+
+    import keras
 
     from pipeline import tfdata
 
@@ -100,32 +145,46 @@ def extract(plan: Plan) -> str:
               for s, idx in splits.items()}
     rec = plan.record()
     writer = store.Writer(plan.path, plan.key, rec, layout, plan.dim, cfg.dtype, plan.chunk, log=log)
-    spec = tf.TensorSpec((None, plan.size, plan.size, 3), tf.uint8)
-    call = tf.function(lambda x: plan.model(x, training=False), input_signature=[spec])
+    starts = {s: writer.done(s) for s in splits}
+    todo = [(s, idx) for s, idx in splits.items() if starts[s] < len(idx)]
+    call = compiled_call(plan.model, plan.size)
     total = sum(len(v) for v in splits.values())
-    done = sum(writer.done(s) for s in splits)
+    done = sum(starts.values())
     bar = keras.utils.Progbar(total, unit_name="image", stateful_metrics=["img/s"])
-    t0, n_new = time.perf_counter(), 0
+    background = _Background("features-writer")
+    depth = max(2, PREFETCH_BYTES // (cfg.batch * plan.size * plan.size * 3))
+    t0, n_new, startup = time.perf_counter(), 0, None
     try:
-        for s, idx in splits.items():
-            start = writer.done(s)
-            if start >= len(idx):
-                continue
+        tracing = None
+        if todo:  # trace while tf.data decodes the first batch
+            tracing = threading.Thread(target=call.get_concrete_function, name="features-trace")
+            tracing.start()
+        for s, idx in todo:
+            start = starts[s]
             pending, at = [], start
-            for x in tfdata.images(ds, idx[start:], plan.size, cfg.interpolation, cfg.batch):
+            for x in tfdata.images(ds, idx[start:], plan.size, cfg.interpolation, cfg.batch, prefetch=depth):
+                if tracing is not None:
+                    tracing.join()
+                    tracing = None
                 pending.append(call(x).numpy().astype(cfg.dtype, copy=False))
                 n_new += len(x)
+                if startup is None:
+                    startup = (time.perf_counter() - t0, n_new)
                 bar.update(done + n_new, [("img/s", n_new / (time.perf_counter() - t0))])
                 if sum(len(p) for p in pending) >= plan.chunk:
                     rows = np.concatenate(pending)
-                    writer.write(s, at, rows)
+                    background.submit(writer.write, s, at, rows)
                     at, pending = at + len(rows), []
             if pending:
-                writer.write(s, at, np.concatenate(pending))
+                background.submit(writer.write, s, at, np.concatenate(pending))
+        background.close()
         path = writer.finish()
     finally:
+        background.close()
         writer.close()
     secs = time.perf_counter() - t0
+    plan.stats = {"images": n_new, "seconds": secs, "startup_seconds": startup[0] if startup else 0.0,
+                  "startup_images": startup[1] if startup else 0}
     counts = ", ".join(f"{s} {len(v)}" for s, v in splits.items())
     log(f"wrote {path}: {counts} x {plan.dim} {cfg.dtype} features; "
         f"{n_new} images in {secs:.1f} s ({n_new / max(secs, 1e-9):.1f} img/s)")
