@@ -70,6 +70,12 @@ clean:
 
 .PHONY: help install run features head sweep heads cache backbones options test clean
 
+## measure speed, memory and accuracy side by side (N, REPEATS, SECTIONS=overhead,caching,...): reports/bench-*
+bench: $(INSTALLED)
+	$(PY) -m pipeline bench $(ARGS)
+
+.PHONY: bench
+
 ## fine-tune end to end on the cached dense head (UNFREEZE=block_16|20|0.3|blocks:2|all|none, FINETUNE_EPOCHS, FINETUNE_LR)
 finetune: $(INSTALLED)
 	$(PY) -m pipeline finetune $(ARGS)

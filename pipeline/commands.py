@@ -87,6 +87,21 @@ STEPS = {
 }
 
 
+def _bench(cfg, extra):
+    from pipeline import bench
+
+    bench.run(cfg)
+
+
+def _bench_config():
+    from pipeline.bench import BenchConfig
+
+    return BenchConfig
+
+
+STEPS["bench"] = Step("measure speed, memory and accuracy side by side; table + reports/bench-<date>.json/.md",
+                      _bench_config(), _bench)
+
 
 def _finetune(cfg, extra):
     from pipeline import finetune
