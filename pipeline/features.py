@@ -89,15 +89,6 @@ def _report_skipped(plan):
         log(f"ignored {ds.ignored} hidden/system file(s)")
 
 
-def compiled_call(model, size):
-    """``model`` as a compiled call on uint8 (N, size, size, 3) batches. Autograph is off: a Keras model
-    has no Python control flow to convert, and converting it costs a third of the tracing time."""
-    import tensorflow as tf
-
-    spec = tf.TensorSpec((None, size, size, 3), tf.uint8)
-    return tf.function(lambda x: model(x, training=False), input_signature=[spec], autograph=False)
-
-
 class _Background:
     """Runs one callable at a time in a worker thread, in order (HDF5 writes and flushes off the critical
     path); at most one call waits while the next is prepared; an error surfaces at the next call or at
@@ -137,7 +128,7 @@ def extract(plan: Plan) -> str:
 
     import keras
 
-    from pipeline import tfdata
+    from pipeline import extractor, tfdata
 
     ds, cfg, log = plan.ds, plan.cfg, plan.log
     splits = {s: ds.split(s) for s in ds.splits()}
@@ -147,7 +138,7 @@ def extract(plan: Plan) -> str:
     writer = store.Writer(plan.path, plan.key, rec, layout, plan.dim, cfg.dtype, plan.chunk, log=log)
     starts = {s: writer.done(s) for s in splits}
     todo = [(s, idx) for s, idx in splits.items() if starts[s] < len(idx)]
-    call = compiled_call(plan.model, plan.size)
+    call = extractor.compiled_call(plan.model, plan.size)
     total = sum(len(v) for v in splits.values())
     done = sum(starts.values())
     bar = keras.utils.Progbar(total, unit_name="image", stateful_metrics=["img/s"])

@@ -131,10 +131,9 @@ def load(path: str):
 
 def compiled(model, size: int):
     """The model's inference call, compiled once for (N, size, size, 3) uint8 batches."""
-    import tensorflow as tf
+    from pipeline.extractor import compiled_call
 
-    spec = tf.TensorSpec((None, size, size, 3), tf.uint8)
-    return tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    return compiled_call(model, size)
 
 
 def probabilities(call, batches) -> np.ndarray:
