@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from pipeline import records
@@ -127,3 +129,17 @@ def plot_curves(path: str, history: dict, title: str = "", phase_start: int | No
     if title:
         fig.suptitle(title)
     _save(fig, path)
+
+
+def write_reports(out: str, metrics: dict, title: str, history: dict | None = None, curves: dict | None = None,
+                  curves_title: str = "", phase_start: int | None = None) -> dict:
+    """``out``/metrics.json and confusion.png of ``metrics["test"]``; with ``history`` also history.json and
+    curves.png of ``curves`` (default: ``history``), split at ``phase_start``. Returns the paths written."""
+    paths = {"metrics": os.path.join(out, "metrics.json"), "confusion": os.path.join(out, "confusion.png")}
+    write_json(paths["metrics"], metrics)
+    plot_confusion(paths["confusion"], metrics["test"], f"{title}: test accuracy {metrics['test']['accuracy']:.3f}")
+    if history:
+        paths["history"], paths["curves"] = os.path.join(out, "history.json"), os.path.join(out, "curves.png")
+        write_json(paths["history"], history)
+        plot_curves(paths["curves"], curves or history, curves_title or title, phase_start=phase_start)
+    return paths

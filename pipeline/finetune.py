@@ -702,16 +702,11 @@ def finish(job: Job, result: dict, log=None) -> dict:
          "resumed_at_epoch": result["resumed_at"], "seconds_per_epoch": float(np.mean(secs)) if secs else None,
          "fit_seconds": float(np.sum(secs)), "baseline": result["baseline"],
          "head_only": head_only, "val": tuned["val"], "test": tuned["test"]}
-    paths = {"metrics": os.path.join(out, "metrics.json"), "confusion": os.path.join(out, "confusion.png"),
-             "history": os.path.join(out, "history.json"), "curves": os.path.join(out, "curves.png")}
-    evaluate.write_json(paths["metrics"], m)
-    evaluate.plot_confusion(paths["confusion"], tuned["test"],
-                            f"{NAME} on {stem}: test accuracy {tuned['test']['accuracy']:.3f}")
-    evaluate.write_json(paths["history"], {"phase2_start": n1, "combined": history, "phase1": job.head.history_,
-                                           "phase2": rows})
-    evaluate.plot_curves(paths["curves"], history,
-                         f"{NAME} on {stem}: dense head on the cache, then UNFREEZE={cfg.unfreeze}",
-                         phase_start=n1)
+    paths = evaluate.write_reports(
+        out, m, f"{NAME} on {stem}",
+        history={"phase2_start": n1, "combined": history, "phase1": job.head.history_, "phase2": rows},
+        curves=history, curves_title=f"{NAME} on {stem}: dense head on the cache, then UNFREEZE={cfg.unfreeze}",
+        phase_start=n1)
     spec, plan = job.plan.spec, job.plan
     config = {**asdict(cfg), "size": plan.size, "features": asdict(plan.cfg), "identity": plan.identity}
     paths["record"] = predict.export(

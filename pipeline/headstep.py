@@ -114,15 +114,8 @@ def finish(est, cache, cfg, name, head, params, extra, log=print, on_val=True) -
     out = os.path.join(cfg.reports_dir, stem, name)
     m = {"head": head, "params": {k: artifacts.jsonable(v) for k, v in params.items()}, **extra,
          **({"val": val} if val else {}), "test": test}
-    paths = {"metrics": os.path.join(out, "metrics.json"), "confusion": os.path.join(out, "confusion.png")}
-    evaluate.write_json(paths["metrics"], m)
-    evaluate.plot_confusion(paths["confusion"], test, f"{label} on {stem}: test accuracy {test['accuracy']:.3f}")
     history = getattr(est, "history_", None)
-    if history:
-        paths["history"] = os.path.join(out, "history.json")
-        paths["curves"] = os.path.join(out, "curves.png")
-        evaluate.write_json(paths["history"], history)
-        evaluate.plot_curves(paths["curves"], history, f"{label} on {stem}")
+    paths = evaluate.write_reports(out, m, f"{label} on {stem}", history)
     paths["record"] = artifacts.save(est, name=name, head=head, params=params, cache=cache, config=asdict(cfg),
                                      metrics=m, models_dir=cfg.models_dir, history=history)
     log(f"saved {paths['record']} and reports in {out}/")
