@@ -104,14 +104,7 @@ def check(path: str, expect_key: str | None = None) -> tuple[dict, str]:
     rec = records.read_json(rec_path)
     if not isinstance(rec, dict) or rec.get("format") != FORMAT or rec.get("kind") not in SUFFIX:
         raise PipelineError(f"{rec_path}: not a head record of this program")
-    model_path = os.path.join(os.path.dirname(rec_path), rec["file"])
-    if os.path.splitext(model_path)[1] != SUFFIX[rec["kind"]] or os.path.dirname(rec["file"]):
-        raise PipelineError(f"{rec_path}: record names an unexpected file {rec['file']!r}")
-    if not os.path.exists(model_path):
-        raise PipelineError(f"{model_path}: missing (its record {rec_path} remains); retrain with make head")
-    if records.file_digest(model_path) != rec["sha256"]:
-        raise PipelineError(f"{model_path}: changed since it was saved (sha256 differs from its record); "
-                            "refusing to load it: retrain with make head")
+    model_path = records.checked_file(rec_path, rec, SUFFIX[rec["kind"]], "retrain with make head")
     if expect_key is not None and rec.get("cache_key") != expect_key:
         raise PipelineError(f"{rec_path}: trained on cache {str(rec.get('cache_key'))[:12]}, not on "
                             f"{expect_key[:12]}; retrain it on this cache with make head")

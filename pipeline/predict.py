@@ -96,14 +96,7 @@ def check(path: str) -> tuple[dict, str]:
     missing = [k for k in ("file", "sha256", "classes", "input_size", "versions") if k not in rec]
     if missing:
         raise PipelineError(f"{path}: record lacks {', '.join(missing)}; rerun make finetune")
-    if os.path.dirname(rec["file"]) or not rec["file"].endswith(".keras"):
-        raise PipelineError(f"{path}: record names an unexpected file {rec['file']!r}")
-    model_path = os.path.join(os.path.dirname(path), rec["file"])
-    if not os.path.exists(model_path):
-        raise PipelineError(f"{model_path}: missing (its record {path} remains); rerun make finetune")
-    if records.file_digest(model_path) != rec["sha256"]:
-        raise PipelineError(f"{model_path}: changed since it was saved (sha256 differs from its record); "
-                            "refusing to load it: rerun make finetune")
+    model_path = records.checked_file(path, rec, ".keras", "rerun make finetune")
     records.check_versions(rec.get("versions") or {}, path)
     return rec, model_path
 

@@ -64,6 +64,21 @@ def atomic_write_text(path: str, text: str) -> None:
             f.write(text)
 
 
+def checked_file(rec_path: str, rec: dict, suffix: str, remake: str) -> str:
+    """The file a record names beside itself, after checking its name, that it exists and that its sha256
+    is the recorded one; ``remake`` tells how to make it again."""
+    name = str(rec.get("file") or "")
+    if os.path.dirname(name) or not name.endswith(suffix):
+        raise PipelineError(f"{rec_path}: record names an unexpected file {name!r}")
+    path = os.path.join(os.path.dirname(rec_path), name)
+    if not os.path.exists(path):
+        raise PipelineError(f"{path}: missing (its record {rec_path} remains); {remake}")
+    if file_digest(path) != rec.get("sha256"):
+        raise PipelineError(f"{path}: changed since it was saved (sha256 differs from its record); "
+                            f"refusing to load it: {remake}")
+    return path
+
+
 def write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
