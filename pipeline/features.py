@@ -119,16 +119,15 @@ class _Background:
 def extract(plan: Plan) -> str:
     """Extract every split into the partial file (resuming it), verify and rename into place.
 
-    Decoding runs in tf.data's threads ahead of the backbone, up to PREFETCH_BYTES of pixels: while the
-    graph is traced (in a thread) and the first batch runs (graph optimisation: about a second on one core)
-    the other cores decode ahead, so decoding competes less with the backbone afterwards. Chunks are written
-    and flushed by a writer thread while the next chunk is computed. Rows and their order are exactly those
-    of a serial loop."""
+    Images are decoded by :class:`pipeline.decode.Batches` up to PREFETCH_BYTES of pixels ahead of the
+    backbone, with the CPU time it leaves idle; while the graph is traced (in a thread) and the first batch
+    runs (graph optimisation) they decode ahead. Chunks are written and flushed by a writer thread while the
+    next chunk is computed. Rows and their order are exactly those of a serial loop."""
     import threading
 
     import keras
 
-    from pipeline import extractor, tfdata
+    from pipeline import decode, extractor
 
     ds, cfg, log = plan.ds, plan.cfg, plan.log
     splits = {s: ds.split(s) for s in ds.splits()}
@@ -137,40 +136,46 @@ def extract(plan: Plan) -> str:
     rec = plan.record()
     writer = store.Writer(plan.path, plan.key, rec, layout, plan.dim, cfg.dtype, plan.chunk, log=log)
     starts = {s: writer.done(s) for s in splits}
-    todo = [(s, idx) for s, idx in splits.items() if starts[s] < len(idx)]
+    todo = [((s, k), idx[k:k + cfg.batch])
+            for s, idx in splits.items() for k in range(starts[s], len(idx), cfg.batch)]
     call = extractor.compiled_call(plan.model, plan.size)
     total = sum(len(v) for v in splits.values())
     done = sum(starts.values())
     bar = keras.utils.Progbar(total, unit_name="image", stateful_metrics=["img/s"])
     background = _Background("features-writer")
-    depth = max(2, PREFETCH_BYTES // (cfg.batch * plan.size * plan.size * 3))
+    shape = (plan.size, plan.size, 3)
+    ahead = max(2, PREFETCH_BYTES // (cfg.batch * int(np.prod(shape))))
     t0, n_new, startup = time.perf_counter(), 0, None
+    stream = decode.Batches(lambda i: ds.load(i, plan.size, cfg.interpolation), todo, shape, ahead)
     try:
         tracing = None
-        if todo:  # trace while tf.data decodes the first batch
+        if todo:  # trace while the workers decode the first batches
             tracing = threading.Thread(target=call.get_concrete_function, name="features-trace")
             tracing.start()
-        for s, idx in todo:
-            start = starts[s]
-            pending, at = [], start
-            for x in tfdata.images(ds, idx[start:], plan.size, cfg.interpolation, cfg.batch, prefetch=depth):
-                if tracing is not None:
-                    tracing.join()
-                    tracing = None
-                pending.append(call(x).numpy().astype(cfg.dtype, copy=False))
-                n_new += len(x)
-                if startup is None:
-                    startup = (time.perf_counter() - t0, n_new)
-                bar.update(done + n_new, [("img/s", n_new / (time.perf_counter() - t0))])
-                if sum(len(p) for p in pending) >= plan.chunk:
-                    rows = np.concatenate(pending)
-                    background.submit(writer.write, s, at, rows)
-                    at, pending = at + len(rows), []
-            if pending:
-                background.submit(writer.write, s, at, np.concatenate(pending))
+        split, pending, at = None, [], 0
+        for (s, k), x in stream:
+            if tracing is not None:
+                tracing.join()
+                tracing = None
+            if s != split:
+                if pending:
+                    background.submit(writer.write, split, at, np.concatenate(pending))
+                split, pending, at = s, [], k
+            pending.append(call(x).numpy().astype(cfg.dtype, copy=False))
+            n_new += len(x)
+            if startup is None:
+                startup = (time.perf_counter() - t0, n_new)
+            bar.update(done + n_new, [("img/s", n_new / (time.perf_counter() - t0))])
+            if sum(len(p) for p in pending) >= plan.chunk:
+                rows = np.concatenate(pending)
+                background.submit(writer.write, s, at, rows)
+                at, pending = at + len(rows), []
+        if pending:
+            background.submit(writer.write, split, at, np.concatenate(pending))
         background.close()
         path = writer.finish()
     finally:
+        stream.close()
         background.close()
         writer.close()
     secs = time.perf_counter() - t0

@@ -41,6 +41,18 @@ def test_extracts_every_split_with_record(tmp_path, data):
         assert all(c.class_names[y] == p.split(os.sep)[0] for y, p in zip(s.labels, s.paths))
 
 
+def test_rows_are_the_backbone_on_each_image_in_split_order(tmp_path, data):
+    """Decoding ahead in threads changes nothing: each row is the extractor on that image, in order."""
+    c = cfg(tmp_path, batch=5, chunk=5)  # batches and chunks that do not divide the splits
+    cache = store.load(features.run(c))
+    plan = features.Plan(c, log=lambda m: None)
+    for s, part in cache.splits.items():
+        idx = plan.ds.split(s)
+        assert list(part.paths) == [plan.ds.items[i].relpath for i in idx]
+        x = np.stack([plan.ds.load(i, plan.size, c.interpolation) for i in idx])
+        np.testing.assert_allclose(part.features, plan.model(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_unchanged_rerun_extracts_nothing(tmp_path, data, monkeypatch):
     first = features.run(cfg(tmp_path))
     mtime = os.path.getmtime(first)
