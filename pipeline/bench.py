@@ -427,12 +427,13 @@ class Bench:
         pipe = tfdata.images(ds, idx, self.size, cfg.interpolation, cfg.batch, labels=True, shuffle_seed=cfg.seed)
         guide = Clock()
         model.fit(pipe, epochs=epochs, verbose=0, callbacks=[guide], shuffle=False)  # pipe reshuffles itself
-        # the same dense head on the cache: epochs timed inside one fit, as a head is trained
+        # the same dense head on the cache, fed as DenseHead feeds it: epochs timed inside one fit
         keras.utils.set_random_seed(cfg.seed)
         head = heads.compile_model(heads.build_model(feats.shape[1], n_classes))
         cached = Clock()
         head_epochs = max(epochs, 10)
-        head.fit(feats, labels, batch_size=cfg.batch, epochs=head_epochs, verbose=0, callbacks=[cached], shuffle=True)
+        head.fit(heads.batches(feats, labels, cfg.batch, cfg.seed), epochs=head_epochs, verbose=0,
+                 shuffle=False, callbacks=[cached])
         g, c = stat(guide.secs[cfg.warmup:], "s"), stat(cached.secs[head_epochs - cfg.repeats:], "s")
         extract_once = (float(np.median(self.e2e()[0])) if "overhead" in self.sections
                         else len(feats) / (self.bare()[0] / float(np.median(self.bare()[1]))))
