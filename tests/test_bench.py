@@ -70,6 +70,14 @@ def test_smoke_run_writes_consistent_reports(tmp_path, capsys):
     assert "| quality |" in md and "## Quality: every head" in md
 
 
+def test_images_needed_to_amortise_the_start_up():
+    # 1 s of start-up, then as fast as bare (100 img/s): N/100 >= 0.9 (1 + N/100) from N = 900
+    assert bench.goal_images(100.0, 100.0, 1.0, 0.9) == 900
+    n = bench.goal_images(100.0, 97.0, 1.7, 0.9)
+    assert (n / 100) / (1.7 + n / 97) >= 0.9 > ((n - 1) / 100) / (1.7 + (n - 1) / 97)
+    assert bench.goal_images(100.0, 85.0, 0.5, 0.9) == math.inf  # the steady rate alone misses the goal
+
+
 def test_flops_are_counted_per_layer():
     import keras
 
