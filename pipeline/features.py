@@ -116,6 +116,17 @@ class _Background:
             self.pool.shutdown(wait=True)
 
 
+def _load(ds, i, size, interpolation):
+    """Item i's pixels; a file that no longer decodes (it changed after the scan) is a one-line error."""
+    from pipeline import images
+
+    try:
+        return ds.load(i, size, interpolation)
+    except images.BadImage as e:
+        where = os.path.join(ds.root, ds.items[i].relpath) if ds.root else ds.items[i].relpath
+        raise PipelineError(f"{where}: {e}; it changed after it was checked: run again to rescan") from None
+
+
 def extract(plan: Plan) -> str:
     """Extract every split into the partial file (resuming it), verify and rename into place.
 
@@ -146,8 +157,9 @@ def extract(plan: Plan) -> str:
     shape = (plan.size, plan.size, 3)
     ahead = max(2, PREFETCH_BYTES // (cfg.batch * int(np.prod(shape))))
     t0, n_new, startup = time.perf_counter(), 0, None
-    stream = decode.Batches(lambda i: ds.load(i, plan.size, cfg.interpolation), todo, shape, ahead)
+    stream = None
     try:
+        stream = decode.Batches(lambda i: _load(ds, i, plan.size, cfg.interpolation), todo, shape, ahead)
         tracing = None
         if todo:  # trace while the workers decode the first batches
             tracing = threading.Thread(target=call.get_concrete_function, name="features-trace")
@@ -175,7 +187,8 @@ def extract(plan: Plan) -> str:
         background.close()
         path = writer.finish()
     finally:
-        stream.close()
+        if stream is not None:
+            stream.close()
         background.close()
         writer.close()
     secs = time.perf_counter() - t0

@@ -53,6 +53,21 @@ def test_rows_are_the_backbone_on_each_image_in_split_order(tmp_path, data):
         np.testing.assert_allclose(part.features, plan.model(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_an_image_broken_after_the_scan_is_a_one_line_error_and_a_rerun_skips_it(tmp_path, data):
+    from pipeline.errors import PipelineError
+
+    plan = features.Plan(cfg(tmp_path), log=lambda m: None)
+    victim = os.path.join(plan.ds.root, plan.ds.items[-1].relpath)
+    Path(victim).write_bytes(b"no longer an image")
+    with pytest.raises(PipelineError, match="changed after it was checked: run again") as err:
+        features.extract(plan)
+    assert victim in str(err.value) and "\n" not in str(err.value)
+    msgs = []
+    cache = store.load(features.run(cfg(tmp_path), log=msgs.append))
+    assert sum(len(s.labels) for s in cache.splits.values()) == 23
+    assert any("skipped 1 file" in m for m in msgs)
+
+
 def test_unchanged_rerun_extracts_nothing(tmp_path, data, monkeypatch):
     first = features.run(cfg(tmp_path))
     mtime = os.path.getmtime(first)
