@@ -123,7 +123,7 @@ def _load(ds, i, size, interpolation):
     try:
         return ds.load(i, size, interpolation)
     except images.BadImage as e:
-        where = os.path.join(ds.root, ds.items[i].relpath) if ds.root else ds.items[i].relpath
+        where = ds.items[i].relpath if ds.arrays is not None else ds.source(i)
         raise PipelineError(f"{where}: {e}; it changed after it was checked: run again to rescan") from None
 
 
