@@ -6,10 +6,9 @@ import numpy as np
 import tensorflow as tf
 
 
-def images(ds, indices, size, interpolation="bilinear", batch=32, labels=False, shuffle_seed=None, prefetch=None):
+def images(ds, indices, size, interpolation="bilinear", batch=32, labels=False, shuffle_seed=None):
     """Batches of uint8 (N, size, size, 3) pixels (and int32 labels when ``labels``), in order unless
-    ``shuffle_seed`` is given (then reshuffled every epoch). Decoding runs in parallel with the consumer,
-    ``prefetch`` batches ahead (None: as many as tf.data's autotuner decides)."""
+    ``shuffle_seed`` is given (then reshuffled every epoch). Decoding runs in parallel with the consumer."""
     indices = np.asarray(indices, dtype=np.int64)
     targets = np.asarray([ds.items[i].label for i in indices], dtype=np.int32)
     pipe = tf.data.Dataset.from_tensor_slices((indices, targets))
@@ -22,4 +21,4 @@ def images(ds, indices, size, interpolation="bilinear", batch=32, labels=False, 
         return (x, y) if labels else x
 
     pipe = pipe.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return pipe.batch(batch).prefetch(tf.data.AUTOTUNE if prefetch is None else prefetch)
+    return pipe.batch(batch).prefetch(tf.data.AUTOTUNE)
