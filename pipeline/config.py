@@ -27,6 +27,8 @@ class FeaturesConfig:
     pooling: str = opt("avg", "avg | max | flatten")
     interpolation: str = opt("bilinear", "resize: nearest | bilinear | bicubic | lanczos | area")
     dtype: str = opt("float32", "stored feature dtype: float32 | float16")
+    fold_batchnorm: bool = opt(True, "fold frozen BatchNorm into the convolution before it (faster; "
+                                     "features equal to float rounding, ~1e-5)")
     batch: int = opt(32, "images per backbone call")
     chunk: int = opt(256, "rows per HDF5 chunk and flush (rounded up to a multiple of BATCH)")
     val_fraction: float = opt(0.15, "share of each class for validation (folder trees without split dirs)")

@@ -90,10 +90,15 @@ def build(spec, size, weights, pooling, alpha=None, seed=0):
     return keras.Model(inputs, outputs, name=f"{spec.name}_features"), base
 
 
-def compiled_call(model, size):
-    """``model`` as a compiled inference call on uint8 (N, size, size, 3) pixel batches. Autograph is off:
-    a Keras model has no Python control flow to convert, and converting it costs a third of the tracing time."""
+def compiled_call(model, size, fold=False):
+    """``model`` as a compiled inference call on uint8 (N, size, size, 3) pixel batches; ``fold``: with its
+    BatchNorm folded into the convolutions (:mod:`pipeline.fold`; the model is not changed). Autograph is
+    off: a Keras model has no Python control flow to convert, and converting it costs a third of the
+    tracing time."""
     import tensorflow as tf
 
+    from pipeline import fold as folding
+
+    fn = folding.folded(model) if fold else (lambda x: model(x, training=False))
     spec = tf.TensorSpec((None, size, size, 3), tf.uint8)
-    return tf.function(lambda x: model(x, training=False), input_signature=[spec], autograph=False)
+    return tf.function(fn, input_signature=[spec], autograph=False)

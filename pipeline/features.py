@@ -49,7 +49,8 @@ class Plan:
             "manifest": self.ds.manifest_digest(), "backbone": self.spec.name, "weights": weights,
             "size": self.size, "alpha": cfg.alpha or self.spec.alpha,
             "interpolation": cfg.interpolation, "preprocessing": self.spec.preprocess,
-            "pooling": cfg.pooling, "dtype": cfg.dtype, "extract_version": EXTRACT_VERSION,
+            "pooling": cfg.pooling, "dtype": cfg.dtype, "fold_batchnorm": cfg.fold_batchnorm,
+            "extract_version": EXTRACT_VERSION,
         }
         self.key = records.digest(self.identity)
         stem = f"{self.ds.name}_{self.spec.name}_{self.size}_{cfg.pooling}_{self.key[:12]}"
@@ -127,18 +128,28 @@ def _load(ds, i, size, interpolation):
         raise PipelineError(f"{where}: {e}; it changed after it was checked: run again to rescan") from None
 
 
+def _prepare(plan):
+    """The extractor's compiled call, traced."""
+    from pipeline import extractor
+
+    call = extractor.compiled_call(plan.model, plan.size, fold=plan.cfg.fold_batchnorm)
+    call.get_concrete_function()
+    return call
+
+
 def extract(plan: Plan) -> str:
     """Extract every split into the partial file (resuming it), verify and rename into place.
 
     Images are decoded by :class:`pipeline.decode.Batches` up to PREFETCH_BYTES of pixels ahead of the
-    backbone, with the CPU time it leaves idle; while the graph is traced (in a thread) and the first batch
-    runs (graph optimisation) they decode ahead. Chunks are written and flushed by a writer thread while the
-    next chunk is computed. Rows and their order are exactly those of a serial loop."""
-    import threading
+    backbone, with the CPU time it leaves idle; while BatchNorm is folded and the graph traced (in a
+    thread) and the first batch runs (graph optimisation) they decode ahead. Chunks are written and flushed
+    by a writer thread while the next chunk is computed. Rows and their order are exactly those of a serial
+    loop over the same compiled call."""
+    from concurrent.futures import ThreadPoolExecutor
 
     import keras
 
-    from pipeline import decode, extractor
+    from pipeline import decode
 
     ds, cfg, log = plan.ds, plan.cfg, plan.log
     splits = {s: ds.split(s) for s in ds.splits()}
@@ -149,7 +160,6 @@ def extract(plan: Plan) -> str:
     starts = {s: writer.done(s) for s in splits}
     todo = [((s, k), idx[k:k + cfg.batch])
             for s, idx in splits.items() for k in range(starts[s], len(idx), cfg.batch)]
-    call = extractor.compiled_call(plan.model, plan.size)
     total = sum(len(v) for v in splits.values())
     done = sum(starts.values())
     bar = keras.utils.Progbar(total, unit_name="image", stateful_metrics=["img/s"])
@@ -160,15 +170,15 @@ def extract(plan: Plan) -> str:
     stream = None
     try:
         stream = decode.Batches(lambda i: _load(ds, i, plan.size, cfg.interpolation), todo, shape, ahead)
-        tracing = None
-        if todo:  # trace while the workers decode the first batches
-            tracing = threading.Thread(target=call.get_concrete_function, name="features-trace")
-            tracing.start()
+        preparing, call = None, None
+        if todo:  # fold and trace while the workers decode the first batches
+            pool = ThreadPoolExecutor(1, thread_name_prefix="features-trace")
+            preparing = pool.submit(_prepare, plan)
+            pool.shutdown(wait=False)
         split, pending, at = None, [], 0
         for (s, k), x in stream:
-            if tracing is not None:
-                tracing.join()
-                tracing = None
+            if call is None:
+                call = preparing.result()
             if s != split:
                 if pending:
                     background.submit(writer.write, split, at, np.concatenate(pending))
