@@ -291,17 +291,21 @@ class Bench:
             self.cache["pixels"] = self.images().arrays(self.size, self.cfg.interpolation)
         return self.cache["pixels"]
 
-    def bare_pass(self):
+    def bare_pass(self, folded=False):
         """(images per pass, pass()) of the compiled call on the N images already in memory; pass() returns
-        their features."""
-        if "bare_pass" not in self.cache:
+        their features. ``folded``: the same call with BatchNorm folded, as extraction makes it."""
+        key = "bare_pass_folded" if folded else "bare_pass"
+        if key not in self.cache:
             import tensorflow as tf
+
+            from pipeline import fold
 
             cfg, x = self.cfg, self.pixels()
             model = self.extractor()
             b = cfg.batch
             spec = tf.TensorSpec((b, self.size, self.size, 3), tf.uint8)
-            call = tf.function(lambda t: model(t, training=False), input_signature=[spec])
+            fn = fold.folded(model) if folded else (lambda t: model(t, training=False))
+            call = tf.function(fn, input_signature=[spec])
             n_batches = -(-len(x) // b)
             idx = np.arange(n_batches * b) % len(x)  # a last short batch is filled up cyclically
             batches = [tf.constant(x[idx[i * b:(i + 1) * b]]) for i in range(n_batches)]
@@ -309,8 +313,8 @@ class Bench:
             def one_pass():
                 return np.concatenate([call(t).numpy() for t in batches])[:len(x)]
 
-            self.cache["bare_pass"] = (n_batches * b, one_pass)
-        return self.cache["bare_pass"]
+            self.cache[key] = (n_batches * b, one_pass)
+        return self.cache[key]
 
     def bare(self):
         """(images per timed pass, seconds per pass, features of the N images) of the compiled call."""
@@ -322,7 +326,8 @@ class Bench:
 
     def e2e(self, paired=False):
         """Seconds of the whole features run and of its extraction phase, per repeat, fresh cache each.
-        ``paired``: each run follows a timed bare pass (``self.cache["bare"]``), so that both figures of a
+        ``paired``: each run follows a timed bare pass (``self.cache["bare"]``) and, when extraction folds
+        BatchNorm, a timed pass of the folded call (``self.cache["bare_folded"]``), so that the figures of a
         repeat see the same load from other processes."""
         if "e2e" not in self.cache:
             from pipeline import features
@@ -346,16 +351,24 @@ class Bench:
                               st["startup_seconds"])
                 return t2 - t0, t2 - t1, t1 - t0, path, fcfg, steady
 
-            steadies, bare_secs, feats = [], [], None
+            steadies, bare_secs, folded_secs, feats = [], [], [], None
+            folding = paired and self.cfg.fold_batchnorm
             if paired:
                 n_pass, one_pass = self.bare_pass()
+                folded_pass = self.bare_pass(folded=True)[1] if folding else None
                 for _ in range(max(self.cfg.warmup, 1)):
                     feats = one_pass()
+                    if folding:
+                        folded_pass()
             for k in range(self.cfg.warmup + self.cfg.repeats):
                 if paired and k >= self.cfg.warmup:
                     t0 = time.perf_counter()
                     feats = one_pass()
                     bare_secs.append(time.perf_counter() - t0)
+                    if folding:
+                        t0 = time.perf_counter()
+                        folded_pass()
+                        folded_secs.append(time.perf_counter() - t0)
                 total, ext, plan_s, path, fcfg, steady = one(k)
                 if k >= self.cfg.warmup:
                     totals.append(total), extracts.append(ext), plans.append(plan_s), paths.append((path, fcfg))
@@ -365,6 +378,8 @@ class Bench:
             self.cache["steady"] = steadies
             if paired:
                 self.cache["bare"] = (n_pass, bare_secs, feats)
+            if folding:
+                self.cache["bare_folded"] = folded_secs
         return self.cache["e2e"]
 
     def overhead(self):
@@ -389,10 +404,20 @@ class Bench:
                            ("ratio steady / bare", "steady_ratio"),
                            ("images from which start-up is amortised to the goal", "goal_images")]
         paired = stat([(n / e) / (n_pass / b) for e, b in zip(extracts, secs)], "x")
+        show_folded = []
+        if self.cache.get("bare_folded"):
+            fsecs = self.cache["bare_folded"]
+            extra["folded_ips"] = stat([n_pass / s for s in fsecs], "img/s")
+            extra["fold_speedup"] = stat([b / f for b, f in zip(secs, fsecs)], "x")
+            extra["own_ratio"] = stat([(n / e) / (n_pass / f) for e, f in zip(extracts, fsecs)], "x")
+            show_folded = [("bare backbone, BatchNorm folded (extraction's call)", "folded_ips"),
+                           ("folding speed-up of the bare call, per repeat", "fold_speedup"),
+                           ("pipeline's own cost: extraction / folded call", "own_ratio")]
         return {"metrics": {**m, **extra, "ratio": ratio, "paired_ratio": paired,
                             "run_ratio": m["run_ips"]["median"] / m["bare_ips"]["median"]},
                 "goal": GOALS["overhead"], "met": ratio >= GOALS["overhead"],
                 "show": [("bare backbone, compiled call on arrays", "bare_ips"),
+                         *show_folded,
                          ("features: extraction phase", "extract_ips"),
                          ("features: whole run (plan + extraction)", "run_ips"),
                          ("features: plan (scan, build, weights hash)", "plan_s"),
@@ -401,7 +426,8 @@ class Bench:
                          ("ratio extraction / bare (goal >= 0.9)", "ratio"),
                          ("same, per repeat (bare pass then run)", "paired_ratio"),
                          ("ratio whole run / bare", "run_ratio")],
-                "note": "each repeat is a bare pass followed by a features run (both see the same load); "
+                "note": "each repeat is a bare pass (and a pass of the folded call, when FOLD_BATCHNORM) "
+                        "followed by a features run (all see the same load); "
                         "extraction phase = decode, resize, preprocessing, inference, HDF5 writes, verify and "
                         "rename of features.extract; the whole run adds features.Plan (scan with the validation "
                         "memo warm, model build, weights hash)"}

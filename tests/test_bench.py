@@ -45,6 +45,11 @@ def test_smoke_run_writes_consistent_reports(tmp_path, capsys):
     assert o["ratio"] == pytest.approx(o["extract_ips"]["median"] / o["bare_ips"]["median"])
     assert o["run_ratio"] == pytest.approx(o["run_ips"]["median"] / o["bare_ips"]["median"])
     assert o["run_ips"]["median"] <= o["extract_ips"]["median"]  # the whole run includes the extraction
+    assert o["own_ratio"]["median"] == pytest.approx(  # the pipeline's own cost, against the folded call
+        o["extract_ips"]["median"] / o["folded_ips"]["median"], rel=1e-6)
+    assert o["fold_speedup"]["median"] == pytest.approx(o["folded_ips"]["median"] / o["bare_ips"]["median"],
+                                                        rel=1e-6)
+    assert "BatchNorm folded" in md
     c = r["sections"]["caching"]["metrics"]
     assert c["ratio"] == pytest.approx(c["guide_epoch_s"]["median"] / c["cached_epoch_s"]["median"])
     if c["guide_epoch_s"]["median"] > c["cached_epoch_s"]["median"]:
