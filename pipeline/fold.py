@@ -18,7 +18,8 @@ _CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
 
 def folded(model):
     """A callable ``f(x) -> model(x, training=False)`` with every foldable (conv, BatchNorm) pair of
-    ``model`` and its nested functional models folded; ``f.folds`` counts them (0: the model as is)."""
+    ``model`` and its nested functional models (also inside ``InferenceMode``) folded; ``f.folds`` counts
+    them (0: the model as is)."""
     plan = _Plan()
     plan.scan(model)
 
@@ -32,6 +33,13 @@ def folded(model):
 def _functional(op) -> bool:
     """A functional model whose graph can be walked (Keras 3's own executor of its nodes)."""
     return isinstance(op, keras.Model) and hasattr(op, "_run_through_graph") and hasattr(op, "_nodes_by_depth")
+
+
+def _wrapped(op):
+    """The functional model inside an :class:`pipeline.extractor.InferenceMode` wrapper, else None."""
+    from pipeline.extractor import InferenceMode
+
+    return op.layer if isinstance(op, InferenceMode) and _functional(op.layer) else None
 
 
 def _nodes(model):
@@ -82,8 +90,8 @@ class _Plan:
             uses[id(t)] = uses.get(id(t), 0) + 1
         for node in nodes:
             op = node.operation
-            if _functional(op):
-                self.scan(op)
+            if _functional(op) or _wrapped(op) is not None:
+                self.scan(_wrapped(op) or op)
             elif isinstance(op, keras.layers.BatchNormalization) and len(node.input_tensors) == 1:
                 x = node.input_tensors[0]
                 conv = x._keras_history.operation
@@ -102,8 +110,9 @@ class _Plan:
             return lambda x, **_: _conv(conv, x, kernel, bias)
         if id(op) in self.skipped:
             return lambda x, **_: x
-        if _functional(op):
-            return lambda x, **_: self.run(op, x)
+        if _functional(op) or _wrapped(op) is not None:
+            inner = _wrapped(op) or op
+            return lambda x, **_: self.run(inner, x)
         if getattr(op, "_call_has_training_arg", False):
             return lambda *a, **kw: op(*a, **{**kw, "training": False})
         return op

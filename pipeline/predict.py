@@ -123,10 +123,10 @@ def load(path: str):
 # --- prediction ---------------------------------------------------------------------------------------------
 
 def compiled(model, size: int):
-    """The model's inference call, compiled once for (N, size, size, 3) uint8 batches."""
+    """The model's inference call, compiled once for (N, size, size, 3) uint8 batches, BatchNorm folded."""
     from pipeline.extractor import compiled_call
 
-    return compiled_call(model, size)
+    return compiled_call(model, size, fold=True)
 
 
 def probabilities(call, batches) -> np.ndarray:

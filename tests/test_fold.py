@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline import backbones, extractor, fold
-from tests.conftest import MOBILENET_V2_FILE, require_shared
+from conftest import MOBILENET_V2_FILE, require_shared
 
 
 def _randomise_batchnorm(model, seed=0):
@@ -100,3 +100,16 @@ def test_other_families_fold_all_their_batchnorms(name):
     assert f.folds == n_bn > 0
     want = model(x, training=False).numpy()
     np.testing.assert_allclose(f(x).numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_backbone_inside_inference_mode_is_folded_too():
+    """The fine-tuned model wraps its backbone in InferenceMode: predict folds through the wrapper."""
+    base = _mixed_model()
+    _randomise_batchnorm(base)
+    inputs = keras.Input((12, 12, 4))
+    x = extractor.InferenceMode(base)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    x = np.random.default_rng(5).normal(size=(4, 12, 12, 4)).astype("float32")
+    f = fold.folded(model)
+    assert f.folds == 3
+    np.testing.assert_allclose(f(x).numpy(), model(x, training=False).numpy(), rtol=1e-5, atol=1e-5)

@@ -42,6 +42,7 @@ def test_export_reloads_with_the_same_predictions_on_raw_images(exported):
     call = predict.compiled(loaded, 32)
     theirs = predict.probabilities(call, [pixels])
     assert ours.shape == (6, 3) and ours.std(axis=0).max() > 1e-3
+    np.testing.assert_allclose(ours, model(pixels, training=False).numpy(), atol=1e-5)  # BatchNorm folded
     np.testing.assert_allclose(theirs, ours, atol=1e-6)
     np.testing.assert_array_equal(predict.probabilities(call, [pixels]), theirs)  # no random layer active
 
