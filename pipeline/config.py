@@ -27,6 +27,8 @@ class FeaturesConfig:
     pooling: str = opt("avg", "avg | max | flatten")
     interpolation: str = opt("bilinear", "resize: nearest | bilinear | bicubic | lanczos | area")
     dtype: str = opt("float32", "stored feature dtype: float32 | float16")
+    precision: str = opt("float32", "backbone compute: float32 | bfloat16 | float16 (Keras mixed precision; "
+                                    "a win only on hardware with fast bfloat16/float16, see make bench)")
     fold_batchnorm: bool = opt(True, "fold frozen BatchNorm into the convolution before it (faster; "
                                      "features equal to float rounding, ~1e-5)")
     batch: int = opt(32, "images per backbone call")

@@ -78,15 +78,28 @@ POOLING_LAYERS = {
 }
 
 
-def build(spec, size, weights, pooling, alpha=None, seed=0):
-    """(extractor, base): ``extractor`` maps (N, size, size, 3) pixels in [0, 255] to pooled features."""
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def build(spec, size, weights, pooling, alpha=None, seed=0, precision="float32"):
+    """(extractor, base): ``extractor`` maps (N, size, size, 3) pixels in [0, 255] to pooled float32
+    features. ``precision`` other than float32: the layers compute in it (Keras mixed precision, weights
+    kept in float32)."""
     pool = choose(pooling, POOLING_LAYERS, "pooling")
-    base = backbones.build_base(spec, size, weights, alpha=alpha, seed=seed)
-    base.trainable = False
-    inputs = keras.Input((size, size, 3), name="pixels")
-    x = Preprocess(spec.preprocess, name="preprocess")(inputs)
-    x = base(x, training=False)
-    outputs = pool(name=f"{pooling}_pool")(x)
+    policy = choose(precision, PRECISIONS, "precision")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        base = backbones.build_base(spec, size, weights, alpha=alpha, seed=seed)
+        base.trainable = False
+        inputs = keras.Input((size, size, 3), name="pixels")
+        x = Preprocess(spec.preprocess, name="preprocess")(inputs)
+        x = base(x, training=False)
+        outputs = pool(name=f"{pooling}_pool")(x)
+        if policy != "float32":
+            outputs = keras.layers.Activation("linear", dtype="float32", name="to_float32")(outputs)
+    finally:
+        keras.config.set_dtype_policy(previous)
     return keras.Model(inputs, outputs, name=f"{spec.name}_features"), base
 
 

@@ -39,7 +39,7 @@ class Plan:
                                    cfg.max_pixels, os.path.join(cfg.cache_dir, "checked-images.json"),
                                    progress=True)
         self.model, base = extractor.build(self.spec, self.size, cfg.weights, cfg.pooling,
-                                           alpha=cfg.alpha or None, seed=cfg.seed)
+                                           alpha=cfg.alpha or None, seed=cfg.seed, precision=cfg.precision)
         weights = {"source": cfg.weights if cfg.weights in ("imagenet", "none") else "file",
                    "sha256": backbones.weights_digest(base)}
         if weights["source"] == "file":
@@ -49,7 +49,8 @@ class Plan:
             "manifest": self.ds.manifest_digest(), "backbone": self.spec.name, "weights": weights,
             "size": self.size, "alpha": cfg.alpha or self.spec.alpha,
             "interpolation": cfg.interpolation, "preprocessing": self.spec.preprocess,
-            "pooling": cfg.pooling, "dtype": cfg.dtype, "fold_batchnorm": cfg.fold_batchnorm,
+            "pooling": cfg.pooling, "dtype": cfg.dtype, "precision": cfg.precision,
+            "fold_batchnorm": cfg.fold_batchnorm,
             "extract_version": EXTRACT_VERSION,
         }
         self.key = records.digest(self.identity)

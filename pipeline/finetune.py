@@ -341,6 +341,9 @@ def _features_config(cfg: FinetuneConfig, cache: store.Cache | None) -> Features
 
 
 def _check_options(cfg: FinetuneConfig) -> Unfreeze:
+    if cfg.precision != "float32":
+        raise PipelineError(f"PRECISION={cfg.precision}: fine-tuning trains in float32 from a float32 cache; "
+                            "drop PRECISION (mixed-precision training is not supported)")
     if cfg.head != HEAD_NAME:
         raise PipelineError(f"HEAD={cfg.head}: fine-tuning puts a Keras dense head on the backbone; "
                             f"valid: {HEAD_NAME}")

@@ -28,6 +28,32 @@ def test_pooling_modes_and_alpha():
     assert flat.output_shape == (None, 2 * 2 * 256)
 
 
+@pytest.mark.parametrize("precision,compute", [("bfloat16", "bfloat16"), ("float16", "float16")])
+def test_mixed_precision_computes_in_it_and_gives_float32_features_close_to_float32(precision, compute):
+    import keras
+
+    from pipeline import fold
+
+    from conftest import MOBILENET_V2_FILE  # real weights: random ones give features near 0 (float16 underflow)
+
+    spec, w = backbones.get("mobilenet_v2"), str(MOBILENET_V2_FILE)
+    ref, _ = extractor.build(spec, 64, w, "avg", alpha=0.35)
+    model, base = extractor.build(spec, 64, w, "avg", alpha=0.35, precision=precision)
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    assert {layer.compute_dtype for layer in base.layers if isinstance(layer, keras.layers.Conv2D)} == {compute}
+    assert all(w.dtype == "float32" for w in base.weights)  # weights kept in float32
+    x = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    want, got = ref(x, training=False).numpy(), extractor.compiled_call(model, 64, fold=True)(x).numpy()
+    assert got.dtype == np.float32 and fold.folded(model).folds == 0  # no folding in reduced precision
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.99 and not np.array_equal(got, want)  # close, yet computed differently
+
+
+def test_unknown_precision_lists_the_valid_ones():
+    with pytest.raises(PipelineError, match="unknown precision 'int8'; valid: bfloat16, float16, float32"):
+        extractor.build(backbones.get("mobilenet"), 32, "none", "avg", precision="int8")
+
+
 def test_random_weights_are_seeded():
     spec = backbones.get("mobilenet_v2")
     a = backbones.weights_digest(backbones.build_base(spec, 32, "none", alpha=0.35, seed=1))

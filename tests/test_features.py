@@ -81,6 +81,7 @@ def test_unchanged_rerun_extracts_nothing(tmp_path, data, monkeypatch):
 @pytest.mark.parametrize("change", [
     {"backbone": "mobilenet", "alpha": 0.25}, {"size": 40}, {"pooling": "max"}, {"dtype": "float16"},
     {"weights": "none", "seed": 1}, {"interpolation": "nearest"}, {"fold_batchnorm": False},
+    {"precision": "bfloat16"},
 ])
 def test_any_change_of_the_key_makes_a_new_cache(tmp_path, data, change):
     first = features.run(cfg(tmp_path))

@@ -201,6 +201,8 @@ def test_cli_unknown_unfreeze_fails_in_one_line_before_any_work(flowers, capsys,
     assert "unknown optimizer 'rmsprop'; valid: adam, sgd" in capsys.readouterr().err
     assert cli.main(["finetune", *args, "HEAD=svm"]) == 2
     assert "valid: dense" in capsys.readouterr().err
+    assert cli.main(["finetune", *args, "PRECISION=bfloat16"]) == 2
+    assert "PRECISION=bfloat16: fine-tuning trains in float32" in capsys.readouterr().err
 
 
 def test_make_passes_finetune_options_and_head_parameters():
