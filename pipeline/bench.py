@@ -282,7 +282,7 @@ class Bench:
 
             cfg = self.cfg
             model, _ = extractor.build(self.spec, self.size, cfg.weights, cfg.pooling, alpha=cfg.alpha or None,
-                                       seed=cfg.seed)
+                                       seed=cfg.seed, precision=cfg.precision)
             self.cache["model"] = model
         return self.cache["model"]
 
@@ -290,6 +290,14 @@ class Bench:
         if "pixels" not in self.cache:
             self.cache["pixels"] = self.images().arrays(self.size, self.cfg.interpolation)
         return self.cache["pixels"]
+
+    def folds(self) -> int:
+        """How many BatchNorm layers extraction folds (none in reduced precision)."""
+        if "folds" not in self.cache:
+            from pipeline import fold
+
+            self.cache["folds"] = fold.folded(self.extractor()).folds
+        return self.cache["folds"]
 
     def bare_pass(self, folded=False):
         """(images per pass, pass()) of the compiled call on the N images already in memory; pass() returns
@@ -352,7 +360,7 @@ class Bench:
                 return t2 - t0, t2 - t1, t1 - t0, path, fcfg, steady
 
             steadies, bare_secs, folded_secs, feats = [], [], [], None
-            folding = paired and self.cfg.fold_batchnorm
+            folding = paired and self.cfg.fold_batchnorm and self.folds() > 0
             if paired:
                 n_pass, one_pass = self.bare_pass()
                 folded_pass = self.bare_pass(folded=True)[1] if folding else None
@@ -410,7 +418,7 @@ class Bench:
             extra["folded_ips"] = stat([n_pass / s for s in fsecs], "img/s")
             extra["fold_speedup"] = stat([b / f for b, f in zip(secs, fsecs)], "x")
             extra["own_ratio"] = stat([(n / e) / (n_pass / f) for e, f in zip(extracts, fsecs)], "x")
-            show_folded = [("bare backbone, BatchNorm folded (extraction's call)", "folded_ips"),
+            show_folded = [(f"bare backbone, {self.folds()} BatchNorm folded (extraction's call)", "folded_ips"),
                            ("folding speed-up of the bare call, per repeat", "fold_speedup"),
                            ("pipeline's own cost: extraction / folded call", "own_ratio")]
         return {"metrics": {**m, **extra, "ratio": ratio, "paired_ratio": paired,

@@ -49,7 +49,7 @@ def test_smoke_run_writes_consistent_reports(tmp_path, capsys):
         o["extract_ips"]["median"] / o["folded_ips"]["median"], rel=1e-6)
     assert o["fold_speedup"]["median"] == pytest.approx(o["folded_ips"]["median"] / o["bare_ips"]["median"],
                                                         rel=1e-6)
-    assert "BatchNorm folded" in md
+    assert "BatchNorm folded" in md and o["folded_ips"]["n"] == 1
     c = r["sections"]["caching"]["metrics"]
     assert c["ratio"] == pytest.approx(c["guide_epoch_s"]["median"] / c["cached_epoch_s"]["median"])
     if c["guide_epoch_s"]["median"] > c["cached_epoch_s"]["median"]:
