@@ -24,7 +24,7 @@ def folded(model):
     plan.scan(model)
 
     def call(x):
-        return plan.run(model, x)
+        return plan.run(model, x) if _functional(model) else model(x, training=False)
 
     call.folds = len(plan.convs)
     return call
@@ -75,7 +75,7 @@ class _Plan:
     """Which layers are folded, their folded weights, and the walk that runs a model with them."""
 
     def __init__(self):
-        self.convs = {}  # id(conv) -> (conv, kernel, bias) as backend variables
+        self.convs = {}  # id(conv) -> (conv, folded kernel, bias) as backend tensors
         self.skipped = set()  # id(bn) of folded BatchNorms: identity
 
     def scan(self, model):

@@ -113,3 +113,12 @@ def test_a_backbone_inside_inference_mode_is_folded_too():
     f = fold.folded(model)
     assert f.folds == 3
     np.testing.assert_allclose(f(x).numpy(), model(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_cannot_be_walked_runs_as_it_is():
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization()])
+    _randomise_batchnorm(model)
+    x = np.random.default_rng(6).normal(size=(2, 8, 8, 3)).astype("float32")
+    f = fold.folded(model)
+    assert f.folds == 0
+    np.testing.assert_array_equal(f(x).numpy(), model(x, training=False).numpy())
