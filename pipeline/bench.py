@@ -291,13 +291,18 @@ class Bench:
             self.cache["pixels"] = self.images().arrays(self.size, self.cfg.interpolation)
         return self.cache["pixels"]
 
+    def inference(self, folded=False):
+        """The extractor's inference function, as extraction makes it when ``folded``; made once."""
+        key = "inference_folded" if folded else "inference"
+        if key not in self.cache:
+            from pipeline import extractor
+
+            self.cache[key] = extractor.inference(self.extractor(), fold=folded)
+        return self.cache[key]
+
     def folds(self) -> int:
         """How many BatchNorm layers extraction folds (none in reduced precision)."""
-        if "folds" not in self.cache:
-            from pipeline import fold
-
-            self.cache["folds"] = fold.folded(self.extractor()).folds
-        return self.cache["folds"]
+        return self.inference(folded=True).folds
 
     def bare_pass(self, folded=False):
         """(images per pass, pass()) of the compiled call on the N images already in memory; pass() returns
@@ -306,14 +311,10 @@ class Bench:
         if key not in self.cache:
             import tensorflow as tf
 
-            from pipeline import fold
-
             cfg, x = self.cfg, self.pixels()
-            model = self.extractor()
             b = cfg.batch
             spec = tf.TensorSpec((b, self.size, self.size, 3), tf.uint8)
-            fn = fold.folded(model) if folded else (lambda t: model(t, training=False))
-            call = tf.function(fn, input_signature=[spec])
+            call = tf.function(self.inference(folded), input_signature=[spec])
             n_batches = -(-len(x) // b)
             idx = np.arange(n_batches * b) % len(x)  # a last short batch is filled up cyclically
             batches = [tf.constant(x[idx[i * b:(i + 1) * b]]) for i in range(n_batches)]

@@ -103,6 +103,14 @@ def build(spec, size, weights, pooling, alpha=None, seed=0, precision="float32")
     return keras.Model(inputs, outputs, name=f"{spec.name}_features"), base
 
 
+def inference(model, fold=False):
+    """``x -> model(x, training=False)``; ``fold``: with its BatchNorm folded into the convolutions
+    (:func:`pipeline.fold.folded`, which also counts them; the model is not changed)."""
+    from pipeline import fold as folding
+
+    return folding.folded(model) if fold else (lambda x: model(x, training=False))
+
+
 def compiled_call(model, size, fold=False):
     """``model`` as a compiled inference call on uint8 (N, size, size, 3) pixel batches; ``fold``: with its
     BatchNorm folded into the convolutions (:mod:`pipeline.fold`; the model is not changed). Autograph is
@@ -110,8 +118,5 @@ def compiled_call(model, size, fold=False):
     tracing time."""
     import tensorflow as tf
 
-    from pipeline import fold as folding
-
-    fn = folding.folded(model) if fold else (lambda x: model(x, training=False))
     spec = tf.TensorSpec((None, size, size, 3), tf.uint8)
-    return tf.function(fn, input_signature=[spec], autograph=False)
+    return tf.function(inference(model, fold), input_signature=[spec], autograph=False)
