@@ -1,4 +1,4 @@
-"""``python -m pipeline <step> [--option value | OPTION=value ...]``: options are built from each step's
+"""``python -m pipeline <step> [--option value | OPTION=value ...]``: an argparse parser built from each step's
 config dataclass, so make variables (``make head HEAD=svm``) and CLI flags are the same names."""
 
 from __future__ import annotations
@@ -14,90 +14,122 @@ from pipeline.errors import PipelineError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    help: str
-    config: type | None
-    run: callable  # run(cfg, extra: dict) -> int | None
-    extra: str = ""  # what free NAME=value options mean for this step ("" = none allowed)
-    positional: str = ""  # config field (str) that bare arguments are added to, shell-quoted ("" = none)
+ASSIGN = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)=(.*)$", re.S)
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 def _steps():
-    from pipeline import commands
+    from pipeline import steps
 
-    return commands.STEPS
-
-
-ASSIGN = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)=(.*)$", re.S)
+    return steps.STEPS
 
 
-def _parse_value(field, text):
-    kind = type(field.default)
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off", ""):
-            return False
-        raise ValueError(text)
-    return kind(text)
+def _bool(name, text):
+    if text.lower() in TRUE:
+        return True
+    if text.lower() in FALSE:
+        return False
+    raise PipelineError(f"{name.upper()}={text!r}: expected 0 or 1")
 
 
-def parse(step_name, step, argv):
-    """(config, extra) from ``--name value``, ``--name=value`` and ``NAME=value`` arguments."""
+def _typed(kind, name):
+    def convert(text):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name.upper()}={text!r}: expected {kind.__name__}") from None
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def parser(name, step) -> argparse.ArgumentParser:
+    """The step's argparse parser: one ``--field-name`` per config field (``--x/--no-x`` for booleans), help
+    from the field's metadata, and the bare arguments of a step that takes them."""
+    p = argparse.ArgumentParser(prog=f"python -m pipeline {name}", description=step.help, epilog=step.extra or None,
+                                allow_abbrev=False, exit_on_error=False,
+                                usage=f"python -m pipeline {name} [--option value | OPTION=value ...]"
+                                      + (f" [{step.positional.upper()} ...]" if step.positional else ""))
+    for f in dataclasses.fields(step.config) if step.config else ():
+        flag, helptext = "--" + f.name.replace("_", "-"), f"{f.metadata.get('help', '')} ({f.name.upper()}=, default %(default)r)"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+        else:
+            p.add_argument(flag, dest=f.name, type=_typed(type(f.default), f.name), default=f.default,
+                           metavar=f.name.upper(), help=helptext)
+    if step.positional:
+        p.add_argument("_bare", nargs="*", metavar=step.positional.upper(), help="added to " + step.positional.upper())
+    return p
+
+
+def _normalise(step_name, step, argv):
+    """(argparse arguments, extra): ``NAME=value`` and ``--name value`` of a config field become its flag
+    (booleans ``--name``/``--no-name``); other names are the step's free options, or an error."""
     fields = {f.name: f for f in dataclasses.fields(step.config)} if step.config else {}
-    values, extra, bare, it = {}, {}, [], iter(argv)
+    out, extra, it = [], {}, iter(argv)
     for arg in it:
         m = ASSIGN.match(arg)
-        if arg.startswith("--"):
-            name, _, val = arg[2:].partition("=")
-            if not _:
-                val = next(it, None)
-                if val is None:
-                    raise PipelineError(f"option --{name} needs a value")
-            name = name.replace("-", "_")
+        if arg.startswith("--") and len(arg) > 2:
+            name, has_value, val = arg[2:].partition("=")
+            key = name.replace("-", "_").lower()
+            if key.startswith("no_") and key[3:] in fields and isinstance(fields[key[3:]].default, bool):
+                out.append(arg)
+                continue
+            if not has_value:
+                if key in fields and isinstance(fields[key].default, bool):
+                    nxt = next(it, None)
+                    if nxt is None or nxt.lower() not in TRUE + FALSE:
+                        out.append(arg)
+                        if nxt is not None:
+                            out.append(nxt)
+                        continue
+                    val = nxt
+                else:
+                    val = next(it, None)
+                    if val is None:
+                        raise PipelineError(f"option --{name} needs a value")
         elif m:
             name, val = m.group(1), m.group(2)
-        elif step.positional:
-            bare.append(arg)
-            continue
+            key = name.lower()
         else:
-            raise PipelineError(f"{step_name}: unexpected argument {arg!r}; options are --name value or NAME=value")
-        key = name.lower()
+            if not step.positional:
+                raise PipelineError(f"{step_name}: unexpected argument {arg!r}; options are --name value or NAME=value")
+            out.append(arg)
+            continue
         if key in fields:
-            try:
-                values[key] = _parse_value(fields[key], val)
-            except ValueError:
-                raise PipelineError(f"{name.upper()}={val!r}: expected {type(fields[key].default).__name__}") \
-                    from None
+            f = fields[key]
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(f.default, bool):
+                out.append(flag if _bool(name, val) else "--no-" + f.name.replace("_", "-"))
+            else:
+                out.append(f"{flag}={val}")
         elif step.extra:
             extra[name] = val
         else:
             valid = ", ".join(n.upper() for n in fields) or "none"
             raise PipelineError(f"{step_name}: unknown option {name!r}; valid: {valid}")
+    return out, extra
+
+
+def parse(step_name, step, argv):
+    """(config, extra) from ``--name value``, ``--name=value`` and ``NAME=value`` arguments."""
+    args, extra = _normalise(step_name, step, argv)
+    try:
+        ns = parser(step_name, step).parse_args(args)
+    except argparse.ArgumentError as e:
+        raise PipelineError(e.message) from None
+    values = vars(ns)
+    bare = values.pop("_bare", [])
     if bare:
         values[step.positional] = " ".join(filter(None, [values.get(step.positional, ""), shlex.join(bare)]))
     cfg = step.config(**values) if step.config else None
     return cfg, extra
 
 
-def _help(steps, name=None):
-    if name is None:
-        lines = ["usage: python -m pipeline <step> [OPTION=value ...]  (python -m pipeline <step> --help)", "",
-                 "steps:"]
-        lines += [f"  {n:<10} {s.help}" for n, s in steps.items()]
-        return "\n".join(lines)
-    step = steps[name]
-    bare = f" [{step.positional.upper()} ...]" if step.positional else ""
-    lines = [f"usage: python -m pipeline {name} [--option value | OPTION=value ...]{bare}", "", step.help, ""]
-    if step.config:
-        lines.append("options (make variable, default, meaning):")
-        for f in dataclasses.fields(step.config):
-            lines.append(f"  --{f.name.replace('_', '-'):<16} {f.name.upper():<16} {f.default!r:<22} "
-                         f"{f.metadata.get('help', '')}")
-    if step.extra:
-        lines += ["", step.extra]
+def _help(steps):
+    lines = ["usage: python -m pipeline <step> [OPTION=value ...]  (python -m pipeline <step> --help)", "",
+             "steps:"]
+    lines += [f"  {n:<10} {s.help}" for n, s in steps.items()]
     return "\n".join(lines)
 
 
@@ -134,15 +166,24 @@ def main(argv=None) -> int:
     try:
         if name not in steps:
             raise PipelineError(f"unknown step {name!r}; valid: {', '.join(steps)}")
+        step = steps[name]
         if "-h" in rest or "--help" in rest:
-            print(_help(steps, name))
+            parser(name, step).print_help()
             return 0
-        cfg, extra = parse(name, steps[name], rest)
-        if steps[name].config is not None:
+        cfg, extra = parse(name, step, rest)
+        if getattr(cfg, "keras_home", ""):
+            from pipeline import records
+
+            records.use_keras_home(cfg.keras_home)  # before Keras is imported: Keras reads it once
+        if step.tensorflow:
             _import_tensorflow_quietly()
-        return int(steps[name].run(cfg, extra) or 0)
+        return int(step.load()(cfg, extra) or 0)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)

@@ -101,3 +101,27 @@ def check_versions(recorded: dict, path: str, packages=("keras", "scikit-learn",
         if was and is_ and was.split(".")[:2] != is_.split(".")[:2]:
             raise PipelineError(f"{path} was made with {p} {was}, this is {p} {is_}: "
                                 "retrain it with this installation")
+
+
+def keras_home(folder: str = "") -> str:
+    """The Keras cache folder: ``folder`` when given, else as Keras resolves it ($KERAS_HOME or ~/.keras)."""
+    if folder:
+        return os.path.abspath(folder)
+    return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+
+
+def use_keras_home(folder: str) -> None:
+    """Make ``folder`` the Keras cache folder. Keras reads $KERAS_HOME once, when it is first imported, so
+    this sets it before that import (the CLI calls it before TensorFlow is loaded); a Keras already imported
+    with another folder is a one-line error rather than a silently ignored option."""
+    if not folder:
+        return
+    folder = os.path.abspath(folder)
+    import sys
+
+    if "keras" in sys.modules:
+        current = os.path.abspath(sys.modules["keras"].config.keras_home())
+        if current != folder:
+            raise PipelineError(f"KERAS_HOME={folder}: Keras was already imported with {current}; set the "
+                                "KERAS_HOME environment variable before Python imports Keras")
+    os.environ["KERAS_HOME"] = folder

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from pipeline import records, store
+from pipeline import records
+from pipeline.cache import store
 
 
 def write_arrays(path, class_names, splits, tag="synthetic"):

@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from pipeline import cli
-from pipeline.config import FeaturesConfig
+from pipeline.configs import FeaturesConfig
 
 
 def test_make_alone_prints_help_for_every_target():

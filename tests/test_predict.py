@@ -8,10 +8,15 @@ import subprocess
 import keras
 import numpy as np
 import pytest
-
 from conftest import MOBILENET_V2_FILE, ROOT, write_image
-from pipeline import backbones, cli, finetune, heads, images, predict, records
+
+from pipeline import cli, predict, records
+from pipeline.backbones import registry as backbones
+from pipeline.data import images
 from pipeline.errors import PipelineError
+from pipeline.finetune import artifact
+from pipeline.finetune import model as ft_model
+from pipeline.heads import dense
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -23,9 +28,9 @@ def exported(tmp_path_factory):
     spec = backbones.get("mobilenet_v2")
     base = backbones.build_base(spec, 32, str(MOBILENET_V2_FILE), alpha=0.35)
     keras.utils.set_random_seed(1)
-    head = heads.build_model(1280, len(CLASSES), (8,))
-    model = finetune.build_model(spec, 32, base, "avg", head, finetune.augmentation(seed=1))
-    rec = predict.export(model, str(folder / "finetune.keras"), class_names=CLASSES, size=32,
+    head = dense.build_model(1280, len(CLASSES), (8,))
+    model = ft_model.build_model(spec, 32, base, "avg", head, ft_model.augmentation(seed=1))
+    rec = artifact.export(model, str(folder / "finetune.keras"), class_names=CLASSES, size=32,
                          interpolation="bilinear", extra={"config": {"note": "test"}})
     return model, rec
 
@@ -35,16 +40,16 @@ def test_export_reloads_with_the_same_predictions_on_raw_images(exported):
     rec = json.loads(open(rec_path).read())
     assert rec["classes"] == CLASSES and rec["input_size"] == 32 and rec["config"] == {"note": "test"}
     assert rec["sha256"] == records.file_digest(rec_path.replace(".json", ".keras"))
-    loaded, rec2 = predict.load(rec_path)
+    loaded, rec2 = artifact.load(rec_path)
     assert rec2 == rec and loaded.get_layer("augment") is not None  # augmentation inside, inert
     pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
-    ours = predict.probabilities(predict.compiled(model, 32), [pixels])
-    call = predict.compiled(loaded, 32)
-    theirs = predict.probabilities(call, [pixels])
+    ours = artifact.probabilities(artifact.compiled(model, 32), [pixels])
+    call = artifact.compiled(loaded, 32)
+    theirs = artifact.probabilities(call, [pixels])
     assert ours.shape == (6, 3) and ours.std(axis=0).max() > 1e-3
     np.testing.assert_allclose(ours, model(pixels, training=False).numpy(), atol=1e-5)  # BatchNorm folded
     np.testing.assert_allclose(theirs, ours, atol=1e-6)
-    np.testing.assert_array_equal(predict.probabilities(call, [pixels]), theirs)  # no random layer active
+    np.testing.assert_array_equal(artifact.probabilities(call, [pixels]), theirs)  # no random layer active
 
 
 def test_predict_labels_a_folder_with_a_bad_file(exported, tmp_path, capsys):
@@ -65,7 +70,7 @@ def test_predict_labels_a_folder_with_a_bad_file(exported, tmp_path, capsys):
     lines = {line.split()[0]: line.split()[1:] for line in out.strip().splitlines()}
     assert sorted(lines) == sorted(str(p) for p in good)
     pixels = np.stack([images.load_resized(p, 32) for p in good])
-    probs = predict.probabilities(predict.compiled(model, 32), [pixels])
+    probs = artifact.probabilities(artifact.compiled(model, 32), [pixels])
     for p, row in zip(good, probs):
         order = np.argsort(-row)[:2]
         assert lines[str(p)] == [v for i in order for v in (CLASSES[i], f"{row[i]:.3f}")]
@@ -81,15 +86,15 @@ def test_loading_checks_the_record(exported, tmp_path):
     rec = json.loads((tmp_path / "finetune.json").read_text())
     (tmp_path / "finetune.json").write_text(json.dumps({**rec, "versions": {**rec["versions"], "keras": "2.15.0"}}))
     with pytest.raises(PipelineError, match="made with keras 2.15.0"):
-        predict.load(str(tmp_path / "finetune.keras"))
+        artifact.load(str(tmp_path / "finetune.keras"))
     (tmp_path / "finetune.json").write_text(json.dumps({**rec, "format": "pipeline-head/1"}))
     with pytest.raises(PipelineError, match="not a fine-tuned model record"):
-        predict.load(str(tmp_path))
+        artifact.load(str(tmp_path))
     (tmp_path / "finetune.json").write_text(json.dumps(rec))
     with open(tmp_path / "finetune.keras", "ab") as f:
         f.write(b"\0")
     with pytest.raises(PipelineError, match="changed since it was saved"):
-        predict.load(str(tmp_path / "finetune.json"))
+        artifact.load(str(tmp_path / "finetune.json"))
 
 
 def test_make_passes_images_and_no_model_is_a_clear_error(tmp_path, capsys):

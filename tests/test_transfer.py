@@ -7,14 +7,15 @@ cached features. The pretrained features must beat the same backbone with ``weig
 
 import numpy as np
 import pytest
+from conftest import MOBILENET_KERAS_FILE, MOBILENET_V2_FILE, flowers_subset, require_shared
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from conftest import MOBILENET_KERAS_FILE, MOBILENET_V2_FILE, flowers_subset, require_shared
-from pipeline import features, store
-from pipeline.config import FeaturesConfig
+from pipeline.cache import extract as features
+from pipeline.cache import store
+from pipeline.configs import FeaturesConfig
 
 PER_CLASS = 20  # 100 photos of 5 classes
 SIZE = 160

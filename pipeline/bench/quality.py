@@ -1,0 +1,147 @@
+"""``quality``: test accuracy of the best of QUALITY_HEADS (chosen on val) on each QUALITY backbone, of
+fine-tuning (FINETUNE=1), and of two baselines: raw pixels and BACKBONE with random weights."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from pipeline.backbones import registry
+from pipeline.bench.common import features_args, features_config, quiet, run_child
+from pipeline.configs import FinetuneConfig, fields
+from pipeline.data import sources
+from pipeline.data.loading import cores
+from pipeline.errors import PipelineError
+
+
+def run(ctx):
+    from pipeline.cache import extract as features
+    from pipeline.cache import store
+    from pipeline.heads import registry as heads
+
+    cfg = ctx.cfg
+    names = [h.strip() for h in cfg.quality_heads.split(",") if h.strip()]
+    for n in names:
+        heads.get(n)
+    def label(b, a, w):
+        alpha = a or registry.get(b).alpha
+        return f"{b}{f' a{alpha}' if alpha else ''} ({'file' if os.path.sep in w else w})"
+
+    entries = [(label(b, a, w), features_config(cfg, backbone=b, alpha=a, weights=w)) for b, a, w in ctx.quality]
+    entries.append((f"{cfg.backbone} random weights (baseline)", features_config(cfg, weights="none")))
+    rows, m, show = [], {}, []
+    for label, fcfg in entries:
+        row = {"label": label, "backbone": fcfg.backbone, "alpha": fcfg.alpha, "weights": fcfg.weights}
+        try:
+            with quiet():
+                cache = store.load(features.run(fcfg, log=lambda s: None))
+            row.update(_fit_heads(ctx, cache, names))
+        except PipelineError as e:
+            row["error"] = str(e)
+            ctx.log(f"quality: {label}: {e}")
+        rows.append(row)
+    rows.append(_raw_pixels(ctx, names))
+    if cfg.finetune:
+        rows.append(_finetune(ctx))
+    for i, row in enumerate(rows):
+        key = f"q{i}"
+        if "test" in row:
+            m[key] = (row["test"], f"test acc ({row['best']})")
+            m[key + "_val"] = row["val"]
+        else:
+            m[key] = (row.get("error", "not run")[:60], "")
+        show.append((row["label"], key))
+    split = rows[0].get("counts", {})
+    return {"metrics": m, "rows": rows, "show": show,
+            "note": f"DATA={cfg.data}, size {ctx.size if cfg.size == 0 else cfg.size}; heads "
+                    f"{', '.join(names)} fitted on train with their defaults, the best on val reported "
+                    f"on test; split sizes {split}"}
+
+
+def _fit_heads(ctx, cache, names):
+    from pipeline.heads.train import check_splits
+
+    check_splits(cache)
+    return _best_head({s: (sp.features, sp.labels) for s, sp in cache.splits.items()}, names, ctx.cfg.seed)
+
+
+def _raw_pixels(ctx, names):
+    cfg = ctx.cfg
+    row = {"label": f"raw pixels {cfg.raw_size}x{cfg.raw_size} (baseline)"}
+    try:
+        ds = sources.open_source(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.per_class,
+                              cfg.max_pixels, os.path.join(cfg.cache_dir, "checked-images.json"), progress=False)
+        with ThreadPoolExecutor(cores()) as pool:
+            x = np.stack(list(pool.map(lambda i: ds.load(i, cfg.raw_size, cfg.interpolation),
+                                       range(len(ds.items)))))
+        x = x.reshape(len(x), -1).astype(np.float32) / 255.0
+        y = np.asarray([it.label for it in ds.items], np.int32)
+        splits = {s: (x[ds.split(s)], y[ds.split(s)]) for s in ds.splits()}
+        row.update(_best_head(splits, ["logreg"], cfg.seed))
+    except PipelineError as e:
+        row["error"] = str(e)
+    return row
+
+
+def _finetune(ctx):
+    """Fine-tuning's test accuracy through the ``finetune`` step, run as a whole command."""
+    cfg = ctx.cfg
+    row = {"label": f"fine-tuned {cfg.backbone}"}
+    args = features_args(features_config(cfg))
+    out_dir = os.path.join(ctx.work, "finetune")
+    args += [f"MODELS_DIR={os.path.join(out_dir, 'models')}", f"REPORTS_DIR={os.path.join(out_dir, 'reports')}"]
+    own = {f.upper() for f in fields(FinetuneConfig)}
+    args = [a for a in args if a.split("=", 1)[0] in own] + cfg.finetune_args.split()
+    try:
+        t0 = time.perf_counter()
+        run_child(["finetune", *args], os.path.join(ctx.work, "finetune.log"))
+        row["seconds"] = time.perf_counter() - t0
+    except PipelineError as e:
+        row["error"] = str(e)[:200]
+        return row
+    found = []
+    for path in glob.glob(os.path.join(out_dir, "**", "*.json"), recursive=True):
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        test = rec.get("test") if isinstance(rec, dict) else None
+        if isinstance(test, dict) and isinstance(test.get("accuracy"), (int, float)):
+            val = rec.get("val")
+            found.append((os.path.sep + "finetune" + os.path.sep in path, path, test["accuracy"],
+                          val.get("accuracy") if isinstance(val, dict) else None))
+    if not found:
+        row["error"] = "the finetune step wrote no test accuracy under its reports"
+        return row
+    _, path, acc, val = max(found)  # the fine-tune's own metrics, not those of the head it started from
+    row.update(test=float(acc), val=val, best="finetune", heads=[{"head": "finetune", "val": val, "test": acc}],
+               report=path)
+    return row
+
+# -- the run
+
+def _best_head(splits, names, seed) -> dict:
+    """Each head fitted on train with its defaults; the best on val; its test accuracy."""
+    from pipeline.heads import registry as heads
+    from pipeline.heads.dense import DenseHead
+
+    (xt, yt), (xv, yv), (xs, ys) = splits["train"], splits["val"], splits["test"]
+    out = []
+    for name in names:
+        est = heads.build(name, seed=seed)
+        with quiet():
+            if isinstance(est, DenseHead):
+                est.fit(xt, yt, validation_data=(xv, yv))
+            else:
+                est.fit(xt, yt)
+        out.append({"head": name, "val": float(np.mean(est.predict(xv) == yv)),
+                    "test": float(np.mean(est.predict(xs) == ys))})
+    best = max(out, key=lambda h: h["val"])  # first of equals, in the order given
+    return {"best": best["head"], "val": best["val"], "test": best["test"], "heads": out,
+            "counts": {s: int(len(y)) for s, (_, y) in splits.items()}}

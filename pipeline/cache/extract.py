@@ -1,0 +1,141 @@
+"""``features``: run a dataset once through a frozen backbone into the HDF5 cache (resumable, keyed)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pipeline.cache import store
+from pipeline.cache.plan import Plan, report_skipped
+from pipeline.configs import FeaturesConfig
+from pipeline.data import images, loading
+from pipeline.errors import PipelineError
+
+PREFETCH_BYTES = 32 << 20  # decoded pixels kept ready ahead of the backbone (at least 2 batches)
+
+
+class _Background:
+    """Runs one callable at a time in a worker thread, in order (HDF5 writes and flushes off the critical
+    path); at most one call waits while the next is prepared; an error surfaces at the next call or at
+    ``wait``."""
+
+    def __init__(self, name):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.pending = None
+
+    def submit(self, fn, *args):
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def wait(self):
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self):
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _load(ds, i, size, interpolation):
+    """Item i's pixels; a file that no longer decodes (it changed after the scan) is a one-line error."""
+    try:
+        return ds.load(i, size, interpolation)
+    except images.BadImage as e:
+        where = ds.items[i].relpath if ds.arrays is not None else ds.source(i)
+        raise PipelineError(f"{where}: {e}; it changed after it was checked: run again to rescan") from None
+
+
+def _prepare(plan):
+    """The extractor's compiled call, traced."""
+    from pipeline.backbones import extractor
+
+    call = extractor.compiled_call(plan.model, plan.size, fold=plan.cfg.fold_batchnorm)
+    call.get_concrete_function()
+    return call
+
+
+def extract(plan: Plan) -> str:
+    """Extract every split into the partial file (resuming it), verify and rename into place.
+
+    Images are decoded by :class:`pipeline.data.loading.Batches` up to PREFETCH_BYTES of pixels ahead of the
+    backbone, with the CPU time it leaves idle; while BatchNorm is folded and the graph traced (in a
+    thread) and the first batch runs (graph optimisation) they decode ahead. Chunks are written and flushed
+    by a writer thread while the next chunk is computed. Rows and their order are exactly those of a serial
+    loop over the same compiled call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import keras
+
+    ds, cfg, log = plan.ds, plan.cfg, plan.log
+    splits = {s: ds.split(s) for s in ds.splits()}
+    layout = {s: ([ds.items[i].label for i in idx], [ds.items[i].relpath for i in idx])
+              for s, idx in splits.items()}
+    rec = plan.record()
+    writer = store.Writer(plan.path, plan.key, rec, layout, plan.dim, cfg.dtype, plan.chunk, log=log)
+    starts = {s: writer.done(s) for s in splits}
+    todo = [((s, k), idx[k:k + cfg.batch])
+            for s, idx in splits.items() for k in range(starts[s], len(idx), cfg.batch)]
+    total = sum(len(v) for v in splits.values())
+    done = sum(starts.values())
+    bar = keras.utils.Progbar(total, unit_name="image", stateful_metrics=["img/s"])
+    background = _Background("features-writer")
+    shape = (plan.size, plan.size, 3)
+    ahead = max(2, PREFETCH_BYTES // (cfg.batch * int(np.prod(shape))))
+    t0, n_new, startup = time.perf_counter(), 0, None
+    stream = None
+    try:
+        stream = loading.Batches(lambda i: _load(ds, i, plan.size, cfg.interpolation), todo, shape, ahead)
+        preparing, call = None, None
+        if todo:  # fold and trace while the workers decode the first batches
+            pool = ThreadPoolExecutor(1, thread_name_prefix="features-trace")
+            preparing = pool.submit(_prepare, plan)
+            pool.shutdown(wait=False)
+        split, pending, at = None, [], 0
+        for (s, k), x in stream:
+            if call is None:
+                call = preparing.result()
+            if s != split:
+                if pending:
+                    background.submit(writer.write, split, at, np.concatenate(pending))
+                split, pending, at = s, [], k
+            pending.append(call(x).numpy().astype(cfg.dtype, copy=False))
+            n_new += len(x)
+            if startup is None:
+                startup = (time.perf_counter() - t0, n_new)
+            bar.update(done + n_new, [("img/s", n_new / (time.perf_counter() - t0))])
+            if sum(len(p) for p in pending) >= plan.chunk:
+                rows = np.concatenate(pending)
+                background.submit(writer.write, s, at, rows)
+                at, pending = at + len(rows), []
+        if pending:
+            background.submit(writer.write, split, at, np.concatenate(pending))
+        background.close()
+        path = writer.finish()
+    finally:
+        if stream is not None:
+            stream.close()
+        background.close()
+        writer.close()
+    secs = time.perf_counter() - t0
+    plan.stats = {"images": n_new, "seconds": secs, "startup_seconds": startup[0] if startup else 0.0,
+                  "startup_images": startup[1] if startup else 0}
+    counts = ", ".join(f"{s} {len(v)}" for s, v in splits.items())
+    log(f"wrote {path}: {counts} x {plan.dim} {cfg.dtype} features; "
+        f"{n_new} images in {secs:.1f} s ({n_new / max(secs, 1e-9):.1f} img/s)")
+    return path
+
+
+def run(cfg: FeaturesConfig, log=print) -> str:
+    """Make sure the cache for ``cfg`` exists; returns its path. Unchanged inputs extract nothing."""
+    plan = Plan(cfg, log)
+    report_skipped(plan)
+    if plan.up_to_date():
+        log(f"up to date: {plan.path}")
+        return plan.path
+    return extract(plan)

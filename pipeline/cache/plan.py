@@ -1,0 +1,95 @@
+"""The plan of a features run: the dataset scanned and split, the extractor built, and the cache key of
+everything the features are made from (manifest, backbone, weights digest, size, preprocessing, pooling,
+dtype, precision, folding, code version), hence the cache file's path."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from pipeline import records
+from pipeline.backbones import registry
+from pipeline.cache import store
+from pipeline.configs import FeaturesConfig, asdict
+from pipeline.data import images, sources
+from pipeline.errors import PipelineError, choose
+
+EXTRACT_VERSION = 1  # bump when extraction changes what it computes: old caches then no longer match
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class Plan:
+    """Everything resolved from a config: the dataset, the extractor, the key and the cache path."""
+
+    def __init__(self, cfg: FeaturesConfig, log=print):
+        records.use_keras_home(cfg.keras_home)
+        self.cfg = cfg
+        self.spec = registry.get(cfg.backbone)
+        choose(cfg.dtype, DTYPES, "dtype")
+        choose(cfg.pooling, dict.fromkeys(registry.POOLINGS), "pooling")
+        choose(cfg.interpolation, images.INTERPOLATIONS, "interpolation")
+        self.size = registry.resolve_size(self.spec, cfg.size)
+        if cfg.batch < 1 or cfg.chunk < 1:
+            raise PipelineError("BATCH and CHUNK must be positive")
+        self.chunk = math.ceil(cfg.chunk / cfg.batch) * cfg.batch
+        os.makedirs(cfg.cache_dir, exist_ok=True)
+        self.ds = sources.open_source(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.per_class,
+                                   cfg.max_pixels, os.path.join(cfg.cache_dir, "checked-images.json"),
+                                   progress=True)
+        from pipeline.backbones import extractor
+
+        self.model, base = extractor.build(self.spec, self.size, cfg.weights, cfg.pooling,
+                                           alpha=cfg.alpha or None, seed=cfg.seed, precision=cfg.precision,
+                                           keras_home=cfg.keras_home)
+        weights = {"source": cfg.weights if cfg.weights in ("imagenet", "none") else "file",
+                   "sha256": registry.weights_digest(base)}
+        if weights["source"] == "file":
+            weights["file"] = os.path.abspath(cfg.weights)
+        self.dim = int(self.model.output_shape[-1])
+        self.identity = {
+            "manifest": self.ds.manifest_digest(), "backbone": self.spec.name, "weights": weights,
+            "size": self.size, "alpha": cfg.alpha or self.spec.alpha,
+            "interpolation": cfg.interpolation, "preprocessing": self.spec.preprocess,
+            "pooling": cfg.pooling, "dtype": cfg.dtype, "precision": cfg.precision,
+            "fold_batchnorm": cfg.fold_batchnorm,
+            "extract_version": EXTRACT_VERSION,
+        }
+        self.key = records.digest(self.identity)
+        stem = f"{self.ds.name}_{self.spec.name}_{self.size}_{cfg.pooling}_{self.key[:12]}"
+        self.path = os.path.join(cfg.cache_dir, stem + ".h5")
+        self.report_path = os.path.join(cfg.cache_dir, stem + ".skipped.tsv")
+        self.log = log
+        self.stats = {}  # filled by extract: images, seconds, start-up seconds (trace + first batch)
+
+    def record(self) -> dict:
+        """What the cache file records about how it was made."""
+        return {
+            "config": {**asdict(self.cfg), "size": self.size, "identity": self.identity,
+                       "feature_dim": self.dim, "source_root": self.ds.root},
+            "class_names": self.ds.class_names,
+            "versions": records.versions(("pipeline", "tensorflow", "keras", "h5py", "numpy")),
+        }
+
+    def up_to_date(self) -> bool:
+        """True when the complete cache of this key exists (its record is read, not its rows)."""
+        if not os.path.exists(self.path):
+            return False
+        store.check_header(self.path, expect_key=self.key)
+        return True
+
+
+def report_skipped(plan):
+    ds, log = plan.ds, plan.log
+    if ds.skipped:
+        lines = ["relpath\treason"] + [f"{rel}\t{why}" for rel, why in ds.skipped]
+        records.atomic_write_text(plan.report_path, "\n".join(lines) + "\n")
+        reasons = {}
+        for _, why in ds.skipped:
+            kind = why.split(":")[0].split("(")[0].strip()
+            reasons[kind] = reasons.get(kind, 0) + 1
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        log(f"warning: skipped {len(ds.skipped)} file(s): {summary}; list in {plan.report_path}")
+    if ds.ignored:
+        log(f"ignored {ds.ignored} hidden/system file(s)")

@@ -1,0 +1,142 @@
+"""One frozen config dataclass per step; each field is a CLI option and a make variable.
+
+``help`` metadata is the option's one-line help. Field ``foo_bar`` is ``--foo-bar`` and ``FOO_BAR=``. This
+module imports nothing heavy: ``--help`` and the listings read it without TensorFlow or scikit-learn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit
+SCORINGS = ("accuracy", "balanced_accuracy", "f1_macro", "neg_log_loss")
+FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
+OPTIMIZERS = ("adam", "sgd")
+UNFREEZE_HELP = ("a layer name or block prefix onwards (block_16, block5_conv1), N (the last N layers), "
+                 "a fraction (0.3 of the layers), blocks:N (the last N blocks), all, none")
+BENCH_SECTIONS = ("overhead", "caching", "ceiling", "memory", "noop", "quality")
+DEFAULT_QUALITY = ("efficientnet_lite0::imagenet,"
+                   "mobilenet_v2:0.35:{shared}/weights/mobilenet_v2_0.35_224_no_top.weights.h5,"
+                   "mobilenet:0.25:{shared}/weights/keras/models/mobilenet_2_5_224_tf_no_top.h5")
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Options of ``features``: which images, which frozen backbone, how to pool and store."""
+
+    data: str = opt("digits", "class-folder tree (optionally train/val/test trees) or built-in: digits")
+    backbone: str = opt("efficientnet_lite0", "backbone name (see `python -m pipeline backbones`)")
+    weights: str = opt("imagenet", "imagenet (Keras cache / package), none (random), or a weights file")
+    size: int = opt(0, "input size in pixels (0 = the backbone's default)")
+    alpha: float = opt(0.0, "width multiplier for MobileNet families (0 = the family's default)")
+    pooling: str = opt("avg", "avg | max | flatten")
+    interpolation: str = opt("bilinear", "resize: nearest | bilinear | bicubic | lanczos | area")
+    dtype: str = opt("float32", "stored feature dtype: float32 | float16")
+    precision: str = opt("float32", "backbone compute: float32 | bfloat16 | float16 (Keras mixed precision; "
+                                    "a win only on hardware with fast bfloat16/float16, see make bench)")
+    fold_batchnorm: bool = opt(True, "fold frozen BatchNorm into the convolution before it (faster; "
+                                     "features equal to float rounding, ~1e-5)")
+    batch: int = opt(32, "images per backbone call")
+    chunk: int = opt(256, "rows per HDF5 chunk and flush (rounded up to a multiple of BATCH)")
+    val_fraction: float = opt(0.15, "share of each class for validation (folder trees without split dirs)")
+    test_fraction: float = opt(0.15, "share of each class for testing")
+    seed: int = opt(0, "seed of the split and of random (weights=none) backbones")
+    per_class: int = opt(0, "use at most this many images per class (0 = all), for quick runs")
+    max_pixels: int = opt(MAX_PIXELS, "skip images with more pixels than this")
+    cache_dir: str = opt("cache", "where cache files are written")
+    keras_home: str = opt("", "Keras cache folder (its models/ holds ImageNet weights); default $KERAS_HOME or ~/.keras")
+
+
+@dataclass(frozen=True)
+class HeadConfig(FeaturesConfig):
+    """Options of ``head`` and ``sweep``: the features options select the cache; the rest the head."""
+
+    head: str = opt("logreg", "head to train (see `python -m pipeline heads`)")
+    cache: str = opt("", "cache file to train on (skips resolving it from the features options)")
+    extract: bool = opt(True, "make the cache when it is missing (0: fail, naming the make features command)")
+    head_seed: int = opt(0, "seed of the head: initial weights, shuffling, CV folds")
+    models_dir: str = opt("models", "where heads are saved (<models>/<cache>/<head>.json + model file)")
+    reports_dir: str = opt("reports", "where metrics and plots go (<reports>/<cache>/<head>/)")
+    heads: str = opt("all", "sweep: comma list of heads (all = every head)")
+    cv: int = opt(5, "sweep: stratified folds over train+val")
+    scoring: str = opt("accuracy", "sweep: " + " | ".join(SCORINGS))
+    jobs: int = opt(-1, "sweep: parallel fits through joblib (-1 = every core)")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(HeadConfig):
+    """Options of ``finetune``: the features options select the cache, the head options its dense head (its
+    hyper-parameters are free NAME=value options as for ``head``); the rest shape phase 2."""
+
+    head: str = opt("dense", "the cached head put on top: dense (trained on the cache first when missing)")
+    unfreeze: str = opt("blocks:2", "backbone layers trained: " + UNFREEZE_HELP)
+    finetune_epochs: int = opt(10, "fine-tuning epochs at most (early stopping on val loss)")
+    finetune_lr: float = opt(1e-5, "fine-tuning learning rate (very low: pretrained weights move little)")
+    optimizer: str = opt("adam", "adam | sgd (with MOMENTUM)")
+    momentum: float = opt(0.9, "SGD momentum")
+    finetune_patience: int = opt(3, "epochs without val-loss improvement before stopping (best weights kept)")
+    flip: str = opt("horizontal", "augmentation: " + " | ".join(FLIPS))
+    rotation: float = opt(0.1, "augmentation: random rotation, fraction of a full turn (0 = off)")
+    zoom: float = opt(0.1, "augmentation: random zoom in/out, fraction of the size (0 = off)")
+    contrast: float = opt(0.1, "augmentation: random contrast factor (0 = off)")
+    resume: bool = opt(True, "resume an interrupted fine-tune from its backup (0: start over)")
+    verbose: int = opt(1, "Keras progress: 1 = progress bars, 2 = one line per epoch, 0 = off")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Options of ``predict``: which images, which exported model, how many labels each."""
+
+    images: str = opt("", "image files and/or folders, space-separated (quote paths with spaces); "
+                          "bare arguments are added")
+    model: str = opt("", "exported model: its .json record, .keras file or folder (default: the newest "
+                         "<MODELS_DIR>/*/finetune.json)")
+    models_dir: str = opt("models", "where make finetune saved its models")
+    top_k: int = opt(3, "labels shown per image (most probable first)")
+    batch: int = opt(32, "images per model call")
+    output: str = opt("", "also write the predictions to this file (.json, else tab-separated)")
+
+
+@dataclass(frozen=True)
+class BenchConfig(FeaturesConfig):
+    """Options of ``bench``: the features options pick data, backbone, size and batch; these the runs."""
+
+    n: int = opt(512, "images for the speed sections (overhead, caching, memory, noop)")
+    repeats: int = opt(3, "timed repeats of every figure (the median is reported, with min and max)")
+    warmup: int = opt(1, "untimed runs before the timed ones")
+    sections: str = opt(",".join(BENCH_SECTIONS), "comma list of sections: " + ", ".join(BENCH_SECTIONS))
+    memory_factor: int = opt(10, "memory: the large run has this many times N images")
+    memory_repeats: int = opt(1, "memory: runs at each size (peak RSS hardly varies; each run is a whole command)")
+    matmul: int = opt(2048, "ceiling: side of the square float32 matrices multiplied")
+    quality: str = opt(DEFAULT_QUALITY, "quality: comma list of backbone:alpha:weights ({shared} = the shared "
+                                         "assets folder, $PIPELINE_SHARED or ../shared)")
+    quality_heads: str = opt("logreg,linear_svm,dense", "quality: heads fitted on train; the best on val counts")
+    raw_size: int = opt(32, "quality: side of the raw-pixel baseline's images")
+    finetune: bool = opt(False, "quality: also fine-tune BACKBONE (slow)")
+    finetune_args: str = opt("", "quality: more NAME=value options of the finetune step, space-separated, "
+                                 "e.g. 'FINETUNE_EPOCHS=2 UNFREEZE=blocks:1'")
+    reports_dir: str = opt("reports", "where bench-<date>.json and .md are written")
+    tag: str = opt("", "suffix of the report names, e.g. before / after")
+
+
+def fields(cls):
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def replace(cfg, **changes):
+    return dataclasses.replace(cfg, **changes)
+
+
+def asdict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def narrow(cfg, cls):
+    """The ``cls`` config holding ``cfg``'s values of ``cls``'s fields (e.g. the features options of a head
+    config)."""
+    return cls(**{n: getattr(cfg, n) for n in fields(cls)})

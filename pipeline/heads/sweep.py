@@ -1,0 +1,125 @@
+"""``sweep``: cross-validate every head's main regularisation on train+val, print a leaderboard, refit the
+winner on train+val and report it on test."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from pipeline.cache import store
+from pipeline.configs import SCORINGS, HeadConfig
+from pipeline.errors import PipelineError
+from pipeline.heads import artifacts, evaluate, registry
+from pipeline.heads.train import check_splits, finish, fit, resolve_cache
+
+
+def _sweep_names(text):
+    if text.strip().lower() in ("all", ""):
+        return list(registry.HEADS)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        registry.get(n)
+    return names
+
+
+def check_folds(y, class_names, cv):
+    if cv < 2:
+        raise PipelineError(f"CV={cv}: need at least 2 folds")
+    counts = np.bincount(y, minlength=len(class_names))
+    few = [f"{class_names[i]} ({c})" for i, c in enumerate(counts) if c < cv]
+    if few:
+        raise PipelineError(f"fewer images than CV={cv} folds in train+val for class {', '.join(few)}; "
+                            "lower CV or add images")
+
+
+def fixed_params(names, extra) -> dict:
+    """{head: {param: value}} of the free NAME=value options of a sweep: each applies to every swept head
+    that has it (and then replaces that head's grid for it); one that no swept head has is an error."""
+    out = {n: {} for n in names}
+    for key, text in (extra or {}).items():
+        owners = [n for n in names if key.lower() in registry.get(n).params]
+        if not owners:
+            valid = sorted({p.upper() for n in names for p in registry.get(n).params})
+            raise PipelineError(f"no swept head ({', '.join(names)}) has parameter {key!r}; valid: "
+                                f"{', '.join(valid)}")
+        for n in owners:
+            out[n][key.lower()] = registry.get(n).resolve({key: text})[key.lower()]
+    return out
+
+
+def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
+    """Cross-validated grid search of every head's main regularisation on train+val; the leaderboard,
+    the winner refitted on train+val and reported on test. ``extra``: fixed hyper-parameters
+    ({NAME: text}, applied to the swept heads that have them). Returns {"leaderboard", "best", "paths"}."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    names = _sweep_names(cfg.heads)
+    fixed = fixed_params(names, extra)
+    if cfg.scoring not in SCORINGS:
+        raise PipelineError(f"unknown scoring {cfg.scoring!r}; valid: {', '.join(SCORINGS)}")
+    cache = store.load(resolve_cache(cfg, log))
+    check_splits(cache)
+    X = np.concatenate([cache.splits["train"].features, cache.splits["val"].features])
+    y = np.concatenate([cache.splits["train"].labels, cache.splits["val"].labels])
+    check_folds(y, cache.class_names, cfg.cv)
+    folds = StratifiedKFold(cfg.cv, shuffle=True, random_state=cfg.head_seed)
+    log(f"sweep over {', '.join(names)}: {cfg.cv}-fold CV on train+val ({len(y)} x {X.shape[1]}), "
+        f"scoring {cfg.scoring}, jobs {cfg.jobs}")
+    board = []
+    for name in names:
+        head = registry.get(name)
+        back = {p.target: n for n, p in head.params.items()}
+        grid = {k: v for k, v in head.search_grid().items() if back[k] not in fixed[name]}
+        search = GridSearchCV(head.build(fixed[name], seed=cfg.head_seed), grid, scoring=cfg.scoring,
+                              cv=folds, n_jobs=cfg.jobs, refit=False, error_score=np.nan)
+        t0 = time.perf_counter()
+        search.fit(X, y)
+        r = search.cv_results_
+        rows = [{"params": {back[k]: artifacts.jsonable(v) for k, v in p.items()},
+                 "mean": float(m), "std": float(s), "fit_seconds": float(f)}
+                for p, m, s, f in zip(r["params"], r["mean_test_score"], r["std_test_score"], r["mean_fit_time"])]
+        ok = [row for row in rows if np.isfinite(row["mean"])]
+        if not ok:
+            log(f"{name}: every fit failed on this data; left out")
+            continue
+        best = max(ok, key=lambda row: row["mean"])  # first of equals: grids run from strong regularisation
+        best = {**best, "params": {**{k: artifacts.jsonable(v) for k, v in fixed[name].items()}, **best["params"]}}
+        board.append({"head": name, **best, "seconds": time.perf_counter() - t0, "candidates": rows})
+        log(f"  {name:<14} {best['mean']:.4f} ± {best['std']:.4f}  {head.describe(best['params'])}")
+    if not board:
+        raise PipelineError("sweep: no head could be fitted on this cache")
+    board.sort(key=lambda row: -row["mean"])
+    log(leaderboard(board, cfg.scoring))
+    win = board[0]
+    head = registry.get(win["head"])
+    params = head.resolve(win["params"])
+    est = head.build(params, seed=cfg.head_seed)
+    log(f"best: {win['head']} {head.describe(params)}; refitting on train+val")
+    secs = fit(win["head"], est, X, y)
+    stem = artifacts.cache_stem(cache.path)
+    lb_path = os.path.join(cfg.reports_dir, stem, "sweep", "leaderboard.json")
+    evaluate.write_json(lb_path, {"scoring": cfg.scoring, "cv": cfg.cv, "seed": cfg.head_seed,
+                                  "leaderboard": board})
+    paths = finish(est, cache, cfg, "best", win["head"], params,
+                   {"fit_seconds": secs, "cv_score": win["mean"], "cv_std": win["std"], "scoring": cfg.scoring,
+                    "trained_on": "train+val"}, log, on_val=False)
+    paths["leaderboard"] = lb_path
+    return {"leaderboard": board, "best": win, "paths": paths, "estimator": est}
+
+
+def leaderboard(board, scoring) -> str:
+    """Rank, head, mean CV score of its best candidate, its spread over folds, its mean fit time, the
+    wall time of the head's whole search, its best parameters."""
+    lines = [f"{'rank':<5}{'head':<15}{scoring + ' (cv)':>18}{'± std':>9}{'fit s':>8}{'search s':>10}  "
+             "best parameters"]
+    for i, row in enumerate(board, 1):
+        lines.append(f"{i:<5}{row['head']:<15}{row['mean']:>18.4f}{row['std']:>9.4f}{row['fit_seconds']:>8.2f}"
+                     f"{row['seconds']:>10.1f}  {registry.get(row['head']).describe(row['params'])}")
+    return "\n".join(lines)
+
+
+def step(cfg: HeadConfig, extra: dict | None = None) -> None:
+    """The ``sweep`` step."""
+    sweep(cfg, extra)

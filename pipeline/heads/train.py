@@ -1,0 +1,133 @@
+"""``head``: fit one head on the cache's train split (the dense head early-stops on val), report val accuracy
+and the full test metrics, save the head and its reports. The pieces the sweep and fine-tuning share live
+here too: resolving the cache, checking its splits, evaluating and saving a fitted head."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+
+import numpy as np
+
+from pipeline.cache import store
+from pipeline.configs import FeaturesConfig, HeadConfig, asdict, fields, narrow
+from pipeline.errors import PipelineError
+from pipeline.heads import artifacts, evaluate, registry
+
+
+def features_config(cfg: HeadConfig) -> FeaturesConfig:
+    return narrow(cfg, FeaturesConfig)
+
+
+def features_command(fcfg: FeaturesConfig) -> str:
+    """The ``make features`` command that makes the cache of ``fcfg``."""
+    default = FeaturesConfig()
+    args = [f"{n.upper()}={getattr(fcfg, n)}" for n in fields(FeaturesConfig)
+            if getattr(fcfg, n) != getattr(default, n)]
+    return " ".join(["make features"] + [shlex.quote(a) for a in args])
+
+
+def resolve_cache(cfg: HeadConfig, log=print) -> str:
+    """The cache file to train on: ``CACHE``, else the one of the features options — made by running
+    ``features`` (a no-op when up to date), or, with ``EXTRACT=0``, an error naming the command."""
+    if cfg.cache:
+        if not os.path.exists(cfg.cache):
+            raise PipelineError(f"{cfg.cache}: no such cache file; make it with make features")
+        return cfg.cache
+    from pipeline.cache import extract
+
+    fcfg = features_config(cfg)
+    if cfg.extract:
+        return extract.run(fcfg, log=log)
+    plan = extract.Plan(fcfg, log=log)
+    if not plan.up_to_date():
+        raise PipelineError(f"no feature cache for this configuration ({plan.path}); make it with: "
+                            f"{features_command(fcfg)}")
+    return plan.path
+
+
+def check_splits(cache: store.Cache, needed=("train", "val", "test")) -> None:
+    """Every split present and holding every class: a clear error otherwise."""
+    names = cache.class_names
+    for s in needed:
+        if s not in cache.splits or not len(cache.splits[s].labels):
+            raise PipelineError(f"{cache.path}: no {s} split; remake the cache with VAL_FRACTION and "
+                                f"TEST_FRACTION above 0 (or give the tree a {s}/ folder)")
+        counts = np.bincount(cache.splits[s].labels, minlength=len(names))
+        absent = [names[i] for i in np.flatnonzero(counts == 0)]
+        if absent:
+            raise PipelineError(f"{cache.path}: class {', '.join(absent)} has no image in the {s} split; "
+                                "add images or change VAL_FRACTION/TEST_FRACTION/SEED")
+
+
+def fit(name, est, X, y, validation_data=None):
+    from pipeline.heads.dense import DenseHead
+
+    t0 = time.perf_counter()
+    try:
+        if validation_data is not None and isinstance(est, DenseHead):
+            est.fit(X, y, validation_data=validation_data)
+        else:
+            est.fit(X, y)
+    except ValueError as e:
+        raise PipelineError(f"head {name!r} cannot be fitted on this cache: {str(e).splitlines()[0]}") \
+            from None
+    return time.perf_counter() - t0
+
+
+def measure(est, cache, split) -> dict:
+    """Metrics of a fitted head on one split of the cache."""
+    sp = cache.splits[split]
+    return evaluate.metrics(sp.labels, est.predict(sp.features), cache.class_names, registry.scores(est, sp.features))
+
+
+def finish(est, cache, cfg, name, head, params, extra, log=print, on_val=True) -> dict:
+    """Evaluate on val (``on_val``: when val was not trained on) and test, write the reports and save the
+    head: the paths written."""
+    val = measure(est, cache, "val") if on_val else None
+    if val:
+        log(f"val accuracy {val['accuracy']:.4f}, balanced {val['balanced_accuracy']:.4f}")
+    label = name if name == head else f"{name} ({head})"
+    test = measure(est, cache, "test")
+    log(evaluate.table(test, f"{label}: test split ({len(cache.splits['test'].labels)} images)"))
+    stem = artifacts.cache_stem(cache.path)
+    out = os.path.join(cfg.reports_dir, stem, name)
+    m = {"head": head, "params": {k: artifacts.jsonable(v) for k, v in params.items()}, **extra,
+         **({"val": val} if val else {}), "test": test}
+    history = getattr(est, "history_", None)
+    paths = evaluate.write_reports(out, m, f"{label} on {stem}", history)
+    paths["record"] = artifacts.save(est, name=name, head=head, params=params, cache=cache, config=asdict(cfg),
+                                     metrics=m, models_dir=cfg.models_dir, history=history)
+    log(f"saved {paths['record']} and reports in {out}/")
+    return paths
+
+
+def run_head(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
+    """Train head ``cfg.head`` (hyper-parameters in ``extra``) on the cache; returns the written paths."""
+    head = registry.get(cfg.head)
+    params = head.resolve(extra)
+    cache = store.load(resolve_cache(cfg, log))
+    return train_head(cache, cfg, head.name, params, log)
+
+
+def train_head(cache: store.Cache, cfg: HeadConfig, name: str, params: dict, log=print) -> dict:
+    """Fit head ``name`` with its resolved ``params`` on a loaded cache, report and save it; the paths."""
+    head = registry.get(name)
+    check_splits(cache)
+    tr, va = cache.splits["train"], cache.splits["val"]
+    est = head.build(params, seed=cfg.head_seed)
+    log(f"{head.name} {head.describe(params)} on {os.path.basename(cache.path)}: train {len(tr.labels)}, "
+        f"val {len(va.labels)}, test {len(cache.splits['test'].labels)} x {tr.features.shape[1]}")
+    secs = fit(head.name, est, tr.features, tr.labels, (va.features, va.labels))
+    epochs = len(est.history_["loss"]) if getattr(est, "history_", None) else None
+    log(f"fitted in {secs:.2f} s" + (f" ({epochs} epochs)" if epochs else ""))
+    return finish(est, cache, cfg, head.name, head.name, params, {"fit_seconds": secs, "trained_on": "train"},
+                  log)
+
+
+
+
+def step(cfg: HeadConfig, extra: dict | None = None) -> None:
+    """The ``head`` step."""
+    run_head(cfg, extra)

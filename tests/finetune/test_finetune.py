@@ -1,0 +1,238 @@
+"""``finetune``: unfreeze policies and parameter counts, BatchNorm frozen through a fit step, the model
+starting from the cached head, an interrupted run resumed, reports and the export."""
+
+import json
+import os
+import subprocess
+
+import keras
+import numpy as np
+import pytest
+from conftest import MOBILENET_V2_FILE, ROOT, flowers_subset
+
+from pipeline import cli, finetune, records
+from pipeline.backbones import registry as backbones
+from pipeline.cache import store
+from pipeline.configs import FinetuneConfig
+from pipeline.errors import PipelineError
+from pipeline.finetune import artifact, unfreeze
+from pipeline.finetune import job as ft_job
+from pipeline.finetune import model as ft_model
+from pipeline.heads import artifacts, dense
+
+N_CLASSES = 3
+
+
+# --- structure: a random-weights MobileNetV2 (alpha 0.35) at 32 px ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    spec = backbones.get("mobilenet_v2")
+    base = backbones.build_base(spec, 32, "none", alpha=0.35)
+    keras.utils.set_random_seed(0)
+    head = dense.build_model(1280, N_CLASSES, ())
+    model = ft_model.build_model(spec, 32, base, "avg", head, ft_model.augmentation(seed=0))
+    return spec, base, head, model
+
+
+def n_params(weights):
+    return sum(int(np.prod(w.shape)) for w in weights)
+
+
+def non_bn_params(layers):
+    return sum(n_params(layer.weights) for layer in layers if not isinstance(layer, keras.layers.BatchNormalization))
+
+
+def test_fit_step_with_partial_unfreeze_keeps_batchnorm_and_frozen_weights(tiny):
+    spec, base, head, model = tiny
+    info = unfreeze.apply_unfreeze(base, spec, unfreeze.parse_unfreeze("block_16"))
+    assert info["from_layer"] == "block_16_expand" and info["batchnorm_frozen"] == 52
+    ft_model.compile_model(model, "adam", 1e-3)
+    bns = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and not any(layer.trainable for layer in bns)
+    convs = [layer for layer in base.layers if hasattr(layer, "kernel") or hasattr(layer, "depthwise_kernel")]
+    unfrozen = [layer.name for layer in convs if layer.name.startswith(("block_16_", "Conv_1"))]
+    assert unfrozen == ["block_16_expand", "block_16_depthwise", "block_16_project", "Conv_1"]
+    before = {w.path: w.numpy().copy() for w in model.weights}
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+    y = np.arange(8) % N_CLASSES
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    changed = {w.path for w in model.weights if not np.array_equal(before[w.path], w.numpy())}
+    for layer in bns:  # moving statistics (and gamma/beta) untouched, in the unfrozen block too
+        for w in (layer.moving_mean, layer.moving_variance, layer.gamma, layer.beta):
+            assert w.path not in changed, w.path
+    for layer in convs:
+        kernel = layer.kernel if hasattr(layer, "kernel") else layer.depthwise_kernel
+        assert (kernel.path in changed) == (layer.name in unfrozen), layer.name
+    assert model.get_layer("dense_head").get_layer("head_output").kernel.path in changed
+    # the head in the model is a copy: the cached head itself keeps its weights
+    assert np.array_equal(before[head.get_layer("head_output").kernel.path], head.get_layer("head_output").kernel)
+    expected = non_bn_params([layer for layer in base.layers if layer.name.startswith(("block_16_", "Conv_1"))])
+    assert unfreeze.count_params(model)["trainable"] == expected + n_params(head.weights)
+
+
+def test_trainable_counts_follow_each_policy(tiny):
+    spec, base, head, model = tiny
+    layers = unfreeze.backbone_layers(base)
+    head_n = n_params(head.weights)
+    bn_stats = sum(2 * layer.moving_mean.shape[0] for layer in layers
+                   if isinstance(layer, keras.layers.BatchNormalization))
+    top = [layer for layer in layers if layer.name.startswith(("block_16_", "Conv_1", "out_relu"))]
+    expected = {
+        "none": head_n,
+        "all": non_bn_params(layers) + head_n,
+        "3": 112 * 1280 + head_n,  # Conv_1, Conv_1_bn, out_relu: only Conv_1's 1x1 kernel (no bias) trains
+        "layers:3": 112 * 1280 + head_n,
+        "block_16": non_bn_params(top) + head_n,
+        "blocks:2": non_bn_params(top) + head_n,  # block_16 and Conv_1
+        "block_1": non_bn_params([layer for layer in layers if layer.name.startswith(("block_", "Conv_1"))])
+                   + head_n,  # block_1 onwards, not block_16 only
+        "0.5": non_bn_params(layers[-round(0.5 * len(layers)):]) + head_n,
+        "Conv_1": 112 * 1280 + head_n,
+    }
+    assert len(set(expected.values())) == 6
+    for text, count in expected.items():
+        unfreeze.apply_unfreeze(base, spec, unfreeze.parse_unfreeze(text))
+        assert unfreeze.count_params(model)["trainable"] == count, text
+    rows = unfreeze.parameter_table(model, base, spec, unfreeze.parse_unfreeze("block_16"))
+    total = n_params(model.weights)
+    assert [r["total"] for r in rows] == [total] * 3
+    assert rows[0]["trainable"] == total - bn_stats  # Keras' default: everything, BatchNorm gamma/beta included
+    assert rows[1]["trainable"] == head_n and rows[1]["non_trainable"] == n_params(base.weights)
+    assert rows[2]["trainable"] == expected["block_16"] and "from block_16_expand" in rows[2]["configuration"]
+    assert unfreeze.count_params(model)["trainable"] == expected["block_16"]  # the chosen policy stays applied
+
+
+def test_unknown_unfreeze_name_lists_the_block_names(tiny):
+    spec, base, _, _ = tiny
+    with pytest.raises(PipelineError) as e:
+        unfreeze.apply_unfreeze(base, spec, unfreeze.parse_unfreeze("block5"))
+    msg = str(e.value)
+    assert msg.startswith("UNFREEZE='block5': no layer or block of that name in mobilenet_v2; its blocks: ")
+    assert "expanded_conv, block_1, block_2," in msg and "block_16, Conv_1" in msg
+    for bad in ("blocks:0", "1.5", "-2", "layers:x"):
+        with pytest.raises(PipelineError, match="UNFREEZE="):
+            unfreeze.parse_unfreeze(bad)
+    with pytest.raises(PipelineError, match="has 19 blocks"):
+        unfreeze.apply_unfreeze(base, spec, unfreeze.parse_unfreeze("blocks:20"))
+
+
+# --- end to end: a flowers5 subset, the real MobileNetV2 0.35 weights at 48 px --------------------------------
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    flowers_subset(root / "data", per_class=8)
+    cfg = FinetuneConfig(
+        data=str(root / "data"), backbone="mobilenet_v2", weights=str(MOBILENET_V2_FILE), alpha=0.35, size=48,
+        val_fraction=0.25, test_fraction=0.25, batch=8, cache_dir=str(root / "cache"),
+        models_dir=str(root / "models"), reports_dir=str(root / "reports"), unfreeze="block_16",
+        finetune_epochs=2, finetune_lr=1e-4, finetune_patience=5, verbose=0)
+    return root, cfg, {"EPOCHS": "30"}
+
+
+def test_the_model_starts_from_the_cached_head(flowers):
+    root, cfg, extra = flowers
+    msgs = []
+    job = ft_job.prepare(cfg, extra, log=msgs.append)
+    assert any("training the dense head on the cache" in m for m in msgs)
+    val = job.cache.splits["val"]
+    assert [job.plan.ds.items[i].relpath for i in job.split("val")] == list(val.paths)
+    cached = job.head.predict_proba(val.features)
+    end_to_end = artifact.probabilities(artifact.compiled(job.model, job.size), job.images("val"))
+    assert cached.shape == end_to_end.shape == (len(val.labels), 5)
+    assert cached.std(axis=0).max() > 1e-2  # real, varied predictions
+    np.testing.assert_allclose(end_to_end, cached, atol=2e-5)
+
+
+class Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt
+
+
+def test_interrupted_fine_tune_resumes_then_reports_and_exports(flowers):
+    root, cfg, extra = flowers
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, extra, log=lambda m: None, callbacks=[Interrupt()])
+    stem = next((root / "models").iterdir()).name
+    run_dir = root / "models" / stem / "finetune-run"
+    assert json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 1
+    msgs = []
+    out = finetune.run(cfg, extra, log=msgs.append)
+    text = "\n".join(msgs)
+    assert "training the dense head" not in text  # the saved one is loaded
+    assert any(m.startswith("phase 1: dense head HIDDEN=none") and " from " in m for m in msgs)
+    assert "resuming the interrupted fine-tune at epoch 2 of 2" in text
+    assert out["result"]["resumed_at"] == 1 and [r["epoch"] for r in out["result"]["rows"]] == [0, 1]
+    assert not (run_dir / "backup").exists()  # a finished fit removes its backup
+    assert "head only (phase 1, on cached features) vs fine-tuned" in text and "test accuracy" in text
+    assert "parameters of mobilenet_v2 (alpha 0.35) @48 + dense head" in text
+
+    reports = root / "reports" / stem / "finetune"
+    assert sorted(os.listdir(reports)) == ["confusion.png", "curves.png", "history.json", "metrics.json"]
+    hist = json.loads((reports / "history.json").read_text())
+    dense = artifacts.load_head(str(root / "models" / stem / "dense.json"))
+    n1 = len(dense.history_["loss"])
+    assert hist["phase2_start"] == n1 and len(hist["combined"]["val_accuracy"]) == n1 + 2
+    assert hist["combined"]["loss"][:n1] == dense.history_["loss"]
+    m = json.loads((reports / "metrics.json").read_text())
+    assert m["epochs"] == 2 and m["test"]["n"] == len(store.load(out["job"].cache.path).splits["test"].labels)
+    assert "top_3_accuracy" in m["test"]
+    dense_rec = json.loads((root / "models" / stem / "dense.json").read_text())
+    assert m["head_only"] == {s: dense_rec["metrics"][s] for s in ("val", "test")}  # phase 1, untouched
+    assert f"{m['test']['accuracy']:.4f}" in text
+
+    rec = json.loads((root / "models" / stem / "finetune.json").read_text())
+    assert rec["format"] == artifact.FORMAT and rec["classes"] == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
+    assert rec["input_size"] == 48 and rec["sha256"] == records.file_digest(root / "models" / stem / "finetune.keras")
+    assert rec["config"]["unfreeze"] == "block_16" and rec["metrics"] == m and {"keras", "tensorflow"} <= set(
+        rec["versions"])
+    # the exported file, reloaded, predicts as the in-memory model on raw images
+    job = out["job"]
+    loaded, _ = artifact.load(str(root / "models" / stem))
+    pixels = np.concatenate([x.numpy() for x in job.images("test")])
+    np.testing.assert_allclose(artifact.probabilities(artifact.compiled(loaded, 48), [pixels]),
+                               artifact.probabilities(job.call, [pixels]), atol=1e-6)
+
+
+def test_cli_unknown_unfreeze_fails_in_one_line_before_any_work(flowers, capsys, tmp_path):
+    root, cfg, _ = flowers
+    args = [f"{k.upper()}={v}" for k, v in (("data", cfg.data), ("backbone", "mobilenet_v2"), ("weights", "none"),
+                                            ("alpha", 0.35), ("size", 32), ("cache_dir", tmp_path / "c"))]
+    assert cli.main(["finetune", *args, "UNFREEZE=block_99"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: UNFREEZE='block_99': no layer or block") and "block_16, Conv_1" in err
+    assert len(err.splitlines()) == 1 and not list((tmp_path / "c").glob("*.h5"))
+    assert cli.main(["finetune", *args, "OPTIMIZER=rmsprop"]) == 2
+    assert "unknown optimizer 'rmsprop'; valid: adam, sgd" in capsys.readouterr().err
+    assert cli.main(["finetune", *args, "HEAD=svm"]) == 2
+    assert "valid: dense" in capsys.readouterr().err
+    assert cli.main(["finetune", *args, "PRECISION=bfloat16"]) == 2
+    assert "PRECISION=bfloat16: fine-tuning trains in float32" in capsys.readouterr().err
+
+
+def test_make_passes_finetune_options_and_head_parameters():
+    out = subprocess.run(["make", "-n", "finetune", "UNFREEZE=block_16", "FINETUNE_LR=1e-4", "HIDDEN=64"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "-m pipeline finetune 'FINETUNE_LR=1e-4' 'HIDDEN=64' 'UNFREEZE=block_16'" in out
+    cfg, extra = cli.parse("finetune", cli._steps()["finetune"], ["FINETUNE_LR=1e-4", "HIDDEN=64", "UNFREEZE=all"])
+    assert cfg.finetune_lr == 1e-4 and cfg.unfreeze == "all" and cfg.head == "dense" and extra == {"HIDDEN": "64"}
+
+
+def test_backbone_stays_in_inference_mode_inside_fit():
+    """EfficientNet's drop-connect Dropout layers must not switch on when fit calls with training=True."""
+    spec = backbones.get("efficientnet_b0")
+    base = backbones.build_base(spec, 32, "none")
+    assert any(isinstance(layer, keras.layers.Dropout) for layer in base.layers)
+    head = dense.build_model(1280, N_CLASSES, ())
+    model = ft_model.build_model(spec, 32, base, "avg", head)
+    unfreeze.apply_unfreeze(base, spec, unfreeze.parse_unfreeze("all"))
+    features = keras.Model(model.inputs, model.get_layer("avg_pool").output)
+    x = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+    inferred = keras.ops.convert_to_numpy(features(x, training=False))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(features(x, training=True)), inferred, rtol=1e-4, atol=0)
+    # and the plain call that Keras 3 overrides does differ: what the wrapper prevents
+    raw = keras.ops.convert_to_numpy(base(keras.ops.cast(x, "float32"), training=True))
+    plain = keras.ops.convert_to_numpy(base(keras.ops.cast(x, "float32"), training=False))
+    assert not np.allclose(raw, plain, rtol=1e-4, atol=0)

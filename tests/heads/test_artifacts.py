@@ -1,0 +1,133 @@
+"""Saved heads: reload and predict identically; a tampered file, another cache's record or other versions
+are refused before anything is unpickled or loaded."""
+
+import json
+import os
+
+import joblib
+import numpy as np
+import pytest
+from synthetic import write_cache
+
+from pipeline import records
+from pipeline.cache import store
+from pipeline.errors import PipelineError
+from pipeline.heads import artifacts, dense
+from pipeline.heads import registry as heads
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return store.load(write_cache(tmp_path_factory.mktemp("c") / "blobs.h5", dim=12, sep=2.0, seed=5))
+
+
+def fit_and_save(cache, models, name):
+    params = heads.get(name).resolve({"EPOCHS": "8"} if name == "dense" else {})
+    est = heads.build(name, params, seed=1)
+    tr = cache.splits["train"]
+    est.fit(tr.features, tr.labels)
+    rec = artifacts.save(est, name=name, head=name, params=params, cache=cache, config={"head": name},
+                         metrics={"test": {"accuracy": 1.0}}, models_dir=str(models),
+                         history=getattr(est, "history_", None))
+    return est, rec
+
+
+@pytest.mark.parametrize("name", ["logreg", "svm", "random_forest", "dense"])
+def test_saved_head_reloads_and_predicts_identically(cache, tmp_path, name):
+    est, rec_path = fit_and_save(cache, tmp_path / "models", name)
+    assert rec_path == str(tmp_path / "models" / "blobs" / f"{name}.json")
+    folder = os.listdir(tmp_path / "models" / "blobs")
+    assert sorted(folder) == sorted([f"{name}.json", name + (".keras" if name == "dense" else ".joblib")])
+    loaded, rec = artifacts.load(rec_path, expect_key=cache.key)
+    X = cache.splits["test"].features
+    assert np.array_equal(loaded.predict(X), est.predict(X))
+    assert np.array_equal(heads.scores(loaded, X), heads.scores(est, X))
+    assert rec["cache_key"] == cache.key and rec["class_names"] == cache.class_names
+    assert rec["head"] == name and rec["kind"] == ("keras" if name == "dense" else "sklearn")
+    assert {"keras", "scikit-learn", "tensorflow", "numpy"} <= set(rec["versions"])
+    assert rec["metrics"] == {"test": {"accuracy": 1.0}} and rec["config"] == {"head": name}
+    model_file = os.path.join(os.path.dirname(rec_path), rec["file"])
+    assert rec["sha256"] == records.file_digest(model_file)
+    if name == "dense":
+        assert isinstance(loaded, dense.DenseHead)
+        assert loaded.history_ == est.history_ and len(loaded.history_["loss"]) == 8
+        assert loaded.model_.input_shape == (None, 12)
+        assert [l.name for l in loaded.model_.layers] == [l.name for l in est.model_.layers]
+        assert loaded.get_params() == est.get_params()
+
+
+def test_load_head_finds_the_record_from_file_or_folder(cache, tmp_path):
+    est, rec_path = fit_and_save(cache, tmp_path / "models", "logreg")
+    X = cache.splits["test"].features
+    for where in (rec_path, rec_path.replace(".json", ".joblib"), os.path.dirname(rec_path)):
+        assert np.array_equal(artifacts.load_head(where).predict(X), est.predict(X))
+    fit_and_save(cache, tmp_path / "models", "knn")
+    with pytest.raises(PipelineError, match="expected one head record in the folder, found knn.json, logreg.json"):
+        artifacts.load_head(os.path.dirname(rec_path))
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    import keras
+
+    def refuse(*a, **k):
+        raise AssertionError("loaded although the record check should have refused")
+
+    monkeypatch.setattr(joblib, "load", refuse)
+    monkeypatch.setattr(keras.saving, "load_model", refuse)
+
+
+@pytest.mark.parametrize("name", ["logreg", "dense"])
+def test_tampered_file_is_refused_before_loading(cache, tmp_path, name, request):
+    _, rec_path = fit_and_save(cache, tmp_path / "models", name)
+    request.getfixturevalue("no_unpickling")
+    model_file = rec_path.replace(".json", ".keras" if name == "dense" else ".joblib")
+    with open(model_file, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(PipelineError, match=r"changed since it was saved \(sha256 differs"):
+        artifacts.load(rec_path)
+
+
+def test_record_of_another_cache_is_refused(cache, tmp_path, no_unpickling):
+    _, rec_path = fit_and_save(cache, tmp_path / "models", "logreg")
+    other = store.load(write_cache(tmp_path / "other.h5", dim=12, seed=9))
+    assert other.key != cache.key
+    with pytest.raises(PipelineError, match=f"trained on cache {cache.key[:12]}, not on {other.key[:12]}"):
+        artifacts.load(rec_path, expect_key=other.key)
+
+
+def test_other_versions_missing_file_and_foreign_records_are_refused(cache, tmp_path, no_unpickling):
+    _, rec_path = fit_and_save(cache, tmp_path / "models", "logreg")
+    rec = json.loads(open(rec_path).read())
+    rec["versions"]["scikit-learn"] = "0.24.2"
+    open(rec_path, "w").write(json.dumps(rec))
+    with pytest.raises(PipelineError, match="made with scikit-learn 0.24.2, this is scikit-learn"):
+        artifacts.load(rec_path)
+    rec["file"] = "../../elsewhere.joblib"
+    open(rec_path, "w").write(json.dumps(rec))
+    with pytest.raises(PipelineError, match="unexpected file"):
+        artifacts.load(rec_path)
+    os.remove(rec_path.replace(".json", ".joblib"))
+    rec["file"] = "logreg.joblib"
+    open(rec_path, "w").write(json.dumps(rec))
+    with pytest.raises(PipelineError, match="logreg.joblib: missing"):
+        artifacts.load(rec_path)
+    open(rec_path, "w").write(json.dumps({"format": "something else"}))
+    with pytest.raises(PipelineError, match="not a head record of this program"):
+        artifacts.load(rec_path)
+
+
+def test_writes_are_atomic(cache, tmp_path, monkeypatch):
+    _, rec_path = fit_and_save(cache, tmp_path / "models", "logreg")
+    before = {p: open(os.path.join(os.path.dirname(rec_path), p), "rb").read()
+              for p in os.listdir(os.path.dirname(rec_path))}
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(joblib, "dump", crash)
+    with pytest.raises(OSError, match="disk full"):
+        fit_and_save(cache, tmp_path / "models", "logreg")
+    after = {p: open(os.path.join(os.path.dirname(rec_path), p), "rb").read()
+             for p in os.listdir(os.path.dirname(rec_path))}
+    assert after == before  # no temp file left, the previous head and record untouched

@@ -1,0 +1,227 @@
+"""``head`` and ``sweep`` end to end through the CLI: artifacts and reports, the leaderboard, bad input."""
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import ROOT, make_tree
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from synthetic import write_arrays, write_cache, xor
+
+from pipeline import cli
+from pipeline.cache import store
+from pipeline.configs import FeaturesConfig
+from pipeline.heads import artifacts, evaluate
+from pipeline.heads import registry as heads
+from pipeline.heads import train as head_train
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    return [f"MODELS_DIR={tmp_path / 'models'}", f"REPORTS_DIR={tmp_path / 'reports'}"]
+
+
+@pytest.fixture(scope="module")
+def blob_cache(tmp_path_factory):
+    return write_cache(tmp_path_factory.mktemp("c") / "blobs.h5", dim=16, sep=1.2, seed=3)
+
+
+def test_head_trains_reports_and_saves(capsys, tmp_path, dirs, blob_cache):
+    code, out, err = run(capsys, "head", f"CACHE={blob_cache}", "HEAD=svm", "C=10", *dirs)
+    assert code == 0, err
+    assert "svm C=10.0 GAMMA=scale" in out and "svm: test split (30 images)" in out
+    rec_path = tmp_path / "models" / "blobs" / "svm.json"
+    rep = tmp_path / "reports" / "blobs" / "svm"
+    assert sorted(os.listdir(rep)) == ["confusion.png", "metrics.json"]
+    est, rec = artifacts.load(str(rec_path), expect_key=store.load(blob_cache).key)
+    assert est.get_params()["clf__C"] == 10.0 and rec["params"]["c"] == 10.0 and rec["config"]["head"] == "svm"
+    cache = store.load(blob_cache)
+    m = json.loads((rep / "metrics.json").read_text())
+    te, va = cache.splits["test"], cache.splits["val"]
+    assert m["test"] == evaluate.metrics(te.labels, est.predict(te.features), cache.class_names,
+                                         heads.scores(est, te.features))
+    assert m["val"]["accuracy"] == pytest.approx((est.predict(va.features) == va.labels).mean())
+    assert rec["metrics"] == m
+    assert f"accuracy {m['test']['accuracy']:.4f}" in out
+    # the same seed again: the same head, the same predictions
+    assert run(capsys, "head", f"CACHE={blob_cache}", "HEAD=svm", "C=10", *dirs)[0] == 0
+    assert np.array_equal(artifacts.load_head(str(rec_path)).predict(te.features), est.predict(te.features))
+
+
+def test_dense_head_keeps_its_curves_and_history(capsys, tmp_path, dirs, blob_cache):
+    argv = ["head", f"CACHE={blob_cache}", "HEAD=dense", "HIDDEN=16", "EPOCHS=6", "LEARNING_RATE=0.01", *dirs]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "fitted in" in out and "(6 epochs)" in out
+    rep = tmp_path / "reports" / "blobs" / "dense"
+    assert sorted(os.listdir(rep)) == ["confusion.png", "curves.png", "history.json", "metrics.json"]
+    history = json.loads((rep / "history.json").read_text())
+    assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy"} and len(history["loss"]) == 6
+    est = artifacts.load_head(str(tmp_path / "models" / "blobs" / "dense.json"))
+    assert est.history_ == history and est.hidden == (16,)
+    assert est.model_.get_layer("head_dense_1").units == 16
+    X = store.load(blob_cache).splits["test"].features
+    first = est.predict_proba(X)
+    assert run(capsys, *argv)[0] == 0  # same seed, retrained: same predictions
+    assert np.array_equal(artifacts.load_head(str(tmp_path / "models" / "blobs" / "dense.json")).predict_proba(X),
+                          first)
+
+
+def test_make_passes_head_and_its_parameters():
+    out = subprocess.run(["make", "-n", "head", "HEAD=svm", "C=10"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert "-m pipeline head 'C=10' 'HEAD=svm'" in out
+    cfg, extra = cli.parse("head", cli._steps()["head"], ["C=10", "HEAD=svm"])
+    assert cfg.head == "svm" and extra == {"C": "10"}
+
+
+def test_sweep_picks_the_best_cv_score(capsys, tmp_path, dirs):
+    path = write_arrays(tmp_path / "xor.h5", ["even", "odd"], xor(n=40, seed=1), tag="xor")
+    code, out, err = run(capsys, "sweep", f"CACHE={path}", "HEADS=logreg,knn,linear_svm", "CV=4", "JOBS=2",
+                         *dirs)
+    assert code == 0, err
+    board = json.loads((tmp_path / "reports" / "xor" / "sweep" / "leaderboard.json").read_text())["leaderboard"]
+    means = [row["mean"] for row in board]
+    assert means == sorted(means, reverse=True) and {r["head"] for r in board} == {"logreg", "knn", "linear_svm"}
+    best = board[0]
+    assert best["head"] == "knn" and best["mean"] > 0.9  # XOR: only the non-linear head gets it
+    assert max(r["mean"] for r in board[1:]) < 0.75
+    for row in board:  # the best of each head is its best candidate, and candidates cover the whole grid
+        assert row["mean"] == max(c["mean"] for c in row["candidates"])
+        assert len(row["candidates"]) == len(heads.get(row["head"]).grid[next(iter(row["params"]))])
+    # the reported CV score is real: recomputed independently with the same folds
+    cache = store.load(path)
+    X = np.concatenate([cache.splits["train"].features, cache.splits["val"].features])
+    y = np.concatenate([cache.splits["train"].labels, cache.splits["val"].labels])
+    again = cross_val_score(heads.build("knn", best["params"]), X, y,
+                            cv=StratifiedKFold(4, shuffle=True, random_state=0))
+    assert again.mean() == pytest.approx(best["mean"]) and again.std() == pytest.approx(best["std"])
+    est, rec = artifacts.load(str(tmp_path / "models" / "xor" / "best.json"), expect_key=cache.key)
+    assert rec["head"] == "knn" and rec["params"]["n_neighbors"] == best["params"]["n_neighbors"]
+    assert rec["metrics"]["cv_score"] == best["mean"] and rec["metrics"]["trained_on"] == "train+val"
+    assert "val" not in rec["metrics"]  # val was trained on: no val figures are claimed
+    te = cache.splits["test"]
+    assert rec["metrics"]["test"]["accuracy"] == pytest.approx((est.predict(te.features) == te.labels).mean())
+    lines = out.splitlines()
+    top = lines.index(next(l for l in lines if l.startswith("rank")))
+    assert lines[top + 1].split()[:2] == ["1", "knn"] and "N_NEIGHBORS=" in lines[top + 1]
+    assert (tmp_path / "reports" / "xor" / "best" / "confusion.png").exists()
+
+
+def test_sweep_includes_dense_and_every_head_by_default(capsys, tmp_path, dirs):
+    path = write_cache(tmp_path / "tiny.h5", dim=8, sep=3.0, seed=2, counts={"train": 12, "val": 4, "test": 4})
+    code, out, err = run(capsys, "sweep", f"CACHE={path}", "CV=2", "JOBS=1", "EPOCHS=5", "LEARNING_RATE=0.01",
+                         "N_ESTIMATORS=20", "C=0.5", *dirs)
+    assert code == 0, err
+    board = json.loads((tmp_path / "reports" / "tiny" / "sweep" / "leaderboard.json").read_text())["leaderboard"]
+    assert {r["head"] for r in board} == set(heads.HEADS)
+    by = {r["head"]: r for r in board}
+    # fixed parameters reach the heads that have them; C replaces the grids of the heads sweeping it
+    assert by["dense"]["params"]["epochs"] == 5 and by["random_forest"]["params"]["n_estimators"] == 20
+    assert by["dense"]["params"]["learning_rate"] == 0.01 and by["mlp"]["params"]["learning_rate"] == 0.01
+    assert len(by["dense"]["candidates"]) == 3 and len(by["logreg"]["candidates"]) == 1
+    assert by["logreg"]["params"]["c"] == 0.5 and by["svm"]["params"]["c"] == 0.5
+    code, _, err = run(capsys, "sweep", f"CACHE={path}", "HEADS=logreg,knn", "HIDDEN=8")
+    assert code == 2 and "no swept head (logreg, knn) has parameter 'HIDDEN'; valid: C, CLASS_WEIGHT" in err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["HEAD=knnx"], "unknown head 'knnx'; valid: dense, knn, linear_svm, logreg, mlp, random_forest, svm"),
+    (["HEAD=knn", "C=1"], "head 'knn' has no parameter 'C'; valid: N_NEIGHBORS, VOTE"),
+    (["HEAD=logreg", "C=strong"], "C='strong': expected float"),
+])
+def test_unknown_head_or_parameter(capsys, blob_cache, argv, msg):
+    code, out, err = run(capsys, "head", f"CACHE={blob_cache}", *argv)
+    assert code == 2 and err.strip() == f"error: {msg}"
+
+
+def test_sweep_bad_options(capsys, blob_cache, tmp_path):
+    code, _, err = run(capsys, "sweep", f"CACHE={blob_cache}", "HEADS=logreg,nope")
+    assert code == 2 and "unknown head 'nope'" in err
+    code, _, err = run(capsys, "sweep", f"CACHE={blob_cache}", "HEADS=knn", "C=1")
+    assert code == 2 and "no swept head (knn) has parameter 'C'; valid: N_NEIGHBORS, VOTE" in err
+    code, _, err = run(capsys, "sweep", f"CACHE={blob_cache}", "SCORING=auc")
+    assert code == 2 and "unknown scoring 'auc'; valid: accuracy, balanced_accuracy" in err
+
+
+def test_fewer_images_per_class_than_folds(capsys, tmp_path):
+    path = write_cache(tmp_path / "few.h5", counts={"train": [6, 6, 2], "val": [2, 2, 1], "test": 2})
+    code, _, err = run(capsys, "sweep", f"CACHE={path}", "CV=5", "HEADS=logreg")
+    assert code == 2
+    assert err.strip() == ("error: fewer images than CV=5 folds in train+val for class fox (3); "
+                           "lower CV or add images")
+
+
+def test_class_absent_from_a_split(capsys, tmp_path):
+    path = write_cache(tmp_path / "gap.h5", counts={"train": 8, "val": [3, 0, 3], "test": 3})
+    for step in ("head", "sweep"):
+        code, _, err = run(capsys, step, f"CACHE={path}", "CV=2")
+        assert code == 2 and f"{path}: class dog has no image in the val split" in err
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_features_name_the_cache(capsys, tmp_path, bad):
+    import h5py
+
+    path = write_cache(tmp_path / "bad.h5", counts={"train": 8, "val": 3, "test": 3})
+    with h5py.File(path, "r+") as f:  # damaged after it was written (the writer itself refuses NaN)
+        f["val"]["features"][4, 2] = bad
+    for step in ("head", "sweep"):
+        code, _, err = run(capsys, step, f"CACHE={path}", "CV=2")
+        assert code == 2 and err.startswith(f"error: {path}: split val has NaN/inf features")
+
+
+def test_missing_cache_file(capsys, tmp_path):
+    code, _, err = run(capsys, "head", f"CACHE={tmp_path / 'none.h5'}")
+    assert code == 2 and "none.h5: no such cache file" in err
+
+
+# --- from images: the features options select (and make) the cache ---------------------------------------
+
+def feature_args(tmp_path):
+    return [f"DATA={tmp_path / 'data'}", "BACKBONE=mobilenet_v2", "ALPHA=0.35", "WEIGHTS=none", "SIZE=32",
+            f"CACHE_DIR={tmp_path / 'cache'}", "VAL_FRACTION=0.25", "TEST_FRACTION=0.25", "BATCH=8"]
+
+
+def test_head_from_images_makes_the_cache_first(capsys, tmp_path, dirs):
+    make_tree(tmp_path / "data", ("cat", "dog"), per_class=12)
+    code, out, err = run(capsys, "head", *feature_args(tmp_path), "HEAD=logreg", *dirs)
+    assert code == 0, err
+    assert "wrote " in out and "logreg: test split" in out
+    (cache_file,) = [f for f in os.listdir(tmp_path / "cache") if f.endswith(".h5")]
+    stem = cache_file[:-3]
+    est, rec = artifacts.load(str(tmp_path / "models" / stem / "logreg.json"))
+    assert rec["cache_path"] == str(tmp_path / "cache" / cache_file)
+    assert rec["class_names"] == ["cat", "dog"] and rec["config"]["backbone"] == "mobilenet_v2"
+    code, out, err = run(capsys, "head", *feature_args(tmp_path), "HEAD=knn", *dirs)
+    assert code == 0 and "up to date" in out and "wrote " not in out
+
+
+def test_extract_0_names_the_make_features_command(capsys, tmp_path, dirs):
+    make_tree(tmp_path / "data", ("cat", "dog"), per_class=12)
+    code, _, err = run(capsys, "head", *feature_args(tmp_path), "EXTRACT=0", *dirs)
+    assert code == 2 and "no feature cache for this configuration" in err
+    command = err.split("make it with: ")[1].strip()
+    assert command.startswith("make features ")
+    assert not os.path.exists(tmp_path / "cache") or not any(
+        f.endswith(".h5") for f in os.listdir(tmp_path / "cache"))
+    # that very command makes the cache the head step wants
+    from pipeline.cache import extract as features
+
+    cfg, _ = cli.parse("features", cli._steps()["features"], command.split()[2:])
+    features.run(cfg, log=lambda m: None)
+    code, out, err = run(capsys, "head", *feature_args(tmp_path), "EXTRACT=0", *dirs)
+    assert code == 0, err
+
+
+def test_features_command_lists_only_what_differs():
+    cfg = FeaturesConfig(data="my photos", size=160)
+    assert head_train.features_command(cfg) == "make features 'DATA=my photos' SIZE=160"
