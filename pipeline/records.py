@@ -120,8 +120,8 @@ def use_keras_home(folder: str) -> None:
     import sys
 
     if "keras" in sys.modules:
-        current = os.path.abspath(sys.modules["keras"].config.keras_home())
-        if current != folder:
+        current = keras_home()  # what Keras read at its import, unless the environment changed since
+        if os.path.abspath(current) != folder:
             raise PipelineError(f"KERAS_HOME={folder}: Keras was already imported with {current}; set the "
                                 "KERAS_HOME environment variable before Python imports Keras")
     os.environ["KERAS_HOME"] = folder

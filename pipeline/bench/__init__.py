@@ -14,7 +14,8 @@ import time
 
 from pipeline import records
 from pipeline.bench import report as benchreport
-from pipeline.bench.common import Context, load_average
+from pipeline.bench.common import load_average
+from pipeline.bench.context import Context
 from pipeline.configs import BenchConfig, asdict
 from pipeline.errors import PipelineError
 

@@ -27,9 +27,16 @@ def data(tmp_path):
     return make_tree(tmp_path / "data", per_class=12)
 
 
-def test_extracts_every_split_with_record(tmp_path, data):
-    path = features.run(cfg(tmp_path))
-    c = store.load(path)
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(folder, path) of the baseline cache, made once for the tests that only read it (or add other keys)."""
+    root = tmp_path_factory.mktemp("base")
+    make_tree(root / "data", per_class=12)
+    return root, features.run(cfg(root))
+
+
+def test_extracts_every_split_with_record(base):
+    c = store.load(base[1])
     assert sum(len(s.labels) for s in c.splits.values()) == 24
     assert set(c.splits) == {"train", "val", "test"}
     assert all(s.features.shape[1] == 1280 and s.features.dtype == np.float32 for s in c.splits.values())
@@ -69,12 +76,12 @@ def test_an_image_broken_after_the_scan_is_a_one_line_error_and_a_rerun_skips_it
     assert any("skipped 1 file" in m for m in msgs)
 
 
-def test_unchanged_rerun_extracts_nothing(tmp_path, data, monkeypatch):
-    first = features.run(cfg(tmp_path))
+def test_unchanged_rerun_extracts_nothing(base, monkeypatch):
+    root, first = base
     mtime = os.path.getmtime(first)
     monkeypatch.setattr(features, "extract", lambda plan: pytest.fail("extracted although up to date"))
     msgs = []
-    assert features.run(cfg(tmp_path), log=msgs.append) == first
+    assert features.run(cfg(root), log=msgs.append) == first
     assert any(m.startswith("up to date") for m in msgs)
     assert os.path.getmtime(first) == mtime
 
@@ -84,9 +91,9 @@ def test_unchanged_rerun_extracts_nothing(tmp_path, data, monkeypatch):
     {"weights": "none", "seed": 1}, {"interpolation": "nearest"}, {"fold_batchnorm": False},
     {"precision": "bfloat16"},
 ])
-def test_any_change_of_the_key_makes_a_new_cache(tmp_path, data, change):
-    first = features.run(cfg(tmp_path))
-    second = features.run(cfg(tmp_path, **change))
+def test_any_change_of_the_key_makes_a_new_cache(base, change):
+    root, first = base
+    second = features.run(cfg(root, **change))
     assert second != first and os.path.exists(first) and os.path.exists(second)
     assert store.load(second).key != store.load(first).key
 
@@ -103,8 +110,8 @@ def test_changing_one_image_makes_a_new_cache(tmp_path, data):
     assert not np.allclose(a.splits[split].features[i], b.splits[split].features[i], rtol=1e-3, atol=0)
 
 
-def test_float16_storage(tmp_path, data):
-    c = store.load(features.run(cfg(tmp_path, dtype="float16")))
+def test_float16_storage(base):
+    c = store.load(features.run(cfg(base[0], dtype="float16")))
     assert c.splits["train"].features.dtype == np.float16
 
 

@@ -76,13 +76,11 @@ def test_the_consumer_decodes_what_slow_workers_have_not_started():
         return pixels(i)
 
     items = list(range(40))
-    t0 = time.perf_counter()
     with decode.Batches(load, batches_of(items, 8), SHAPE, ahead=2, workers=1) as stream:
         out = np.concatenate([x for _, x in stream])
     assert np.array_equal(out, np.stack([pixels(i) for i in items]))
     mine = by_thread.get(threading.current_thread().name, [])
     assert len(mine) >= 30  # the one worker, 50 ms an image, could not have done more than a few
-    assert time.perf_counter() - t0 < 40 * 0.05 / 2
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is a Linux scheduling class")

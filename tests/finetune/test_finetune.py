@@ -1,6 +1,7 @@
 """``finetune``: unfreeze policies and parameter counts, BatchNorm frozen through a fit step, the model
 starting from the cached head, an interrupted run resumed, reports and the export."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.finetune import artifact, unfreeze
 from pipeline.finetune import job as ft_job
 from pipeline.finetune import model as ft_model
+from pipeline.finetune import train as ft_train
 from pipeline.heads import artifacts, dense
 
 N_CLASSES = 3
@@ -194,6 +196,25 @@ def test_interrupted_fine_tune_resumes_then_reports_and_exports(flowers):
     pixels = np.concatenate([x.numpy() for x in job.images("test")])
     np.testing.assert_allclose(artifact.probabilities(artifact.compiled(loaded, 48), [pixels]),
                                artifact.probabilities(job.call, [pixels]), atol=1e-6)
+
+
+def test_a_fine_tune_that_never_beats_the_head_returns_exactly_the_head_only_weights(flowers):
+    """The promise kept with public Keras API only: every epoch worse on val (a rate that wrecks the weights)
+    -> after fit the model holds the head-only weights, bit for bit."""
+    root, cfg, extra = flowers
+    wreck = dataclasses.replace(cfg, optimizer="sgd", finetune_lr=50.0, momentum=0.0, unfreeze="all",
+                                finetune_epochs=2, finetune_patience=5, resume=False)
+    job = ft_job.prepare(wreck, extra, log=lambda m: None)
+    initial = job.model.get_weights()
+    msgs = []
+    result = ft_train.train(job, log=msgs.append)
+    assert len(result["rows"]) == 2 and result["best_epoch"] == -1
+    assert not any(r["val_loss"] < result["baseline"]["val_loss"] for r in result["rows"])
+    assert any("keeping the head-only weights" in m for m in msgs)
+    after = job.model.get_weights()
+    assert len(after) == len(initial)
+    for a, b in zip(after, initial):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_cli_unknown_unfreeze_fails_in_one_line_before_any_work(flowers, capsys, tmp_path):
