@@ -49,6 +49,7 @@ class FeaturesConfig:
     per_class: int = opt(0, "use at most this many images per class (0 = all), for quick runs")
     max_pixels: int = opt(MAX_PIXELS, "skip images with more pixels than this")
     cache_dir: str = opt("cache", "where cache files are written")
+    wait: bool = opt(True, "wait for another run writing the same cache file (0: fail at once)")
     keras_home: str = opt("", "Keras cache folder (its models/ holds ImageNet weights); default $KERAS_HOME or ~/.keras")
 
 

@@ -125,3 +125,23 @@ def use_keras_home(folder: str) -> None:
             raise PipelineError(f"KERAS_HOME={folder}: Keras was already imported with {current}; set the "
                                 "KERAS_HOME environment variable before Python imports Keras")
     os.environ["KERAS_HOME"] = folder
+
+
+def writable_dir(path: str, option: str) -> str:
+    """``path`` as a folder this process can write into (made when missing), checked before long work
+    starts; otherwise a one-line error naming the option, the path and the reason."""
+    shown = f"{option}={path}"
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PipelineError(f"{shown}: is a file, not a folder; name a folder")
+    if not os.path.isdir(probe):
+        raise PipelineError(f"{shown}: {probe} is a file, so no folder can be made under it; name another folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise PipelineError(f"{shown}: cannot write there ({e.strerror or e}); name a writable folder") from None
+    return path

@@ -1,7 +1,9 @@
 """The exported model and ``predict``: same predictions after reloading, a folder with a bad file, files
 refused when their record does not check out."""
 
+import csv
 import json
+import os
 import shutil
 import subprocess
 
@@ -39,7 +41,8 @@ def test_export_reloads_with_the_same_predictions_on_raw_images(exported):
     model, rec_path = exported
     rec = json.loads(open(rec_path).read())
     assert rec["classes"] == CLASSES and rec["input_size"] == 32 and rec["config"] == {"note": "test"}
-    assert rec["sha256"] == records.file_digest(rec_path.replace(".json", ".keras"))
+    assert rec["file"] == f"finetune-{rec['sha256'][:12]}.keras"
+    assert rec["sha256"] == records.file_digest(rec_path.replace("finetune.json", rec["file"]))
     loaded, rec2 = artifact.load(rec_path)
     assert rec2 == rec and loaded.get_layer("augment") is not None  # augmentation inside, inert
     pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
@@ -81,17 +84,18 @@ def test_predict_labels_a_folder_with_a_bad_file(exported, tmp_path, capsys):
 
 def test_loading_checks_the_record(exported, tmp_path):
     _, rec_path = exported
-    for name in ("finetune.keras", "finetune.json"):
+    rec = json.loads(open(rec_path).read())
+    for name in (rec["file"], "finetune.json"):
         shutil.copy(rec_path.replace("finetune.json", name), tmp_path / name)
-    rec = json.loads((tmp_path / "finetune.json").read_text())
     (tmp_path / "finetune.json").write_text(json.dumps({**rec, "versions": {**rec["versions"], "keras": "2.15.0"}}))
     with pytest.raises(PipelineError, match="made with keras 2.15.0"):
-        artifact.load(str(tmp_path / "finetune.keras"))
+        artifact.load(str(tmp_path / rec["file"]))
+    assert artifact.find_record(str(tmp_path / "finetune.keras")) == str(tmp_path / "finetune.json")  # legacy
     (tmp_path / "finetune.json").write_text(json.dumps({**rec, "format": "pipeline-head/1"}))
     with pytest.raises(PipelineError, match="not a fine-tuned model record"):
         artifact.load(str(tmp_path))
     (tmp_path / "finetune.json").write_text(json.dumps(rec))
-    with open(tmp_path / "finetune.keras", "ab") as f:
+    with open(tmp_path / rec["file"], "ab") as f:
         f.write(b"\0")
     with pytest.raises(PipelineError, match="changed since it was saved"):
         artifact.load(str(tmp_path / "finetune.json"))
@@ -106,3 +110,55 @@ def test_make_passes_images_and_no_model_is_a_clear_error(tmp_path, capsys):
     write_image(tmp_path / "a.jpg")
     assert cli.main(["predict", str(tmp_path / "a.jpg"), f"MODELS_DIR={tmp_path / 'none'}"]) == 2
     assert "error: no fine-tuned model under" in capsys.readouterr().err
+
+
+def tiny_model(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(3, "softmax")])
+
+
+@pytest.mark.parametrize("kill", [KeyboardInterrupt, SystemExit])
+def test_a_kill_between_the_export_and_its_record_keeps_the_previous_model(tmp_path, monkeypatch, kill):
+    path = str(tmp_path / "finetune.keras")
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3)).astype(np.float32)
+    first = tiny_model(1)
+    rec_path = artifact.export(first, path, class_names=CLASSES, size=8)
+    rec_before = open(rec_path, "rb").read()
+
+    def killed(*a, **k):
+        raise kill()
+
+    monkeypatch.setattr(records, "write_json", killed)
+    with pytest.raises(kill):  # killed after the new model file is in place, before its record is written
+        artifact.export(tiny_model(2), path, class_names=CLASSES, size=8)
+    monkeypatch.undo()
+    assert open(rec_path, "rb").read() == rec_before and len(os.listdir(tmp_path)) == 3  # + the orphan
+    rec, model_file = artifact.check(rec_path)
+    assert os.path.basename(model_file) == rec["file"]
+    loaded, _ = artifact.load(str(tmp_path))
+    np.testing.assert_allclose(loaded(pixels).numpy(), first(pixels).numpy(), atol=1e-6)
+
+    for f in ("finetune.keras", "finetune-0123456789ab.keras", ".finetune.keras.k1ll3d_x.tmp.keras",
+              ".finetune.json.abc_123x.tmp"):  # legacy, older save, records.atomic_path's leftovers
+        (tmp_path / f).write_bytes(b"old")
+    (tmp_path / "finetune-run").mkdir()  # the fine-tune's checkpoints stay
+    second = tiny_model(3)
+    rec_path = artifact.export(second, path, class_names=CLASSES, size=8)
+    rec, model_file = artifact.check(rec_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(["finetune-run", "finetune.json", rec["file"]])
+    for where in (rec_path, model_file, str(tmp_path)):
+        np.testing.assert_allclose(artifact.load(where)[0](pixels).numpy(), second(pixels).numpy(), atol=1e-6)
+
+
+def test_tsv_output_keeps_a_row_per_path_with_tabs_and_newlines(tmp_path):
+    odd, bad = "a\tb\nc \"d\".jpg", "x\ty\r\nz.jpg"
+    results = [{"path": odd, "top": [("cat", 0.75), ("dog", 0.25)]},
+               {"path": "plain.jpg", "top": [("fox", 0.5), ("cat", 0.5)]}]
+    predict.write_output(str(tmp_path / "out.tsv"), results, [(bad, "not an image (text)")])
+    with open(tmp_path / "out.tsv", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    assert rows == [["path", "label_1", "probability_1", "label_2", "probability_2", "error"],
+                    [odd, "cat", "0.750000", "dog", "0.250000", ""],
+                    ["plain.jpg", "fox", "0.500000", "cat", "0.500000", ""],
+                    [bad, "", "", "", "", "not an image (text)"]]
+    assert [f for f in os.listdir(tmp_path) if f != "out.tsv"] == []  # written atomically, no temp file left

@@ -131,6 +131,16 @@ def extract(plan: Plan) -> str:
     return path
 
 
+def ensure(plan: Plan) -> str:
+    """The cache of ``plan``, extracted unless another run made it meanwhile; one run at a time writes a
+    cache file (the others wait for its lock, or fail at once with ``WAIT=0``)."""
+    with store.locked(plan.path, wait=plan.cfg.wait, log=plan.log):
+        if plan.up_to_date():
+            plan.log(f"up to date: {plan.path}")
+            return plan.path
+        return extract(plan)
+
+
 def run(cfg: FeaturesConfig, log=print) -> str:
     """Make sure the cache for ``cfg`` exists; returns its path. Unchanged inputs extract nothing."""
     plan = Plan(cfg, log)
@@ -138,4 +148,4 @@ def run(cfg: FeaturesConfig, log=print) -> str:
     if plan.up_to_date():
         log(f"up to date: {plan.path}")
         return plan.path
-    return extract(plan)
+    return ensure(plan)

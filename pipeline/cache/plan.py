@@ -34,7 +34,7 @@ class Plan:
         if cfg.batch < 1 or cfg.chunk < 1:
             raise PipelineError("BATCH and CHUNK must be positive")
         self.chunk = math.ceil(cfg.chunk / cfg.batch) * cfg.batch
-        os.makedirs(cfg.cache_dir, exist_ok=True)
+        records.writable_dir(cfg.cache_dir, "CACHE_DIR")
         self.ds = sources.open_source(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.per_class,
                                    cfg.max_pixels, os.path.join(cfg.cache_dir, "checked-images.json"),
                                    progress=True)
@@ -83,8 +83,11 @@ class Plan:
 def report_skipped(plan):
     ds, log = plan.ds, plan.log
     if ds.skipped:
-        lines = ["relpath\treason"] + [f"{rel}\t{why}" for rel, why in ds.skipped]
-        records.atomic_write_text(plan.report_path, "\n".join(lines) + "\n")
+        import csv
+
+        with records.atomic_path(plan.report_path) as tmp:  # csv-quoted: a tab or newline in a name keeps its row
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f, delimiter="\t").writerows([("relpath", "reason"), *ds.skipped])
         reasons = {}
         for _, why in ds.skipped:
             kind = why.split(":")[0].split("(")[0].strip()

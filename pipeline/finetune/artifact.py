@@ -1,7 +1,9 @@
-"""The exported end-to-end model: one ``.keras`` file taking raw RGB pixels (augmentation inert, preprocessing
-inside) beside a JSON record — format, class names, input size and interpolation, config, metrics, versions,
-the file's sha256 — both written atomically. Loading checks the record first (format, file unchanged,
-versions) and only then loads the model, with ``safe_mode=True``."""
+"""The exported end-to-end model: one ``finetune-<sha12>.keras`` file taking raw RGB pixels (augmentation inert,
+preprocessing inside) beside a JSON record ``finetune.json`` — format, class names, input size and
+interpolation, config, metrics, versions, the file's name and sha256 — both written atomically, the model file
+under a name of its content so that the record's rename is the switch (as for heads,
+:mod:`pipeline.heads.artifacts`). Loading checks the record first (format, file unchanged, versions) and only
+then loads the model, with ``safe_mode=True``."""
 
 from __future__ import annotations
 
@@ -13,22 +15,23 @@ import numpy as np
 
 from pipeline import records
 from pipeline.errors import PipelineError
+from pipeline.heads import artifacts
 
 FORMAT = "pipeline-finetune/1"
 RECORD = "finetune.json"
 
 
 def export(model, path: str, *, class_names, size: int, interpolation: str = "bilinear", extra=None) -> str:
-    """Save ``model`` (raw (N, size, size, 3) pixels -> class probabilities) to ``path`` (.keras) and its
-    record beside it (.json), each atomically; returns the record's path."""
+    """Save ``model`` (raw (N, size, size, 3) pixels -> class probabilities) for ``path`` (``<folder>/<name>.keras``)
+    as ``<name>-<sha12>.keras`` and its record ``<name>.json``, each atomically; the model files and temporary
+    files the new record does not name are removed after it is in place. Returns the record's path."""
     if not path.endswith(".keras"):
         raise PipelineError(f"{path}: the exported model file must end in .keras")
-    with records.atomic_path(path, suffix=".keras") as tmp:
-        model.save(tmp)
-        sha = records.file_digest(tmp)
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)[:-len(".keras")]
+    model_path, sha = artifacts.write_content_named(folder, name, ".keras", model.save)
     record = {
         **(extra or {}),
-        "format": FORMAT, "file": os.path.basename(path), "sha256": sha,
+        "format": FORMAT, "file": os.path.basename(model_path), "sha256": sha,
         "classes": list(class_names), "input_size": int(size),
         "input": {"shape": [int(size), int(size), 3], "pixels": "RGB, 0..255 (uint8 or float)",
                   "resize": "the whole image to size x size, aspect not kept", "interpolation": interpolation},
@@ -36,13 +39,15 @@ def export(model, path: str, *, class_names, size: int, interpolation: str = "bi
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     rec_path = path[:-len(".keras")] + ".json"
-    records.write_json(rec_path, record)
+    records.write_json(rec_path, record)  # the switch: until here the previous record and its file stand
+    artifacts.remove_stale(folder, name, os.path.basename(model_path), (".keras",))
     return rec_path
 
 
 def find_record(path: str = "", models_dir: str = "models", log=print) -> str:
-    """The record of an exported model: ``path`` (a record, its .keras file or a folder holding
-    finetune.json), or when empty the newest ``<models_dir>/*/finetune.json``."""
+    """The record of an exported model: ``path`` (a record, its ``finetune-<sha12>.keras`` file or a legacy
+    ``finetune.keras``, or a folder holding finetune.json), or when empty the newest
+    ``<models_dir>/*/finetune.json``."""
     if not path:
         found = sorted(glob.glob(os.path.join(models_dir, "*", RECORD)), key=os.path.getmtime)
         if not found:
@@ -55,9 +60,8 @@ def find_record(path: str = "", models_dir: str = "models", log=print) -> str:
         if not os.path.exists(rec):
             raise PipelineError(f"{path}: no {RECORD} in this folder; name the record or .keras file")
         return rec
-    root, ext = os.path.splitext(path)
-    if ext == ".keras":
-        return root + ".json"
+    if path.endswith(".keras"):
+        return artifacts.record_of(path)
     return path
 
 

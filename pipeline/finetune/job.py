@@ -24,7 +24,7 @@ from pipeline.heads import artifacts, registry
 from pipeline.heads import train as head_train
 
 HEAD_NAME = "dense"  # the record of ``make head HEAD=dense`` is the head put on top
-NAME = "finetune"  # models/<stem>/finetune.keras + finetune.json, reports/<stem>/finetune/
+NAME = "finetune"  # models/<stem>/finetune-<sha12>.keras + finetune.json, reports/<stem>/finetune/
 
 @dataclass
 class Job:
@@ -103,7 +103,7 @@ def _resolve_cache(cfg, plan, log):
     if not cfg.extract:
         raise PipelineError(f"no feature cache for this configuration ({plan.path}); make it with: "
                             f"{head_train.features_command(plan.cfg)}")
-    return extract.extract(plan)
+    return extract.ensure(plan)
 
 
 def dense_head(cfg: FinetuneConfig, extra: dict | None, cache: store.Cache, log=print):

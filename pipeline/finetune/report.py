@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from pipeline import records
 from pipeline.configs import asdict
 from pipeline.finetune import artifact
 from pipeline.finetune.job import HEAD_NAME, NAME, Job
@@ -94,6 +95,6 @@ def finish(job: Job, result: dict, log=None) -> dict:
                "history": history, "phase2_start": n1, "identity": identity(job)})
     if result["best_epoch"] >= 0:
         paths["checkpoint"] = os.path.join(run_dir(job), f"best-{result['best_epoch'] + 1:03d}.keras")
-    log(f"saved {paths['record']} (+ {NAME}.keras) and reports in {out}/"
+    log(f"saved {paths['record']} (+ {records.read_json(paths['record'])['file']}) and reports in {out}/"
         + (f"; {len(rows)} epoch(s), {m['seconds_per_epoch']:.1f} s each" if secs else ""))
     return paths

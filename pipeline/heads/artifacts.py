@@ -1,17 +1,22 @@
-"""Saved heads: ``<models>/<cache-stem>/<name>.joblib`` (scikit-learn) or ``.keras`` (dense) beside a JSON
-record ``<name>.json``: config, head and parameters, the cache key and path it was trained on, class names,
-metrics, versions, the file's sha256 and (dense) the training history.
+"""Saved heads: ``<models>/<cache-stem>/<name>-<sha12>.joblib`` (scikit-learn) or ``.keras`` (dense) beside a
+JSON record ``<name>.json``: config, head and parameters, the cache key and path it was trained on, class names,
+metrics, versions, the file's name and sha256 and (dense) the training history.
 
-Every write goes to a temporary file renamed into place. Loading checks the record first — the file's
-sha256, the cache key when one is expected, the versions — and only then unpickles (joblib) or loads the
-Keras model, always with ``safe_mode=True``.
+Every write goes to a temporary file renamed into place. The model file's name comes from its content, so a
+new save never replaces the file the current record names: the switch is the record's rename, and only then
+are the files no record names (older saves, temporary files of killed ones) removed. Loading checks the record
+first — the file's sha256, the cache key when one is expected, the versions — and only then unpickles
+(joblib) or loads the Keras model, always with ``safe_mode=True``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import glob
 import os
+import re
+import tempfile
 
 import numpy as np
 
@@ -36,6 +41,42 @@ def record_path(models_dir: str, cache_path: str, name: str) -> str:
     return os.path.join(head_dir(models_dir, cache_path), name + ".json")
 
 
+def write_content_named(folder: str, name: str, ext: str, write) -> tuple[str, str]:
+    """(path, sha256) of a model file written by ``write(tmp)`` and renamed into place as
+    ``<folder>/<name>-<sha12><ext>``, a name no record of an earlier save uses unless the content is the same."""
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}{ext}.", suffix=f".tmp{ext}", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        sha = records.file_digest(tmp)
+        path = os.path.join(folder, f"{name}-{sha[:12]}{ext}")
+        with records.atomic_path(path, suffix=ext) as final_tmp:  # it sets the permissions and renames
+            os.replace(tmp, final_tmp)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path, sha
+
+
+def remove_stale(folder: str, name: str, keep: str, exts) -> None:
+    """Remove what the record of ``name`` no longer names: its other model files (``<name>-<sha12><ext>``, a
+    legacy ``<name><ext>``) and temporary files of earlier saves that were killed. Other names are left alone."""
+    stem = rf"{re.escape(name)}(-[0-9a-f]{{12}})?"
+    model = re.compile(stem + "(" + "|".join(map(re.escape, exts)) + ")")
+    temp = re.compile(rf"\.{stem}\.(json|joblib|keras)\.\w+\.tmp(\.joblib|\.keras)?")  # records.atomic_path's
+    for f in os.listdir(folder):
+        if f != keep and (model.fullmatch(f) or temp.fullmatch(f)) and os.path.isfile(os.path.join(folder, f)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, f))
+
+
+def record_of(model_path: str) -> str:
+    """The record beside a model file: ``<name>-<sha12><ext>`` (or a legacy ``<name><ext>``) -> ``<name>.json``."""
+    root = os.path.splitext(model_path)[0]
+    return re.sub(r"-[0-9a-f]{12}$", "", root) + ".json"
+
+
 def jsonable(v):
     if isinstance(v, tuple):
         return list(v)
@@ -54,15 +95,16 @@ def save(estimator, *, name, head, params, cache, config, metrics, models_dir, h
 
     kind = "keras" if isinstance(estimator, DenseHead) else "sklearn"
     rec_path = record_path(models_dir, cache.path, name)
-    path = rec_path[:-len(".json")] + SUFFIX[kind]
-    with records.atomic_path(path, suffix=SUFFIX[kind]) as tmp:
+
+    def write(tmp):
         if kind == "keras":
             estimator.model_.save(tmp)
         else:
             import joblib
 
             joblib.dump(estimator, tmp)
-        sha = records.file_digest(tmp)
+
+    path, sha = write_content_named(os.path.dirname(rec_path), name, SUFFIX[kind], write)
     record = {
         "format": FORMAT, "kind": kind, "name": name, "head": head,
         "params": {k: jsonable(v) for k, v in params.items()},
@@ -77,13 +119,14 @@ def save(estimator, *, name, head, params, cache, config, metrics, models_dir, h
         "history": history,
         **(extra or {}),
     }
-    records.write_json(rec_path, record)
+    records.write_json(rec_path, record)  # the switch: until here the previous record and its file stand
+    remove_stale(os.path.dirname(rec_path), name, os.path.basename(path), tuple(SUFFIX.values()))
     return rec_path
 
 
 def find_record(path: str) -> str:
-    """The record for ``path``: a record ``.json``, a model file beside its record, or a folder holding
-    exactly one record."""
+    """The record for ``path``: a record ``.json``, a model file beside its record (``<name>-<sha12>.joblib``
+    or a legacy ``<name>.joblib`` -> ``<name>.json``), or a folder holding exactly one record."""
     if os.path.isdir(path):
         found = sorted(glob.glob(os.path.join(path, "*.json")))
         if len(found) != 1:
@@ -91,9 +134,8 @@ def find_record(path: str) -> str:
             raise PipelineError(f"{path}: expected one head record in the folder, found {names}; "
                                 "name the .json file")
         return found[0]
-    root, ext = os.path.splitext(path)
-    if ext in (".keras", ".joblib"):
-        return root + ".json"
+    if path.endswith(tuple(SUFFIX.values())):
+        return record_of(path)
     return path
 
 

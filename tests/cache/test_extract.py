@@ -1,5 +1,6 @@
 """``features`` end to end: the cache key, no-op reruns, reports, and a SIGKILL mid-extraction."""
 
+import csv
 import os
 import signal
 import subprocess
@@ -124,6 +125,17 @@ def test_skipped_files_are_reported_beside_the_cache(tmp_path, data):
     assert any("skipped 1 file(s)" in m and str(report) in m for m in msgs)
 
 
+def test_skipped_report_keeps_a_row_per_file_with_tabs_and_newlines(tmp_path, data):
+    odd = 'bro\tken\n"one".jpg'
+    (data / "cat" / odd).write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (data / "dog" / "empty.png").write_bytes(b"")
+    path = features.run(cfg(tmp_path), log=lambda m: None)
+    with open(path[: -len(".h5")] + ".skipped.tsv", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    assert rows[0] == ["relpath", "reason"] and all(len(r) == 2 for r in rows)
+    assert sorted(r[0] for r in rows[1:]) == [f"cat/{odd}", "dog/empty.png"]
+
+
 def test_digits_source(tmp_path):
     c = store.load(features.run(cfg(tmp_path, data="digits", per_class=6)))
     assert c.class_names == [str(i) for i in range(10)]
@@ -184,3 +196,90 @@ def test_cache_command_lists_key_source_backbone_size_counts_and_date(tmp_path, 
     assert cols[1:6] == ["data", "mobilenet_v2", "none", "32", "avg"]
     assert "train=13/13" in row and cols[-1] == "complete" and cols[-2].startswith("20")
     assert any(line.startswith("broken.h5") and "unreadable" in line for line in lines)
+
+
+def test_two_runs_on_the_same_key_at_once_both_succeed_with_one_extraction(tmp_path):
+    make_tree(tmp_path / "data", per_class=40, size=(48, 48))
+    args = ["features", f"DATA={tmp_path / 'data'}", "BACKBONE=mobilenet_v2", "WEIGHTS=none", "ALPHA=0.35",
+            "SIZE=64", "BATCH=8", "CHUNK=8", f"CACHE_DIR={tmp_path / 'cache'}"]
+    first, second = run_cli(args), run_cli(args)
+    outs = [p.communicate(timeout=300)[0] for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outs
+    text = "\n".join(outs)
+    assert "killed mid-write" not in text and "starting over" not in text
+    assert sum("wrote " in o for o in outs) == 1 and any("up to date" in o for o in outs), outs
+    assert len(list((tmp_path / "cache").glob("*.h5"))) == 1
+
+
+def _mount_tmpfs(where, size):
+    where.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    return p.returncode == 0
+
+
+def test_disk_full_during_extraction_is_one_line_and_the_rerun_equals_a_clean_run(tmp_path):
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "150k"):
+        pytest.skip("mounting a tmpfs needs root (the logic is tested by injection in test_store.py)")
+    try:
+        make_tree(tmp_path / "data", per_class=30)
+        args = ["features", f"DATA={tmp_path / 'data'}", "BACKBONE=mobilenet_v2", "WEIGHTS=none", "ALPHA=0.35",
+                "SIZE=32", "BATCH=4", "CHUNK=8"]
+        full = run_cli([*args, f"CACHE_DIR={small}"])
+        out = full.communicate(timeout=300)[0]
+        assert full.returncode == 2, out
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: no space left in {small}: need about"), out
+        assert "Traceback" not in out
+        subprocess.run(["mount", "-o", "remount,size=20m", str(small)], check=True)
+        filler = small / "filler"  # room for the start, then another process fills the disk mid-extraction
+        filler.write_bytes(b"\0" * (20 * 2**20 - 1_400_000))
+        mid = run_cli([*args, f"CACHE_DIR={small}"])
+        deadline = time.time() + 120
+        while time.time() < deadline and mid.poll() is None:
+            if list(small.glob("*.h5.partial")):
+                with open(small / "more", "wb") as f:
+                    try:
+                        f.write(b"\0" * 2**20)
+                    except OSError:
+                        pass
+                break
+            time.sleep(0.02)
+        out = mid.communicate(timeout=300)[0]
+        assert mid.returncode in (0, 2) and "Traceback" not in out and "Segmentation" not in out, out
+        if mid.returncode == 2:
+            assert "no space left in" in out and "is kept: free space and rerun to resume" in out, out
+        filler.unlink()
+        (small / "more").unlink(missing_ok=True)
+        again = run_cli([*args, f"CACHE_DIR={small}"])
+        out = again.communicate(timeout=300)[0]
+        assert again.returncode == 0, out
+        clean = run_cli([*args, f"CACHE_DIR={tmp_path / 'clean'}"])
+        assert clean.wait(timeout=300) == 0
+        a, b = store.load(str(next(small.glob("*.h5")))), store.load(str(next((tmp_path / "clean").glob("*.h5"))))
+        for s in b.splits:
+            assert a.splits[s].features.tobytes() == b.splits[s].features.tobytes()
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
+@pytest.mark.parametrize("case", ["under_a_file", "is_a_file", "read_only"])
+def test_unwritable_cache_dir_is_one_line_before_any_work(tmp_path, data, capsys, case):
+    from pipeline import cli
+
+    (tmp_path / "f").write_text("x")
+    where = {"under_a_file": tmp_path / "f" / "cache", "is_a_file": tmp_path / "f", "read_only": tmp_path / "ro"}[case]
+    if case == "read_only":
+        where.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(where)], capture_output=True).returncode:
+            os.chmod(where, 0o555)
+            if os.access(where, os.W_OK):
+                pytest.skip("no read-only folder can be made here (root without mount)")
+    try:
+        code = cli.main(["features", f"DATA={data}", "BACKBONE=mobilenet_v2", "WEIGHTS=none", "ALPHA=0.35",
+                         "SIZE=32", f"CACHE_DIR={where}"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: CACHE_DIR={where}: ") and len(err.strip().splitlines()) == 1
+    finally:
+        if case == "read_only":
+            subprocess.run(["umount", str(where)], capture_output=True)

@@ -107,3 +107,92 @@ def test_listing_shows_complete_partial_and_damaged(tmp_path):
     assert rows_["a.h5"]["status"] == "complete" and rows_["a.h5"]["counts"] == {"train": "5/5", "val": "2/2"}
     assert rows_["b.h5.partial"]["status"] == "partial" and rows_["b.h5.partial"]["counts"]["train"] == "2/5"
     assert rows_["z.h5"]["status"].startswith("unreadable")
+
+
+# --- faults: a full disk, a write cut short, changed bytes, a second writer --------------------------------
+
+def test_full_disk_is_one_line_and_a_rerun_resumes_to_the_same_file(tmp_path, monkeypatch):
+    import errno
+
+    ref = tmp_path / "ref.h5"
+    w = writer(ref)
+    w.write("train", 0, rows(4))
+    w.write("train", 4, rows(1, 4))
+    w.write("val", 0, rows(2, 5))
+    w.finish()
+
+    path = tmp_path / "c.h5"
+    w = writer(path)
+    w.write("train", 0, rows(2))
+    real = w.f.flush
+    calls = {"n": 0}
+
+    def full(*a):
+        calls["n"] += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(w.f, "flush", full)
+    with pytest.raises(PipelineError, match=r"^no space left in .*: need about \d+ MiB more .* partial file c\.h5\.partial is kept"):
+        w.write("train", 2, rows(2, 2))
+    monkeypatch.setattr(w.f, "flush", real)
+    w.close()
+    w = writer(path)  # space freed: the rerun resumes from what is verified
+    assert w.done("train") in (2, 4)
+    for start in range(w.done("train"), 4, 2):
+        w.write("train", start, rows(2, start))
+    w.write("train", 4, rows(1, 4))
+    w.write("val", 0, rows(2, 5))
+    w.finish()
+    a, b = store.load(str(ref)), store.load(str(path))
+    for s in a.splits:
+        assert a.splits[s].features.tobytes() == b.splits[s].features.tobytes()
+
+
+def test_a_count_recorded_before_its_rows_is_not_trusted_on_resume(tmp_path):
+    """The disk-full failure mode: ``done`` reached the disk, the rows did not (here: zeros)."""
+    path = tmp_path / "c.h5"
+    w = writer(path)
+    w.write("train", 0, rows(2))
+    w.write("train", 2, rows(2, 2))
+    w.close()
+    with h5py.File(str(path) + ".partial", "r+") as f:
+        f["train"]["features"][2:4] = 0.0  # the second chunk's rows lost
+    msgs = []
+    w = writer(path, log=msgs.append)
+    assert w.done("train") == 2
+    assert any("rows 2-4 of split train fail their checksum" in m for m in msgs)
+    w.close()
+
+
+def test_changed_bytes_in_a_finished_cache_are_refused_naming_the_split(tmp_path):
+    path = complete(tmp_path / "c.h5")
+    with h5py.File(path, "r+") as f:
+        f["val"]["features"][1, 2] += 1.0
+    with pytest.raises(PipelineError, match=r"split val has changed since it was written"):
+        store.load(path)
+
+
+def test_a_second_writer_waits_or_fails_in_one_line_and_a_locked_partial_is_busy(tmp_path):
+    import threading
+
+    path = str(tmp_path / "c.h5")
+    w = writer(path)
+    w.write("train", 0, rows(2))
+    with store.locked(path, log=lambda m: None):
+        with pytest.raises(PipelineError, match=r"another run \(pid \d+\) is writing .*c\.h5; rerun when it is done"):
+            with store.locked(path, wait=False):
+                pass
+        row = next(r for r in store.listing(str(tmp_path)) if r["file"] == "c.h5.partial")
+        assert row["status"].startswith("partial, busy (pid")
+        said, got = [], threading.Event()
+
+        def second():
+            with store.locked(path, log=said.append):
+                got.set()
+
+        t = threading.Thread(target=second)
+        t.start()
+        assert not got.wait(0.5)  # held: the second one waits
+    t.join(10)
+    assert got.is_set() and said and said[0].endswith("; waiting")
+    w.close()

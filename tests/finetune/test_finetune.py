@@ -187,7 +187,8 @@ def test_interrupted_fine_tune_resumes_then_reports_and_exports(flowers):
 
     rec = json.loads((root / "models" / stem / "finetune.json").read_text())
     assert rec["format"] == artifact.FORMAT and rec["classes"] == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
-    assert rec["input_size"] == 48 and rec["sha256"] == records.file_digest(root / "models" / stem / "finetune.keras")
+    assert rec["file"] == f"finetune-{rec['sha256'][:12]}.keras"
+    assert rec["input_size"] == 48 and rec["sha256"] == records.file_digest(root / "models" / stem / rec["file"])
     assert rec["config"]["unfreeze"] == "block_16" and rec["metrics"] == m and {"keras", "tensorflow"} <= set(
         rec["versions"])
     # the exported file, reloaded, predicts as the in-memory model on raw images

@@ -37,8 +37,9 @@ def test_saved_head_reloads_and_predicts_identically(cache, tmp_path, name):
     est, rec_path = fit_and_save(cache, tmp_path / "models", name)
     assert rec_path == str(tmp_path / "models" / "blobs" / f"{name}.json")
     folder = os.listdir(tmp_path / "models" / "blobs")
-    assert sorted(folder) == sorted([f"{name}.json", name + (".keras" if name == "dense" else ".joblib")])
     loaded, rec = artifacts.load(rec_path, expect_key=cache.key)
+    ext = ".keras" if name == "dense" else ".joblib"
+    assert sorted(folder) == sorted([f"{name}.json", f"{name}-{rec['sha256'][:12]}{ext}"]) and rec["file"] in folder
     X = cache.splits["test"].features
     assert np.array_equal(loaded.predict(X), est.predict(X))
     assert np.array_equal(heads.scores(loaded, X), heads.scores(est, X))
@@ -59,8 +60,10 @@ def test_saved_head_reloads_and_predicts_identically(cache, tmp_path, name):
 def test_load_head_finds_the_record_from_file_or_folder(cache, tmp_path):
     est, rec_path = fit_and_save(cache, tmp_path / "models", "logreg")
     X = cache.splits["test"].features
-    for where in (rec_path, rec_path.replace(".json", ".joblib"), os.path.dirname(rec_path)):
+    model_file = os.path.join(os.path.dirname(rec_path), json.loads(open(rec_path).read())["file"])
+    for where in (rec_path, model_file, os.path.dirname(rec_path)):
         assert np.array_equal(artifacts.load_head(where).predict(X), est.predict(X))
+    assert artifacts.find_record(rec_path.replace(".json", ".joblib")) == rec_path  # a legacy file name
     fit_and_save(cache, tmp_path / "models", "knn")
     with pytest.raises(PipelineError, match="expected one head record in the folder, found knn.json, logreg.json"):
         artifacts.load_head(os.path.dirname(rec_path))
@@ -81,7 +84,7 @@ def no_unpickling(monkeypatch):
 def test_tampered_file_is_refused_before_loading(cache, tmp_path, name, request):
     _, rec_path = fit_and_save(cache, tmp_path / "models", name)
     request.getfixturevalue("no_unpickling")
-    model_file = rec_path.replace(".json", ".keras" if name == "dense" else ".joblib")
+    model_file = os.path.join(os.path.dirname(rec_path), json.loads(open(rec_path).read())["file"])
     with open(model_file, "ab") as f:
         f.write(b"\0")
     with pytest.raises(PipelineError, match=r"changed since it was saved \(sha256 differs"):
@@ -103,14 +106,14 @@ def test_other_versions_missing_file_and_foreign_records_are_refused(cache, tmp_
     open(rec_path, "w").write(json.dumps(rec))
     with pytest.raises(PipelineError, match="made with scikit-learn 0.24.2, this is scikit-learn"):
         artifacts.load(rec_path)
-    rec["file"] = "../../elsewhere.joblib"
+    model_file, rec["file"] = rec["file"], "../../elsewhere.joblib"
     open(rec_path, "w").write(json.dumps(rec))
     with pytest.raises(PipelineError, match="unexpected file"):
         artifacts.load(rec_path)
-    os.remove(rec_path.replace(".json", ".joblib"))
-    rec["file"] = "logreg.joblib"
+    os.remove(os.path.join(os.path.dirname(rec_path), model_file))
+    rec["file"] = model_file
     open(rec_path, "w").write(json.dumps(rec))
-    with pytest.raises(PipelineError, match="logreg.joblib: missing"):
+    with pytest.raises(PipelineError, match=f"{model_file}: missing"):
         artifacts.load(rec_path)
     open(rec_path, "w").write(json.dumps({"format": "something else"}))
     with pytest.raises(PipelineError, match="not a head record of this program"):
@@ -131,3 +134,56 @@ def test_writes_are_atomic(cache, tmp_path, monkeypatch):
     after = {p: open(os.path.join(os.path.dirname(rec_path), p), "rb").read()
              for p in os.listdir(os.path.dirname(rec_path))}
     assert after == before  # no temp file left, the previous head and record untouched
+
+
+def folder_bytes(folder):
+    return {p: open(os.path.join(folder, p), "rb").read() for p in os.listdir(folder)}
+
+
+@pytest.mark.parametrize("kill", [KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize("name", ["logreg", "dense"])
+def test_a_kill_between_the_model_file_and_its_record_keeps_the_previous_head(cache, tmp_path, monkeypatch,
+                                                                               name, kill):
+    est, rec_path = fit_and_save(cache, tmp_path / "models", name)
+    X = cache.splits["test"].features
+    before = est.predict(X)
+    rec_before = open(rec_path, "rb").read()
+
+    def killed(*a, **k):
+        raise kill()
+
+    monkeypatch.setattr(records, "write_json", killed)
+    params = heads.get(name).resolve({"EPOCHS": "3"} if name == "dense" else {"C": "0.01"})
+    other = heads.build(name, params, seed=2)
+    other.fit(cache.splits["train"].features, cache.splits["train"].labels)
+    with pytest.raises(kill):  # killed after the new model file is in place, before its record is written
+        artifacts.save(other, name=name, head=name, params=params, cache=cache, config={}, metrics={},
+                       models_dir=str(tmp_path / "models"))
+    monkeypatch.undo()
+    assert open(rec_path, "rb").read() == rec_before
+    loaded, _ = artifacts.load(rec_path, expect_key=cache.key)  # still loadable, with its old predictions
+    assert np.array_equal(loaded.predict(X), before)
+    assert len(os.listdir(os.path.dirname(rec_path))) == 3  # the record, its file and the orphan new file
+    _, rec_path = fit_and_save(cache, tmp_path / "models", name)  # the next save removes the orphan
+    assert sorted(os.listdir(os.path.dirname(rec_path))) == sorted([f"{name}.json",
+                                                                     json.loads(open(rec_path).read())["file"]])
+
+
+def test_a_save_removes_the_files_no_record_names(cache, tmp_path):
+    folder = tmp_path / "models" / "blobs"
+    _, knn = fit_and_save(cache, tmp_path / "models", "knn")
+    others = set(os.listdir(folder))  # another head's record and file stay
+    stale = ["logreg.joblib", "logreg-0123456789ab.joblib", "logreg.keras",  # legacy, older save, other kind
+             ".logreg.joblib.k1ll3d_x.tmp.joblib", ".logreg.json.abc_123x.tmp",  # records.atomic_path's leftovers
+             ".logreg-0123456789ab.joblib.zz9xyzab.tmp.joblib"]
+    kept = ["logreg-notasha.joblib", "logreg_l1-0123456789ab.joblib", ".logreg_l1.json.abc_123x.tmp",
+            "notes.txt"]
+    for f in stale + kept:
+        (folder / f).write_bytes(b"old")
+    est, rec_path = fit_and_save(cache, tmp_path / "models", "logreg")
+    rec = json.loads(open(rec_path).read())
+    assert set(os.listdir(folder)) == others | {"logreg.json", rec["file"], *kept}
+    assert rec["file"] == f"logreg-{rec['sha256'][:12]}.joblib"
+    X = cache.splits["test"].features
+    assert np.array_equal(artifacts.load_head(rec_path).predict(X), est.predict(X))
+    assert artifacts.load_head(knn) is not None
