@@ -3,6 +3,7 @@ model loaded only after its record checks out (:mod:`pipeline.finetune.artifact`
 
 from __future__ import annotations
 
+import csv
 import os
 import shlex
 import sys
@@ -20,20 +21,48 @@ from pipeline.finetune.artifact import compiled, find_record, load, probabilitie
 
 def image_paths(specs) -> tuple[list[str], list[tuple[str, str]], int]:
     """(files, problems, ignored) of the given files and folders: a folder gives its image files (recursively,
-    hidden ones and other extensions ignored); a named file is always tried; a missing path is a problem."""
+    links followed, hidden ones and other extensions ignored); a named file is always tried; a missing path is
+    a problem. Each real file is listed once and no folder walked twice (a link loop ends there)."""
     files, problems, ignored = [], [], 0
+    seen, walked = set(), set()  # real paths of files listed; (st_dev, st_ino) of folders walked
     exts = tuple("." + e for e in images.IMAGE_EXTENSIONS)
+
+    def first(path):
+        real = os.path.realpath(path)
+        if real in seen:
+            return False
+        seen.add(real)
+        return True
+
+    def fresh(folder, top=""):
+        """Mark a folder walked; False if it was, or if it holds ``top`` (a link up: a loop)."""
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return True
+        if (st.st_dev, st.st_ino) in walked or top.startswith(os.path.realpath(folder).rstrip(os.sep) + os.sep):
+            return False
+        walked.add((st.st_dev, st.st_ino))
+        return True
+
     for spec in specs:
         if os.path.isdir(spec):
+            if not fresh(spec):
+                continue
+            top = os.path.realpath(spec) + os.sep
             for dirpath, dirnames, filenames in os.walk(spec, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not images.is_hidden(d))
+                dirnames[:] = [d for d in sorted(dirnames)
+                               if not images.is_hidden(d) and fresh(os.path.join(dirpath, d), top)]
                 for name in sorted(filenames):
                     if images.is_hidden(name) or not name.lower().endswith(exts):
                         ignored += 1
                         continue
-                    files.append(os.path.join(dirpath, name))
+                    path = os.path.join(dirpath, name)
+                    if first(path):
+                        files.append(path)
         elif os.path.exists(spec):
-            files.append(spec)
+            if first(spec):
+                files.append(spec)
         else:
             problems.append((spec, "no such file or folder"))
     return files, problems, ignored
@@ -86,6 +115,8 @@ def label(call, record, files, top_k=3, batch=32):
 
 
 def write_output(path, results, problems) -> None:
+    """``OUTPUT``: JSON when it ends in .json, else TSV (csv-quoted, so a tab, newline or quote in a path keeps
+    its row), written atomically."""
     if path.lower().endswith(".json"):
         records.write_json(path, {"predictions": [{"path": r["path"], "top": [{"label": c, "probability": p}
                                                                               for c, p in r["top"]]}
@@ -94,12 +125,14 @@ def write_output(path, results, problems) -> None:
         return
     k = max((len(r["top"]) for r in results), default=0)
     head = ["path"] + [f"{x}_{i}" for i in range(1, k + 1) for x in ("label", "probability")] + ["error"]
-    lines = ["\t".join(head)]
+    rows = [head]
     for r in results:
-        lines.append("\t".join([r["path"], *[f"{v}" for c, p in r["top"] for v in (c, f"{p:.6f}")], ""]))
+        rows.append([r["path"], *[f"{v}" for c, p in r["top"] for v in (c, f"{p:.6f}")], ""])
     for p, why in problems:
-        lines.append("\t".join([p] + [""] * (2 * k) + [why]))
-    records.atomic_write_text(path, "\n".join(lines) + "\n")
+        rows.append([p] + [""] * (2 * k) + [why])
+    with records.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f, delimiter="\t").writerows(rows)  # \r\n rows: a \r in a path is quoted too
 
 
 def run(cfg: PredictConfig, extra=None, log=print, err=None) -> int:
