@@ -145,7 +145,9 @@ def _import_tensorflow_quietly():
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
-            import tensorflow  # noqa: F401
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")  # CUDA's probe ("failed call to cuInit" without a GPU) too
         except BaseException:
             os.dup2(saved, 2)
             held.seek(0)

@@ -6,7 +6,9 @@ minimum input size, pooled feature size and, where the family has one, ``alpha``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import re
 import warnings
@@ -110,7 +112,8 @@ def build_base(spec: Backbone, size: int, weights: str, alpha: float | None = No
         kwargs["include_preprocessing"] = True
     constructor = getattr(keras.applications, spec.constructor)
     try:
-        return constructor(weights=None if weights == "none" else weights, **kwargs)
+        with contextlib.redirect_stdout(io.StringIO()):  # "Downloading data from ..." before an offline failure
+            return constructor(weights=None if weights == "none" else weights, **kwargs)
     except Exception as e:  # keras raises a bare Exception when the download fails
         url = re.search(r"URL fetch failure on (\S+): ", str(e))
         if not url:

@@ -11,6 +11,7 @@ from pipeline.cache.plan import Plan, report_skipped
 from pipeline.configs import FeaturesConfig
 from pipeline.data import images, loading
 from pipeline.errors import PipelineError
+from pipeline.progress import progress
 
 PREFETCH_BYTES = 32 << 20  # decoded pixels kept ready ahead of the backbone (at least 2 batches)
 
@@ -70,7 +71,6 @@ def extract(plan: Plan) -> str:
     loop over the same compiled call."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import keras
 
     ds, cfg, log = plan.ds, plan.cfg, plan.log
     splits = {s: ds.split(s) for s in ds.splits()}
@@ -83,7 +83,7 @@ def extract(plan: Plan) -> str:
             for s, idx in splits.items() for k in range(starts[s], len(idx), cfg.batch)]
     total = sum(len(v) for v in splits.values())
     done = sum(starts.values())
-    bar = keras.utils.Progbar(total, unit_name="image", stateful_metrics=["img/s"])
+    bar = progress(total, "image", log)
     background = _Background("features-writer")
     shape = (plan.size, plan.size, 3)
     ahead = max(2, PREFETCH_BYTES // (cfg.batch * int(np.prod(shape))))
@@ -108,7 +108,7 @@ def extract(plan: Plan) -> str:
             n_new += len(x)
             if startup is None:
                 startup = (time.perf_counter() - t0, n_new)
-            bar.update(done + n_new, [("img/s", n_new / (time.perf_counter() - t0))])
+            bar.update(done + n_new, n_new / (time.perf_counter() - t0))
             if sum(len(p) for p in pending) >= plan.chunk:
                 rows = np.concatenate(pending)
                 background.submit(writer.write, s, at, rows)

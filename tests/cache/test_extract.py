@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -207,6 +208,9 @@ def test_two_runs_on_the_same_key_at_once_both_succeed_with_one_extraction(tmp_p
     assert first.returncode == 0 and second.returncode == 0, outs
     text = "\n".join(outs)
     assert "killed mid-write" not in text and "starting over" not in text
+    # a log, not a terminal: plain progress lines, no carriage returns or escape codes, no CUDA probe noise
+    assert "\r" not in text and "\x1b[" not in text and "cuInit" not in text, text
+    assert re.search(r"^\d+/\d+ images", text, re.M), text
     assert sum("wrote " in o for o in outs) == 1 and any("up to date" in o for o in outs), outs
     assert len(list((tmp_path / "cache").glob("*.h5"))) == 1
 
