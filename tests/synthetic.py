@@ -1,9 +1,9 @@
-"""Synthetic feature caches written with ``store.Writer``: Gaussian blobs, fast to fit."""
+"""Synthetic feature caches written with ``pipeline.cache.writer.Writer``: Gaussian blobs, fast to fit."""
 
 import numpy as np
 
 from pipeline import records
-from pipeline.cache import store
+from pipeline.cache.writer import Writer
 
 
 def write_arrays(path, class_names, splits, tag="synthetic"):
@@ -13,7 +13,7 @@ def write_arrays(path, class_names, splits, tag="synthetic"):
     key = records.digest({"tag": tag, "rows": {s: records.digest(X.tolist()) for s, (X, _) in splits.items()},
                           "classes": list(class_names)})
     attrs = {"config": {"synthetic": tag}, "class_names": list(class_names), "versions": records.versions()}
-    w = store.Writer(str(path), key, attrs, layout, dim, log=lambda m: None)
+    w = Writer(str(path), key, attrs, layout, dim, log=lambda m: None)
     for s, (X, _) in splits.items():
         w.write(s, 0, np.asarray(X, np.float32))
     w.finish()

@@ -6,8 +6,9 @@ import time
 
 import numpy as np
 
-from pipeline.cache import store
+from pipeline.cache import lock
 from pipeline.cache.plan import Plan, report_skipped
+from pipeline.cache.writer import Writer
 from pipeline.configs import FeaturesConfig
 from pipeline.data import images, loading
 from pipeline.errors import PipelineError
@@ -77,7 +78,7 @@ def extract(plan: Plan) -> str:
     layout = {s: ([ds.items[i].label for i in idx], [ds.items[i].relpath for i in idx])
               for s, idx in splits.items()}
     rec = plan.record()
-    writer = store.Writer(plan.path, plan.key, rec, layout, plan.dim, cfg.dtype, plan.chunk, log=log)
+    writer = Writer(plan.path, plan.key, rec, layout, plan.dim, cfg.dtype, plan.chunk, log=log)
     starts = {s: writer.done(s) for s in splits}
     todo = [((s, k), idx[k:k + cfg.batch])
             for s, idx in splits.items() for k in range(starts[s], len(idx), cfg.batch)]
@@ -134,7 +135,7 @@ def extract(plan: Plan) -> str:
 def ensure(plan: Plan) -> str:
     """The cache of ``plan``, extracted unless another run made it meanwhile; one run at a time writes a
     cache file (the others wait for its lock, or fail at once with ``WAIT=0``)."""
-    with store.locked(plan.path, wait=plan.cfg.wait, log=plan.log):
+    with lock.locked(plan.path, wait=plan.cfg.wait, log=plan.log):
         if plan.up_to_date():
             plan.log(f"up to date: {plan.path}")
             return plan.path

@@ -4,7 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.cache import store
+from pipeline.cache import lock, store
+from pipeline.cache.writer import Writer
 from pipeline.errors import PipelineError
 
 LAYOUT = {"train": ([0, 1, 0, 1, 1], [f"t{i}.jpg" for i in range(5)]), "val": ([1, 0], ["v0.jpg", "v1.jpg"])}
@@ -13,7 +14,7 @@ ATTRS = {"config": {"data": "x", "backbone": "b", "size": 32, "pooling": "avg", 
 
 
 def writer(path, key="k1", log=None):
-    return store.Writer(str(path), key, ATTRS, LAYOUT, 4, chunk=2, log=log or (lambda m: None))
+    return Writer(str(path), key, ATTRS, LAYOUT, 4, chunk=2, log=log or (lambda m: None))
 
 
 def rows(n, start=0):
@@ -178,16 +179,16 @@ def test_a_second_writer_waits_or_fails_in_one_line_and_a_locked_partial_is_busy
     path = str(tmp_path / "c.h5")
     w = writer(path)
     w.write("train", 0, rows(2))
-    with store.locked(path, log=lambda m: None):
+    with lock.locked(path, log=lambda m: None):
         with pytest.raises(PipelineError, match=r"another run \(pid \d+\) is writing .*c\.h5; rerun when it is done"):
-            with store.locked(path, wait=False):
+            with lock.locked(path, wait=False):
                 pass
         row = next(r for r in store.listing(str(tmp_path)) if r["file"] == "c.h5.partial")
         assert row["status"].startswith("partial, busy (pid")
         said, got = [], threading.Event()
 
         def second():
-            with store.locked(path, log=said.append):
+            with lock.locked(path, log=said.append):
                 got.set()
 
         t = threading.Thread(target=second)
