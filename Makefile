@@ -9,9 +9,10 @@ PY := $(VENV)/bin/python
 SHARED ?= ../shared
 export PIPELINE_SHARED := $(abspath $(SHARED))
 
-# command-line variables (other than the ones above) become NAME=value options of the step
+# command-line variables (other than the ones above) become NAME=value options of the step, each value
+# exactly as given: not expanded by make ($(value)), single-quoted for the shell (a ' inside becomes '\'')
 OWN := PYTHON VENV SHARED STEP TESTS
-ARGS = $(foreach v,$(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))),$(if $(filter $(v),$(OWN)),,'$(v)=$($(v))'))
+ARGS = $(foreach v,$(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))),$(if $(filter $(v),$(OWN)),,'$(v)=$(subst ','\'',$(value $(v)))'))
 
 INSTALLED := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 

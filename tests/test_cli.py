@@ -1,7 +1,9 @@
 """The command line and the Makefile: help, option parsing, one-line errors."""
 
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -25,6 +27,29 @@ def test_make_passes_variables_through_as_options():
     out = subprocess.run(["make", "-n", "features", "SIZE=96", "BACKBONE=vgg16", "VENV=.venv"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "-m pipeline features 'BACKBONE=vgg16' 'SIZE=96'" in out
+
+
+AWKWARD = "John's \"photos\" $HOME $(x) `y` a  b"  # quotes, $, make syntax, backquotes, spaces
+
+
+def make_step(*args):
+    """``make -s <args>`` with the test's own interpreter, the install step taken as done."""
+    venv = Path(sys.executable).parent.parent
+    stamp = subprocess.run("cksum < pyproject.toml", shell=True, cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()[0]
+    return subprocess.run(["make", "-s", "-o", f"{venv}/.installed-{stamp}", *args, f"VENV={venv}"], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_make_passes_values_through_exactly(tmp_path):
+    out = subprocess.run(["make", "-n", "features", f"DATA={AWKWARD}", "VENV=.venv"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if "-m pipeline features" in x)
+    assert shlex.split(line)[-1] == f"DATA={AWKWARD}"
+    folder = tmp_path / AWKWARD
+    p = make_step("cache", f"CACHE_DIR={folder}")  # the step imports no TensorFlow
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"{folder}: empty; run make features"
 
 
 def test_both_option_spellings_parse_to_the_config():
@@ -66,3 +91,10 @@ def test_bad_inputs_fail_in_one_line_without_traceback(args):
                        capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.startswith("error: ") and "Traceback" not in p.stderr + p.stdout
+
+
+@pytest.mark.parametrize("option", ["PER_CLASS=-1", "MAX_PIXELS=-1", "MAX_PIXELS=0"])
+def test_out_of_range_options_fail_in_one_line_naming_the_option(tmp_path, capsys, option):
+    assert cli.main(["features", f"DATA={tmp_path}", option, f"CACHE_DIR={tmp_path / 'cache'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {option}: must be ") and len(err.strip().splitlines()) == 1

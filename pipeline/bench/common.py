@@ -139,7 +139,8 @@ class Images:
                 os.symlink(os.path.abspath(src.source(i)), dest)
         self.memo = os.path.join(work, f"{name}-checked.json")
         t0 = time.perf_counter()
-        self.ds = sources.open_source(self.root, 0.0, 0.0, 0, 0, cfg.max_pixels, self.memo, progress=False)
+        self.ds = sources.open_source(self.root, 0.0, 0.0, 0, 0, cfg.max_pixels, self.memo, progress=False,
+                                        dedupe=False)  # repeats of an image are links to one file
         self.validate_seconds = time.perf_counter() - t0
         self.n = len(self.ds.items)
         log(f"bench images: {self.n} from {cfg.data} in {self.root} (validated in {self.validate_seconds:.1f} s)")

@@ -2,7 +2,9 @@
 
 Files are only ever read. Truncated data raises (Pillow's ``LOAD_TRUNCATED_IMAGES`` is left False),
 alpha is composited onto white, 16-bit grayscale is rescaled (not clipped), EXIF orientation is applied
-and animations give their first frame.
+and animations give their first frame. The pixel limit is the caller's ``max_pixels``, checked on every
+open: Pillow's own decompression-bomb check (``Image.MAX_IMAGE_PIXELS``) is switched off, as it would
+refuse a higher limit first (and warn on stderr).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import struct
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.configs import MAX_PIXELS  # the default limit: Pillow's decompression-bomb limit, ~89.5 Mpx
 from pipeline.errors import choose
 
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit, ~89.5 Mpx
 IMAGE_EXTENSIONS = ("bmp", "gif", "jpeg", "jpg", "png", "tif", "tiff", "webp")  # compare lower-cased
 IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "__MACOSX"})
 INTERPOLATIONS = {
@@ -98,12 +100,13 @@ def _read(source) -> bytes:
 
 
 def _open(data: bytes) -> Image.Image:
-    """Pillow's lazy image (header only) of ``data``."""
+    """Pillow's lazy image (header only) of ``data``; its size is checked against ``max_pixels`` by the caller."""
+    Image.MAX_IMAGE_PIXELS = None  # ours is the check (max_pixels): Pillow's would refuse a higher limit first
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise BadImage(f"not an image ({'text' if _looks_like_text(data[:512]) else 'unknown format'})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning if made an error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # only if the limit came back
         raise BadImage(f"too large: {e}") from None
     except _DECODE_ERRORS as e:  # headers cut short; a truncated WebP (Pillow decodes WebP on open)
         raise _decode_error(e, next((f for m, f in _MAGIC.items() if data.startswith(m)), "file")) from None

@@ -3,12 +3,14 @@
 import hashlib
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
+from pipeline import configs
 from pipeline.data import images
 from pipeline.data.images import BadImage, check_image, load_resized, load_rgb
 from pipeline.errors import PipelineError
@@ -81,11 +83,18 @@ def test_oversized_rejected_before_decoding(tmp_path, monkeypatch):
     assert check_image(path, max_pixels=5000) == "too large: 100x80 px > limit 5000"
 
 
-def test_pillow_decompression_bomb_error_becomes_bad_image(tmp_path, monkeypatch):
-    path = save(tmp_path / "big.png", noise(100, 80))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow raises at open beyond twice its limit
-    with pytest.raises(BadImage, match="too large"):
-        load_rgb(path)
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_our_limit_not_pillows_decides(tmp_path, monkeypatch, fmt):
+    """A max_pixels above Pillow's own limit is honoured (Pillow's limit made tiny to stand for a big image):
+    no DecompressionBombError, no warning; our limit still refuses what is above it."""
+    path = save(tmp_path / f"big.{fmt.lower()}", noise(100, 80), format=fmt)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow would raise at open beyond twice this
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail here
+        assert load_rgb(path, max_pixels=8000).shape == (80, 100, 3)
+        assert load_resized(path, 16, max_pixels=8000).shape == (16, 16, 3)
+        assert check_image(path, max_pixels=8000) is None
+    assert check_image(path, max_pixels=7999) == "too large: 100x80 px > limit 7999"
 
 
 def test_unknown_array_kind_is_rejected():
@@ -245,4 +254,4 @@ def test_is_hidden(name, hidden):
 
 def test_extensions_and_limit():
     assert set(images.IMAGE_EXTENSIONS) == {"jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"}
-    assert images.MAX_PIXELS == Image.MAX_IMAGE_PIXELS
+    assert images.MAX_PIXELS == 89_478_485 == configs.MAX_PIXELS  # Pillow's default decompression-bomb limit

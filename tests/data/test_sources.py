@@ -10,6 +10,7 @@ from conftest import make_tree, write_image
 from PIL import Image
 
 from pipeline.data import sources as data
+from pipeline.data import walk
 from pipeline.errors import PipelineError
 
 
@@ -130,18 +131,117 @@ def test_single_class_is_an_error(tmp_path):
         data.scan_tree(str(root), progress=False)
 
 
-def test_split_without_a_class_is_an_error(tmp_path):
+def test_split_without_a_class_is_an_error_whose_advice_works(tmp_path):
     root = make_tree(tmp_path / "d", per_class=1)
-    with pytest.raises(PipelineError, match="split has no image of class"):
+    with pytest.raises(PipelineError, match="split has no image of class") as e:
         data.scan_tree(str(root), 0.2, 0.2, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "(3 or more each)" in msg and "make head needs val and test" in msg
+    assert len(data.scan_tree(str(root), 0.0, 0.0, progress=False).items) == 2  # features only: works
+    make_tree(tmp_path / "d", per_class=3)  # 3 each: every split gets one, whatever the hashes say
+    ds = data.scan_tree(str(root), 0.2, 0.2, progress=False)
+    assert {(it.label, it.split) for it in ds.items} == {(c, s) for c in (0, 1) for s in data.SPLITS}
 
 
+def test_split_tree_advice_names_the_folder(tmp_path):
+    make_tree(tmp_path / "d" / "train", per_class=3)
+    make_tree(tmp_path / "d" / "val", per_class=3)
+    make_tree(tmp_path / "d" / "test", classes=("cat",), per_class=3)
+    (tmp_path / "d" / "test" / "dog").mkdir()
+    with pytest.raises(PipelineError, match="test split has no image of class.*dog; add images of those "
+                                            "classes to that split's folder$"):
+        data.scan_tree(str(tmp_path / "d"), progress=False)
+
+
+@pytest.mark.parametrize("where", ["test", "val", "train"])
+def test_a_split_lacking_a_class_borrows_from_the_largest_split(where):
+    items = [data.Item(f"c/{i}", "", 0, where) for i in range(3)] + [data.Item(f"d/{i}", "", 1, s)
+                                                                     for i, s in enumerate(data.SPLITS)]
+    filled = data.fill_splits(items, 0, 0.2, 0.2)
+    assert sorted(it.split for it in filled if it.label == 0) == sorted(data.SPLITS)
+    assert filled[3:] == items[3:]  # a class already in every split is untouched
+
+
+def rows(ds):
+    return {it.relpath: ds.class_names[it.label] for it in ds.items}
+
+
+def test_links_never_loop_nor_cross_classes_and_each_real_image_is_one_row(tmp_path):
+    root = make_tree(tmp_path / "d", per_class=4)
+    os.symlink("..", root / "cat" / "up")  # back into the root: every class again
+    os.symlink(os.path.join("..", "dog"), root / "cat" / "dogs")  # into another class folder
+    (root / "cat" / "sub").mkdir()
+    os.symlink(os.path.join("..", "..", "dog", "dog_001.jpg"), root / "cat" / "sub" / "dog.jpg")  # another's file
+    os.symlink(root / "cat", root / "cat" / "sub" / "loop")  # a loop inside the class
+    os.symlink("cat_000.jpg", root / "cat" / "again.jpg")  # a second path to one file
+    ds = data.scan_tree(str(root), 0.0, 0.0, progress=False)
+    expected = {os.path.join(c, f"{c}_{i:03d}.jpg"): c for c in ("cat", "dog") for i in range(4)}
+    assert rows(ds) == expected
+    skipped = dict(ds.skipped)
+    assert skipped == {
+        os.path.join("cat", "up"): "symlink loop / already scanned: points to the data folder itself",
+        os.path.join("cat", "dogs"): "link into another class folder: points to dog",
+        os.path.join("cat", "sub", "dog.jpg"): f"link into another class folder: points to "
+                                               f"{os.path.join('dog', 'dog_001.jpg')}",
+        os.path.join("cat", "sub", "loop"): "symlink loop / already scanned: points to cat",
+        os.path.join("cat", "again.jpg"): f"already scanned: same file as {os.path.join('cat', 'cat_000.jpg')}",
+    }
 def test_symlink_loop_does_not_hang(tmp_path):
     root = make_tree(tmp_path / "d", per_class=4)
     os.symlink(root / "cat", root / "cat" / "loop")
     os.symlink(root, root / "dog" / "up")
     ds = data.scan_tree(str(root), 0.0, 0.0, progress=False)
-    assert len(ds.split("train")) >= 8
+    assert len(ds.split("train")) == 8
+    assert [r for r, why in ds.skipped if why.startswith("symlink loop")] == [os.path.join("cat", "loop"),
+                                                                             os.path.join("dog", "up")]
+
+
+def test_links_outside_the_tree_are_followed_once_and_real_paths_win(tmp_path):
+    root = make_tree(tmp_path / "d", per_class=3)
+    outside = make_tree(tmp_path / "elsewhere", classes=("more",), per_class=2) / "more"
+    os.symlink(outside, root / "cat" / "a_more")  # a folder outside: followed
+    os.symlink(outside, root / "cat" / "b_more")  # the same folder again: not walked twice
+    os.symlink(outside / "more_000.jpg", root / "dog" / "extra.jpg")  # a file already counted in cat
+    os.symlink(os.path.join("sub", "x.jpg"), root / "dog" / "a_link.jpg")  # listed before its real file
+    write_image(root / "dog" / "sub" / "x.jpg", seed=5)
+    ds = data.scan_tree(str(root), 0.0, 0.0, progress=False)
+    got = rows(ds)
+    assert got[os.path.join("cat", "a_more", "more_000.jpg")] == "cat" and len(got) == 3 + 3 + 2 + 1
+    assert os.path.join("dog", "sub", "x.jpg") in got  # the real path, not the link, is the row
+    skipped = dict(ds.skipped)
+    assert skipped[os.path.join("cat", "b_more")].startswith("symlink loop / already scanned: points to ")
+    assert skipped[os.path.join("dog", "extra.jpg")] == \
+        f"already scanned: same file as {os.path.join('cat', 'a_more', 'more_000.jpg')}"
+    assert skipped[os.path.join("dog", "a_link.jpg")].startswith("already scanned: same file as ")
+    assert [it.relpath for it in ds.items] == sorted((it.relpath for it in ds.items), key=walk._walk_order)
+
+
+def test_dedupe_off_keeps_every_link_to_one_file(tmp_path):
+    root = make_tree(tmp_path / "d", per_class=2)
+    for k in range(3):
+        os.symlink(root / "cat" / "cat_000.jpg", root / "cat" / f"r{k}.jpg")
+    assert len(data.scan_tree(str(root), 0.0, 0.0, progress=False).items) == 4
+    assert len(data.scan_tree(str(root), 0.0, 0.0, progress=False, dedupe=False).items) == 7
+
+
+def test_split_trees_links_across_splits_are_skipped(tmp_path):
+    for split in ("train", "val", "test"):
+        make_tree(tmp_path / "d" / split, per_class=2)
+    d = tmp_path / "d"
+    os.symlink(os.path.join("..", "..", "test", "cat"), d / "train" / "cat" / "leak")  # test images into train
+    os.symlink(os.path.join("..", "..", "val"), d / "train" / "dog" / "val")  # a whole split tree
+    ds = data.scan_tree(str(d), progress=False)
+    assert {s: len(ds.split(s)) for s in data.SPLITS} == {"train": 4, "val": 4, "test": 4}
+    skipped = dict(ds.skipped)
+    assert skipped[os.path.join("train", "cat", "leak")].startswith("link into another class folder")
+    assert skipped[os.path.join("train", "dog", "val")].startswith("symlink loop / already scanned")
+
+
+def test_a_class_folder_that_is_a_link_to_another_is_reported(tmp_path):
+    root = make_tree(tmp_path / "d", per_class=3)
+    os.symlink("cat", root / "kitty")
+    with pytest.raises(PipelineError, match="'kitty' has no usable image"):
+        data.scan_tree(str(root), 0.0, 0.0, progress=False)
 
 
 def test_per_class_keeps_split_proportions(tmp_path):
@@ -172,3 +272,28 @@ def test_digits_builtin():
 def test_unknown_source_lists_builtins():
     with pytest.raises(PipelineError, match="digits"):
         data.open_source("mnist")
+
+
+@pytest.mark.parametrize("kw, name", [({"per_class": -1}, "PER_CLASS=-1"), ({"max_pixels": 0}, "MAX_PIXELS=0"),
+                                      ({"max_pixels": -1}, "MAX_PIXELS=-1")])
+def test_option_ranges_are_checked_before_any_scan(tmp_path, kw, name, monkeypatch):
+    monkeypatch.setattr(data, "scan_tree", lambda *a, **k: pytest.fail("scanned"))
+    for source in ("digits", str(tmp_path)):
+        with pytest.raises(PipelineError, match=f"^{name}: must be "):
+            data.open_source(source, **kw)
+
+
+def test_max_pixels_is_the_limit_at_scan_and_at_load(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "d", per_class=3, size=(40, 32))  # 1280 px
+    write_image(root / "cat" / "big.png", size=(50, 40))  # 2000 px
+    ds = data.open_source(str(root), 0.0, 0.0, max_pixels=1999, progress=False)
+    assert dict(ds.skipped) == {os.path.join("cat", "big.png"): "too large: 50x40 px > limit 1999"}
+    assert ds.max_pixels == 1999 and ds.load(0, 16).shape == (16, 16, 3)
+    write_image(root / "cat" / "cat_000.jpg", size=(50, 40))  # grown after the scan: the load refuses it
+    with pytest.raises(data.images.BadImage, match="too large: 50x40 px > limit 1999"):
+        ds.load(0, 16)
+    # a limit above Pillow's own (made tiny here) is honoured at the scan and at every load
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    ds = data.open_source(str(root), 0.0, 0.0, max_pixels=2000, progress=False)
+    assert ds.skipped == [] and len(ds.items) == 7
+    assert all(ds.load(i, 8).shape == (8, 8, 3) for i in range(len(ds.items)))
