@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from pipeline.cache import lock
-from pipeline.cache.plan import Plan, report_skipped
+from pipeline.cache.plan import Plan, report_duplicates, report_skipped
 from pipeline.cache.writer import Writer
 from pipeline.configs import FeaturesConfig
 from pipeline.data import images, loading
@@ -146,6 +146,7 @@ def run(cfg: FeaturesConfig, log=print) -> str:
     """Make sure the cache for ``cfg`` exists; returns its path. Unchanged inputs extract nothing."""
     plan = Plan(cfg, log)
     report_skipped(plan)
+    report_duplicates(plan)
     if plan.up_to_date():
         log(f"up to date: {plan.path}")
         return plan.path

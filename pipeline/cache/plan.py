@@ -60,6 +60,7 @@ class Plan:
         stem = f"{self.ds.name}_{self.spec.name}_{self.size}_{cfg.pooling}_{self.key[:12]}"
         self.path = os.path.join(cfg.cache_dir, stem + ".h5")
         self.report_path = os.path.join(cfg.cache_dir, stem + ".skipped.tsv")
+        self.duplicates_path = os.path.join(cfg.cache_dir, stem + ".duplicates.tsv")
         self.log = log
         self.stats = {}  # filled by extract: images, seconds, start-up seconds (trace + first batch)
 
@@ -96,3 +97,35 @@ def report_skipped(plan):
         log(f"warning: skipped {len(ds.skipped)} file(s): {summary}; list in {plan.report_path}")
     if ds.ignored:
         log(f"ignored {ds.ignored} hidden/system file(s)")
+
+
+def duplicates(ds) -> list[tuple[str, str, str, str]]:
+    """(content sha256, relpath, class, split) of every image whose exact content also stands in another class
+    or another split: a leak between splits, or a label conflict."""
+    groups = {}
+    for it in ds.items:
+        groups.setdefault(it.sha256, []).append(it)
+    out = []
+    for sha, its in groups.items():
+        if len({it.label for it in its}) > 1 or len({it.split for it in its}) > 1:
+            out += [(sha, it.relpath, ds.class_names[it.label], it.split) for it in its]
+    return out
+
+
+def report_duplicates(plan) -> list:
+    """Report identical images in two classes or two splits on screen and in ``<stem>.duplicates.tsv``; the
+    data is never changed: the user decides. A stale report of an earlier run is removed."""
+    import csv
+
+    rows = duplicates(plan.ds)
+    if not rows:
+        if os.path.exists(plan.duplicates_path):
+            os.remove(plan.duplicates_path)
+        return rows
+    with records.atomic_path(plan.duplicates_path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f, delimiter="\t").writerows([("sha256", "relpath", "class", "split"), *rows])
+    n = len({r[0] for r in rows})
+    plan.log(f"warning: {n} image(s) with identical content stand in two classes or splits ({len(rows)} files); "
+             f"list in {plan.duplicates_path}")
+    return rows

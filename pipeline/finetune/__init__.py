@@ -25,10 +25,14 @@ def run(cfg: FinetuneConfig, extra: dict | None = None, log=print, callbacks=())
     from pipeline.finetune.report import finish
     from pipeline.finetune.train import train
 
+    from pipeline.cache import lock
+    from pipeline.heads import artifacts
+
     started = time.perf_counter()
     job = prepare(cfg, extra, log)
-    result = train(job, callbacks, log)
-    paths = finish(job, result, log)
+    with lock.locked(artifacts.head_dir(cfg.models_dir, job.cache.path) + "-finetune", log=log):
+        result = train(job, callbacks, log)  # one fine-tune at a time on a cache: its backup is shared
+        paths = finish(job, result, log)
     log(f"finetune done in {time.perf_counter() - started:.0f} s "
         f"({dt.datetime.now().isoformat(timespec='seconds')})")
     return {**paths, "job": job, "result": result}

@@ -97,6 +97,7 @@ def _resolve_cache(cfg, plan, log):
     from pipeline.cache import extract
 
     extract.report_skipped(plan)
+    extract.report_duplicates(plan)
     if plan.up_to_date():
         log(f"up to date: {plan.path}")
         return plan.path
@@ -145,6 +146,7 @@ def prepare(cfg: FinetuneConfig, extra: dict | None = None, log=print) -> Job:
     from pipeline.cache.plan import Plan
 
     policy = _check_options(cfg)
+    head_train.check_outputs(cfg)
     registry.get(HEAD_NAME).resolve(extra)  # bad head hyper-parameters fail before any work
     given = store.load(cfg.cache) if cfg.cache else None
     plan = Plan(_features_config(cfg, given), log=log)

@@ -12,7 +12,7 @@ from pipeline.cache import store
 from pipeline.configs import SCORINGS, HeadConfig
 from pipeline.errors import PipelineError
 from pipeline.heads import artifacts, evaluate, registry
-from pipeline.heads.train import check_splits, finish, fit, resolve_cache
+from pipeline.heads.train import check_outputs, check_splits, finish, fit, resolve_cache
 
 
 def _sweep_names(text):
@@ -59,6 +59,7 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     fixed = fixed_params(names, extra)
     if cfg.scoring not in SCORINGS:
         raise PipelineError(f"unknown scoring {cfg.scoring!r}; valid: {', '.join(SCORINGS)}")
+    check_outputs(cfg)
     cache = store.load(resolve_cache(cfg, log))
     check_splits(cache)
     X = np.concatenate([cache.splits["train"].features, cache.splits["val"].features])

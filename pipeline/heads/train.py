@@ -10,7 +10,8 @@ import time
 
 import numpy as np
 
-from pipeline.cache import store
+from pipeline import records
+from pipeline.cache import lock, store
 from pipeline.configs import FeaturesConfig, HeadConfig, asdict, fields, narrow
 from pipeline.errors import PipelineError
 from pipeline.heads import artifacts, evaluate, registry
@@ -45,6 +46,12 @@ def resolve_cache(cfg: HeadConfig, log=print) -> str:
         raise PipelineError(f"no feature cache for this configuration ({plan.path}); make it with: "
                             f"{features_command(fcfg)}")
     return plan.path
+
+
+def check_outputs(cfg: HeadConfig) -> None:
+    """MODELS_DIR and REPORTS_DIR writable, checked before any work: a one-line error otherwise."""
+    records.writable_dir(cfg.models_dir, "MODELS_DIR")
+    records.writable_dir(cfg.reports_dir, "REPORTS_DIR")
 
 
 def check_splits(cache: store.Cache, needed=("train", "val", "test")) -> None:
@@ -96,9 +103,10 @@ def finish(est, cache, cfg, name, head, params, extra, log=print, on_val=True) -
     m = {"head": head, "params": {k: artifacts.jsonable(v) for k, v in params.items()}, **extra,
          **({"val": val} if val else {}), "test": test}
     history = getattr(est, "history_", None)
-    paths = evaluate.write_reports(out, m, f"{label} on {stem}", history)
-    paths["record"] = artifacts.save(est, name=name, head=head, params=params, cache=cache, config=asdict(cfg),
-                                     metrics=m, models_dir=cfg.models_dir, history=history)
+    with lock.locked(artifacts.head_dir(cfg.models_dir, cache.path), log=log):  # one writer per models folder
+        paths = evaluate.write_reports(out, m, f"{label} on {stem}", history)
+        paths["record"] = artifacts.save(est, name=name, head=head, params=params, cache=cache,
+                                         config=asdict(cfg), metrics=m, models_dir=cfg.models_dir, history=history)
     log(f"saved {paths['record']} and reports in {out}/")
     return paths
 
@@ -107,6 +115,7 @@ def run_head(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     """Train head ``cfg.head`` (hyper-parameters in ``extra``) on the cache; returns the written paths."""
     head = registry.get(cfg.head)
     params = head.resolve(extra)
+    check_outputs(cfg)
     cache = store.load(resolve_cache(cfg, log))
     return train_head(cache, cfg, head.name, params, log)
 

@@ -287,3 +287,19 @@ def test_unwritable_cache_dir_is_one_line_before_any_work(tmp_path, data, capsys
     finally:
         if case == "read_only":
             subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_identical_images_in_two_classes_or_splits_are_reported_not_changed(tmp_path):
+    import csv
+    import shutil
+
+    root = make_tree(tmp_path / "data", per_class=12)
+    shutil.copy(root / "cat" / "cat_000.jpg", root / "dog" / "dog_copy.jpg")  # the same photo in two classes
+    msgs = []
+    c = store.load(features.run(cfg(tmp_path), log=msgs.append))
+    assert any(m.startswith("warning: 1 image(s) with identical content") for m in msgs), msgs
+    report = next((tmp_path / "cache").glob("*.duplicates.tsv"))
+    rows = list(csv.reader(open(report, newline=""), delimiter="\t"))
+    assert rows[0] == ["sha256", "relpath", "class", "split"]
+    assert sorted((r[1], r[2]) for r in rows[1:]) == [("cat/cat_000.jpg", "cat"), ("dog/dog_copy.jpg", "dog")]
+    assert sum(len(s.labels) for s in c.splits.values()) == 25  # both kept: the user decides

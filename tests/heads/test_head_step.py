@@ -225,3 +225,11 @@ def test_extract_0_names_the_make_features_command(capsys, tmp_path, dirs):
 def test_features_command_lists_only_what_differs():
     cfg = FeaturesConfig(data="my photos", size=160)
     assert head_train.features_command(cfg) == "make features 'DATA=my photos' SIZE=160"
+
+
+@pytest.mark.parametrize("option", ["MODELS_DIR", "REPORTS_DIR"])
+def test_unwritable_models_or_reports_folder_is_one_line_before_any_work(tmp_path, capsys, option):
+    (tmp_path / "f").write_text("x")
+    code = cli.main(["head", f"CACHE={tmp_path / 'missing.h5'}", f"{option}={tmp_path / 'f' / 'sub'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {option}={tmp_path / 'f' / 'sub'}: ") and len(err.splitlines()) == 1
