@@ -133,31 +133,6 @@ def _help(steps):
     return "\n".join(lines)
 
 
-def _import_tensorflow_quietly():
-    """TensorFlow's C++ start-up lines ("Could not find cuda drivers", ...) reach fd 2 before any log level
-    applies: hold them back, and show them only when the import fails (PIPELINE_TF_LOGS=1 shows them)."""
-    if "tensorflow" in sys.modules or os.environ.get("PIPELINE_TF_LOGS"):
-        return
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices("GPU")  # CUDA's probe ("failed call to cuInit" without a GPU) too
-        except BaseException:
-            os.dup2(saved, 2)
-            held.seek(0)
-            sys.stderr.write(held.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     steps = _steps()
@@ -178,7 +153,9 @@ def main(argv=None) -> int:
 
             records.use_keras_home(cfg.keras_home)  # before Keras is imported: Keras reads it once
         if step.tensorflow:
-            _import_tensorflow_quietly()
+            from pipeline import quiet
+
+            quiet.tensorflow()
         return int(step.load()(cfg, extra) or 0)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

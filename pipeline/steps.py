@@ -16,7 +16,7 @@ class Step:
     run: str  # "module:function", called as function(cfg, extra) -> exit status or None
     extra: str = ""  # what free NAME=value options mean for this step ("" = none allowed)
     positional: str = ""  # config field (str) that bare arguments are added to, shell-quoted ("" = none)
-    tensorflow: bool = True  # the step uses TensorFlow: it is imported first, its start-up noise held back
+    tensorflow: bool = True  # import TensorFlow (quietly) first; steps that may not need it import it themselves
 
     def load(self):
         module, _, func = self.run.partition(":")
@@ -67,16 +67,16 @@ def head_listing(cfg, extra):
 
 STEPS = {
     "features": Step("extract frozen-backbone features of a dataset into the HDF5 cache", FeaturesConfig,
-                     "pipeline.steps:features"),
+                     "pipeline.steps:features", tensorflow=False),  # imported when the backbone is built
     "cache": Step("list what the cache holds (key, source, backbone, size, counts, date)", FeaturesConfig,
                   "pipeline.steps:cache_listing", tensorflow=False),
     "backbones": Step("list the backbone registry", None, "pipeline.steps:backbone_listing", tensorflow=False),
     "head": Step("train a head on the feature cache (made first if missing), report it on test, save it",
-                 HeadConfig, "pipeline.heads.train:step",
+                 HeadConfig, "pipeline.heads.train:step", tensorflow=False,
                  extra="head hyper-parameters: NAME=value, e.g. C=0.1, HIDDEN=1024,512, CLASS_WEIGHT=balanced "
                        "(see `python -m pipeline heads`)"),
     "sweep": Step("cross-validate every head's regularisation on train+val; leaderboard; save the best",
-                  HeadConfig, "pipeline.heads.sweep:step",
+                  HeadConfig, "pipeline.heads.sweep:step", tensorflow=False,
                   extra="fixed head hyper-parameters: NAME=value, applied to every swept head that has it "
                         "(e.g. EPOCHS=30; one named in a head's grid replaces that grid)"),
     "heads": Step("list the head registry with hyper-parameters, defaults and sweep grids", None,

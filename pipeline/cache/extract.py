@@ -135,6 +135,7 @@ def extract(plan: Plan) -> str:
 def ensure(plan: Plan) -> str:
     """The cache of ``plan``, extracted unless another run made it meanwhile; one run at a time writes a
     cache file (the others wait for its lock, or fail at once with ``WAIT=0``)."""
+    plan.model  # noqa: B018  built first: the key (hence the file locked) is then certain
     with lock.locked(plan.path, wait=plan.cfg.wait, log=plan.log):
         if plan.up_to_date():
             plan.log(f"up to date: {plan.path}")
@@ -144,7 +145,7 @@ def ensure(plan: Plan) -> str:
 
 def run(cfg: FeaturesConfig, log=print) -> str:
     """Make sure the cache for ``cfg`` exists; returns its path. Unchanged inputs extract nothing."""
-    plan = Plan(cfg, log)
+    plan = Plan(cfg, log, lazy=True)
     report_skipped(plan)
     report_duplicates(plan)
     if plan.up_to_date():

@@ -11,45 +11,79 @@ import numpy as np
 
 from pipeline import records
 from pipeline.backbones import registry
-from pipeline.cache import store
+from pipeline.cache import store, weights
 from pipeline.configs import FeaturesConfig, asdict
 from pipeline.data import images, sources
 from pipeline.errors import PipelineError, choose
 
 EXTRACT_VERSION = 1  # bump when extraction changes what it computes: old caches then no longer match
 DTYPES = {"float32": np.float32, "float16": np.float16}
+PRECISIONS = ("float32", "bfloat16", "float16")  # backbones.extractor.PRECISIONS, without importing Keras
 
 
 class Plan:
-    """Everything resolved from a config: the dataset, the extractor, the key and the cache path."""
+    """Everything resolved from a config: the dataset, the key and the cache path; the extractor is built
+    when first used (``model``), or at once unless ``lazy``: a lazy plan takes the weights digest from the
+    cache folder's memo when the weights' files are unchanged, so an up-to-date cache is found without
+    TensorFlow. Building checks the digest and corrects the key if the memo was wrong."""
 
-    def __init__(self, cfg: FeaturesConfig, log=print):
+    def __init__(self, cfg: FeaturesConfig, log=print, lazy=False):
         records.use_keras_home(cfg.keras_home)
-        self.cfg = cfg
+        self.cfg, self.log = cfg, log
         self.spec = registry.get(cfg.backbone)
         choose(cfg.dtype, DTYPES, "dtype")
         choose(cfg.pooling, dict.fromkeys(registry.POOLINGS), "pooling")
         choose(cfg.interpolation, images.INTERPOLATIONS, "interpolation")
+        choose(cfg.precision, dict.fromkeys(PRECISIONS), "precision")
         self.size = registry.resolve_size(self.spec, cfg.size)
         if cfg.batch < 1 or cfg.chunk < 1:
             raise PipelineError("BATCH and CHUNK must be positive")
         self.chunk = math.ceil(cfg.chunk / cfg.batch) * cfg.batch
         records.writable_dir(cfg.cache_dir, "CACHE_DIR")
         self.ds = sources.open_source(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.per_class,
-                                   cfg.max_pixels, os.path.join(cfg.cache_dir, "checked-images.json"),
-                                   progress=True)
+                                      cfg.max_pixels, os.path.join(cfg.cache_dir, "checked-images.json"),
+                                      progress=True)
+        self._model = None
+        self.memo = weights.Memo(cfg.cache_dir)
+        hit = self.memo.get(weights.fingerprint(cfg, self.spec, self.size)) if lazy else None
+        if hit:
+            self._identify(*hit)
+        else:
+            self._build()
+        self.stats = {}  # filled by extract: images, seconds, start-up seconds (trace + first batch)
+
+    @property
+    def model(self):
+        """The extractor (built on first use)."""
+        if self._model is None:
+            self._build()
+        return self._model
+
+    def _build(self):
+        from pipeline import quiet
+
+        quiet.tensorflow()
         from pipeline.backbones import extractor
 
-        self.model, base = extractor.build(self.spec, self.size, cfg.weights, cfg.pooling,
-                                           alpha=cfg.alpha or None, seed=cfg.seed, precision=cfg.precision,
-                                           keras_home=cfg.keras_home)
-        weights = {"source": cfg.weights if cfg.weights in ("imagenet", "none") else "file",
-                   "sha256": registry.weights_digest(base)}
-        if weights["source"] == "file":
-            weights["file"] = os.path.abspath(cfg.weights)
-        self.dim = int(self.model.output_shape[-1])
+        cfg = self.cfg
+        model, base = extractor.build(self.spec, self.size, cfg.weights, cfg.pooling, alpha=cfg.alpha or None,
+                                      seed=cfg.seed, precision=cfg.precision, keras_home=cfg.keras_home)
+        sha, dim = registry.weights_digest(base), int(model.output_shape[-1])
+        if getattr(self, "key", None) is not None and (sha, dim) != (self.identity["weights"]["sha256"], self.dim):
+            self.log("the weights differ from what the cache folder remembered: the key is recomputed")
+        self._model = model
+        self._identify(sha, dim)
+        self.memo.put(weights.fingerprint(cfg, self.spec, self.size), sha, dim)
+
+    def _identify(self, sha, dim):
+        """The identity, key and paths for weights digest ``sha`` and feature size ``dim``."""
+        cfg = self.cfg
+        w = {"source": cfg.weights if cfg.weights in ("imagenet", "none") else "file", "sha256": sha}
+        if w["source"] == "file":
+            w["file"] = os.path.abspath(cfg.weights)
+        self.dim = dim
         self.identity = {
-            "manifest": self.ds.manifest_digest(), "backbone": self.spec.name, "weights": weights,
+            "manifest": self.ds.manifest_digest(), "backbone": self.spec.name, "weights": w,
             "size": self.size, "alpha": cfg.alpha or self.spec.alpha,
             "interpolation": cfg.interpolation, "preprocessing": self.spec.preprocess,
             "pooling": cfg.pooling, "dtype": cfg.dtype, "precision": cfg.precision,
@@ -61,8 +95,6 @@ class Plan:
         self.path = os.path.join(cfg.cache_dir, stem + ".h5")
         self.report_path = os.path.join(cfg.cache_dir, stem + ".skipped.tsv")
         self.duplicates_path = os.path.join(cfg.cache_dir, stem + ".duplicates.tsv")
-        self.log = log
-        self.stats = {}  # filled by extract: images, seconds, start-up seconds (trace + first batch)
 
     def record(self) -> dict:
         """What the cache file records about how it was made."""

@@ -159,6 +159,9 @@ def load(path: str, expect_key: str | None = None):
     back as a :class:`pipeline.heads.dense.DenseHead` with ``model_``, ``classes_`` and ``history_``."""
     rec, model_path = check(path, expect_key)
     if rec["kind"] == "keras":
+        from pipeline import quiet
+
+        quiet.tensorflow()
         import keras
 
         from pipeline.heads.dense import DenseHead

@@ -8,6 +8,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from pipeline import quiet
 from pipeline.errors import PipelineError
 from pipeline.heads.params import ints
 
@@ -115,6 +116,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         return idx.astype(np.int32)
 
     def fit(self, X, y, validation_data=None):
+        quiet.tensorflow()
         import keras
 
         X, y = validate_data(self, X, y, dtype=np.float32)

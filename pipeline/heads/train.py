@@ -41,7 +41,7 @@ def resolve_cache(cfg: HeadConfig, log=print) -> str:
     fcfg = features_config(cfg)
     if cfg.extract:
         return extract.run(fcfg, log=log)
-    plan = extract.Plan(fcfg, log=log)
+    plan = extract.Plan(fcfg, log=log, lazy=True)
     if not plan.up_to_date():
         raise PipelineError(f"no feature cache for this configuration ({plan.path}); make it with: "
                             f"{features_command(fcfg)}")

