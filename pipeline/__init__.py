@@ -1,3 +1,35 @@
-"""pipeline: cached-feature transfer learning for images on Keras 3."""
+"""pipeline: cached-feature transfer learning for images on Keras 3.
+
+The Python API, for notebooks and scripts (the CLI is ``python -m pipeline``):
+
+- :func:`features` runs a dataset once through a frozen backbone into the HDF5 cache (the options of
+  ``make features``) and returns the cache file's path;
+- :func:`load_cache` loads a cache file, after checking it, without TensorFlow: ``c.train.X``, ``c.train.y``,
+  ``c.train.paths``, ``c.val``, ``c.test``, ``c.class_names``, ``c.config``.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["features", "load_cache"]
+
+
+def load_cache(path: str, key: str | None = None):
+    """The cache file at ``path`` in memory (:class:`pipeline.cache.store.Cache`), after checking its format,
+    completeness, checksums and that every feature is finite (and its ``key`` when given); a bad file is a
+    :class:`pipeline.errors.PipelineError` with a one-line message. Imports no TensorFlow."""
+    from pipeline.cache import store
+
+    return store.load(str(path), expect_key=key)
+
+
+def features(**options) -> str:
+    """Make sure the cache of ``options`` (the names of ``make features``' options, lower-case: ``data``,
+    ``backbone``, ``weights``, ``size``, ...) exists, extracting it when missing or stale; returns its path."""
+    from pipeline.cache import extract
+    from pipeline.configs import FeaturesConfig, fields
+    from pipeline.errors import PipelineError
+
+    valid = fields(FeaturesConfig)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise PipelineError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return extract.run(FeaturesConfig(**options))

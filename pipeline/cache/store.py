@@ -30,9 +30,19 @@ CHUNK_CACHE_BYTES = 64 << 20
 
 @dataclass
 class Split:
+    """One split's rows: ``features`` (N, D) (also ``X``), ``labels`` (N,) (also ``y``), ``paths`` (N,)."""
+
     features: np.ndarray
     labels: np.ndarray
     paths: np.ndarray
+
+    @property
+    def X(self) -> np.ndarray:  # noqa: N802 - scikit-learn's name
+        return self.features
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.labels
 
 
 @dataclass
@@ -46,6 +56,23 @@ class Cache:
     versions: dict
     created: str
     splits: dict
+
+    def _split(self, name) -> Split:
+        if name not in self.splits:
+            raise PipelineError(f"{self.path}: no {name} split (it has {', '.join(self.splits) or 'none'})")
+        return self.splits[name]
+
+    @property
+    def train(self) -> Split:
+        return self._split("train")
+
+    @property
+    def val(self) -> Split:
+        return self._split("val")
+
+    @property
+    def test(self) -> Split:
+        return self._split("test")
 
 
 def _open(path, mode):
