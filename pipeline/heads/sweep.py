@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from pipeline import records
 from pipeline.cache import store
 from pipeline.configs import SCORINGS, HeadConfig
 from pipeline.errors import PipelineError
@@ -73,8 +74,10 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
         head = registry.get(name)
         back = {p.target: n for n, p in head.params.items()}
         grid = {k: v for k, v in head.search_grid().items() if back[k] not in fixed[name]}
+        # the Keras head's folds run here: a joblib worker would import TensorFlow (seconds, and its noise)
+        jobs = 1 if head.kind == "keras" else cfg.jobs
         search = GridSearchCV(head.build(fixed[name], seed=cfg.head_seed), grid, scoring=cfg.scoring,
-                              cv=folds, n_jobs=cfg.jobs, refit=False, error_score=np.nan)
+                              cv=folds, n_jobs=jobs, refit=False, error_score=np.nan)
         t0 = time.perf_counter()
         search.fit(X, y)
         r = search.cv_results_
@@ -103,10 +106,12 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     lb_path = os.path.join(cfg.reports_dir, stem, "sweep", "leaderboard.json")
     evaluate.write_json(lb_path, {"scoring": cfg.scoring, "cv": cfg.cv, "seed": cfg.head_seed,
                                   "leaderboard": board})
+    write_csv(lb_path[:-len(".json")] + ".csv", board, cfg.scoring)
     paths = finish(est, cache, cfg, "best", win["head"], params,
                    {"fit_seconds": secs, "cv_score": win["mean"], "cv_std": win["std"], "scoring": cfg.scoring,
                     "trained_on": "train+val"}, log, on_val=False)
     paths["leaderboard"] = lb_path
+    log(f"leaderboard in {lb_path} and .csv")
     return {"leaderboard": board, "best": win, "paths": paths, "estimator": est}
 
 
@@ -124,3 +129,16 @@ def leaderboard(board, scoring) -> str:
 def step(cfg: HeadConfig, extra: dict | None = None) -> None:
     """The ``sweep`` step."""
     sweep(cfg, extra)
+
+
+def write_csv(path, board, scoring) -> None:
+    """The leaderboard as CSV, one row per head (its best candidate), atomically."""
+    import csv
+
+    with records.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["rank", "head", f"{scoring}_cv", "std", "fit_seconds", "search_seconds", "params"])
+            for i, row in enumerate(board, 1):
+                w.writerow([i, row["head"], f"{row['mean']:.6f}", f"{row['std']:.6f}", f"{row['fit_seconds']:.3f}",
+                            f"{row['seconds']:.2f}", registry.get(row["head"]).describe(row["params"])])

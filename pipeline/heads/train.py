@@ -69,14 +69,19 @@ def check_splits(cache: store.Cache, needed=("train", "val", "test")) -> None:
 
 
 def fit(name, est, X, y, validation_data=None):
+    """Fit a head; the seconds it took. scikit-learn heads fit with one BLAS thread: on cached features the
+    matrices are small, and BLAS threads spinning for a shared core cost far more than they bring."""
+    from threadpoolctl import threadpool_limits
+
     from pipeline.heads.dense import DenseHead
 
     t0 = time.perf_counter()
     try:
-        if validation_data is not None and isinstance(est, DenseHead):
-            est.fit(X, y, validation_data=validation_data)
+        if isinstance(est, DenseHead):
+            est.fit(X, y, **({"validation_data": validation_data} if validation_data is not None else {}))
         else:
-            est.fit(X, y)
+            with threadpool_limits(1, user_api="blas"):
+                est.fit(X, y)
     except ValueError as e:
         raise PipelineError(f"head {name!r} cannot be fitted on this cache: {str(e).splitlines()[0]}") \
             from None
