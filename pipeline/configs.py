@@ -67,6 +67,8 @@ class HeadConfig(FeaturesConfig):
     cv: int = opt(5, "sweep: stratified folds over train+val")
     scoring: str = opt("accuracy", "sweep: " + " | ".join(SCORINGS))
     jobs: int = opt(-1, "sweep: parallel fits through joblib (-1 = every core)")
+    dup_threshold: float = opt(0.95, "report val/test images whose features have a cosine similarity to a train "
+                                     "image at least this (near-duplicates: leaks); 0 = off")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,14 @@ class FinetuneConfig(HeadConfig):
     finetune_lr: float = opt(1e-5, "fine-tuning learning rate (very low: pretrained weights move little)")
     optimizer: str = opt("adam", "adam | sgd (with MOMENTUM)")
     momentum: float = opt(0.9, "SGD momentum")
+    schedule: str = opt("cosine", "phase-2 rate: cosine (linear warmup from 0 to FINETUNE_LR, then cosine decay to 0 "
+                                  "at the last step of FINETUNE_EPOCHS) | constant (FINETUNE_LR throughout)")
+    warmup: float = opt(0.1, "cosine schedule: fraction of phase 2's steps spent warming up")
+    weight_decay: float = opt(0.0, "decoupled weight decay (biases excluded; OPTIMIZER=adam with it is AdamW)")
+    label_smoothing: float = opt(0.0, "label smoothing of the fine-tuning loss (its val loss, and the head-only "
+                                      "baseline's, are then smoothed too)")
+    layer_decay: float = opt(1.0, "discriminative rates: each unfrozen backbone block trains at LAYER_DECAY times "
+                                  "the rate of the block after it, the head at FINETUNE_LR (1 = one rate)")
     finetune_patience: int = opt(3, "epochs without val-loss improvement before stopping (best weights kept)")
     flip: str = opt("horizontal", "augmentation: " + " | ".join(FLIPS))
     rotation: float = opt(0.1, "augmentation: random rotation, fraction of a full turn (0 = off)")
@@ -91,16 +101,38 @@ class FinetuneConfig(HeadConfig):
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """Options of ``predict``: which images, which exported model, how many labels each."""
+    """Options of ``predict``: which images, which model (fine-tuned, any head, an export), how many labels each."""
 
     images: str = opt("", "image files and/or folders, space-separated (quote paths with spaces); "
                           "bare arguments are added")
-    model: str = opt("", "exported model: its .json record, .keras file or folder (default: the newest "
-                         "<MODELS_DIR>/*/finetune.json)")
-    models_dir: str = opt("models", "where make finetune saved its models")
+    model: str = opt("", "a model record (.json: fine-tuned model, any head, an export), its model file or "
+                         "folder (default: the newest <MODELS_DIR>/*/finetune.json, else the last sweep's "
+                         "best.json, else the newest head)")
+    models_dir: str = opt("models", "where make finetune, head and sweep saved their models")
     top_k: int = opt(3, "labels shown per image (most probable first)")
     batch: int = opt(32, "images per model call")
     output: str = opt("", "also write the predictions to this file (.json, else tab-separated)")
+
+
+EXPORT_FORMATS = ("keras", "tf_saved_model", "onnx", "litert", "openvino")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Options of ``export``: which model, which format, where; the images it is verified on."""
+
+    model: str = opt("", "the fine-tuned model, a dense or linear (logreg, linear_svm) head: its record, model "
+                         "file or folder (default as for predict)")
+    format: str = opt("keras", " | ".join(EXPORT_FORMATS))
+    out: str = opt("", "the record to write (.json) or a folder (default: <the model's folder>/export/)")
+    images: str = opt("", "verify on these image files/folders (default: test images of the model's cache)")
+    verify_images: int = opt(64, "images the export is verified on, at most")
+    tolerance: float = opt(1e-4, "largest absolute difference allowed between the artifact's and the Keras "
+                                 "model's probabilities")
+    score_tolerance: float = opt(1e-3, "decision values (linear SVM): largest difference allowed, relative to "
+                                       "the largest |value| (at least 1)")
+    models_dir: str = opt("models", "where make finetune, head and sweep saved their models")
+    batch: int = opt(32, "images per model call")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pipeline import records
 from pipeline.cache import lock, store
 from pipeline.configs import FeaturesConfig, HeadConfig, asdict, fields, narrow
 from pipeline.errors import PipelineError
-from pipeline.heads import artifacts, evaluate, registry
+from pipeline.heads import artifacts, errors, evaluate, registry
 
 
 def features_config(cfg: HeadConfig) -> FeaturesConfig:
@@ -110,9 +110,40 @@ def finish(est, cache, cfg, name, head, params, extra, log=print, on_val=True) -
     history = getattr(est, "history_", None)
     with lock.locked(artifacts.head_dir(cfg.models_dir, cache.path), log=log):  # one writer per models folder
         paths = evaluate.write_reports(out, m, f"{label} on {stem}", history)
+        paths.update(_analyse(est, cache, cfg, out, label, m, log))
         paths["record"] = artifacts.save(est, name=name, head=head, params=params, cache=cache,
                                          config=asdict(cfg), metrics=m, models_dir=cfg.models_dir, history=history)
     log(f"saved {paths['record']} and reports in {out}/")
+    return paths
+
+
+def _analyse(est, cache, cfg, out, label, m, log) -> dict:
+    """errors.csv and errors.png of the test split; near_duplicates.csv of val/test against train."""
+    sp = cache.splits["test"]
+    k = min(3, len(cache.class_names))
+    wrong = errors.misclassified(sp.labels, registry.scores(est, sp.features), cache.class_names, sp.paths, k)
+    paths = {"errors": os.path.join(out, "errors.csv")}
+    errors.write_csv(paths["errors"], wrong, k)
+    m["errors"] = len(wrong)
+    sheet = os.path.join(out, "errors.png")
+    if wrong and errors.plot_sheet(sheet, wrong, cache.config.get("source_root"),
+                                   f"{label}: the most confidently wrong of {len(wrong)} test errors"):
+        paths["errors_sheet"] = sheet
+    elif os.path.exists(sheet):
+        os.remove(sheet)  # of an earlier head that erred
+    log(f"{len(wrong)} misclassified test image(s): {paths['errors']}"
+        + (f" and {sheet}" if "errors_sheet" in paths else ""))
+    near_path = os.path.join(out, "near_duplicates.csv")
+    near = (errors.near_duplicates(cache.splits["train"], {s: cache.splits[s] for s in ("val", "test")},
+                                   cfg.dup_threshold) if cfg.dup_threshold > 0 else [])
+    m["near_duplicates"] = len(near)
+    if near:
+        errors.write_near_csv(near_path, near)
+        paths["near_duplicates"] = near_path
+        log(f"warning: {len(near)} val/test image(s) nearly duplicate a train image (feature cosine similarity >= "
+            f"{cfg.dup_threshold}): their scores may flatter the head; list in {near_path}")
+    elif os.path.exists(near_path):
+        os.remove(near_path)
     return paths
 
 

@@ -273,3 +273,49 @@ def test_sklearn_head_on_a_current_cache_imports_no_tensorflow_and_a_changed_wei
     again = head()
     assert again.returncode == 0 and "wrote " in again.stdout, again.stdout  # a new cache for the new weights
     assert len(list((tmp_path / "cache").glob("*.h5"))) == 2
+
+
+def test_errors_csv_lists_exactly_the_misclassified_test_images(capsys, tmp_path, dirs):
+    import csv
+
+    path = write_cache(tmp_path / "overlap.h5", dim=6, sep=0.8, seed=4, counts={"train": 30, "val": 10, "test": 20})
+    code, out, err = run(capsys, "head", f"CACHE={path}", "HEAD=logreg", *dirs)
+    assert code == 0, err
+    report = tmp_path / "reports" / "overlap" / "logreg"
+    m = json.loads((report / "metrics.json").read_text())["test"]
+    rows = list(csv.DictReader(open(report / "errors.csv", newline="")))
+    cm = np.asarray(m["confusion_matrix"])
+    assert len(rows) == cm.sum() - np.trace(cm) > 0 and f"{len(rows)} misclassified test image(s)" in out
+    est = artifacts.load_head(str(tmp_path / "models" / "overlap" / "logreg.json"))
+    test = store.load(path).test
+    pred = est.predict(test.X)
+    names = ["cat", "dog", "fox"]
+    wrong = {(p, names[t], names[q]) for p, t, q in zip(test.paths, test.y, pred) if t != q}
+    assert {(r["path"], r["true"], r["predicted"]) for r in rows} == wrong
+    probs = [float(r["probability"]) for r in rows]
+    assert probs == sorted(probs, reverse=True)  # the most confidently wrong first
+    assert not (report / "errors.png").exists()  # no photos to show for a synthetic cache
+
+
+def test_near_duplicates_between_train_and_test_are_reported_by_head(tmp_path, capsys):
+    from conftest import FLOWERS, MOBILENET_V2_FILE, require_shared
+    from PIL import Image
+
+    require_shared()
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        for cls in ("daisy", "rose"):
+            dest = tmp_path / "data" / split / cls
+            dest.mkdir(parents=True)
+            for name in sorted(os.listdir(FLOWERS / cls))[{"train": 0, "val": 4, "test": 6}[split]:][:n]:
+                (dest / name).symlink_to(FLOWERS / cls / name)
+    original = sorted((tmp_path / "data" / "train" / "daisy").iterdir())[0]
+    with Image.open(original) as im:  # the same photo, resized and re-encoded, in the test split
+        im.resize((200, 200)).save(tmp_path / "data" / "test" / "daisy" / "copy.jpg", quality=70)
+    code, out, err = run(capsys, "head", f"DATA={tmp_path / 'data'}", "BACKBONE=mobilenet_v2", "ALPHA=0.35",
+                         f"WEIGHTS={MOBILENET_V2_FILE}", "SIZE=224", f"CACHE_DIR={tmp_path / 'cache'}",
+                         f"MODELS_DIR={tmp_path / 'models'}", f"REPORTS_DIR={tmp_path / 'reports'}")
+    assert code == 0, err
+    assert "nearly duplicate a train image" in out
+    near = next((tmp_path / "reports").glob("*/logreg/near_duplicates.csv")).read_text().splitlines()
+    assert near[0] == "split,path,train_path,cosine_similarity"
+    assert any(line.startswith(f"test,test/daisy/copy.jpg,train/daisy/{original.name},") for line in near[1:]), near

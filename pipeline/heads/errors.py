@@ -1,0 +1,97 @@
+"""Error analysis a person can look at: every misclassified test image in ``errors.csv`` (path, true class,
+predicted class, its probability, the top k), and ``errors.png``, a contact sheet of the most confidently
+wrong test photos with their true and predicted labels; and near-duplicates between train and val/test
+(cosine similarity of the cached features), the leaks that flatter a test score."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+
+from pipeline import records
+
+SHEET = 16  # photos on the contact sheet
+
+
+def misclassified(labels, scores, class_names, paths, k=3) -> list[dict]:
+    """One row per wrong prediction, the most confident first: path, true, predicted, its score, top k."""
+    pred = np.argmax(scores, axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    rows = [{"path": str(paths[i]), "true": class_names[labels[i]], "predicted": class_names[pred[i]],
+             "probability": float(scores[i, pred[i]]),
+             "top": [(class_names[j], float(scores[i, j])) for j in order[i]]}
+            for i in np.flatnonzero(pred != labels)]
+    return sorted(rows, key=lambda r: -r["probability"])
+
+
+def write_csv(path, rows, k=3) -> None:
+    with records.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "true", "predicted", "probability",
+                        *[f"{x}_{i}" for i in range(1, k + 1) for x in ("top", "p")]])
+            for r in rows:
+                w.writerow([r["path"], r["true"], r["predicted"], f"{r['probability']:.6f}",
+                            *[v for c, p in r["top"] for v in (c, f"{p:.6f}")]])
+
+
+def plot_sheet(path, rows, root, title="") -> bool:
+    """The contact sheet of the first ``SHEET`` rows whose photo can be read under ``root``; False when none
+    can (an in-memory source, or files moved away)."""
+    from pipeline.data import images
+    from pipeline.heads.evaluate import _pyplot, _save
+
+    shown = []
+    for r in rows:
+        if len(shown) == SHEET or not root:
+            break
+        try:
+            shown.append((r, images.load_resized(os.path.join(root, r["path"]), 160)))
+        except images.BadImage:
+            continue
+    if not shown:
+        return False
+    plt = _pyplot()
+    cols = min(4, len(shown))
+    n_rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3 * cols, 3.3 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (r, pixels) in zip(axes.flat, shown):
+        ax.imshow(pixels)
+        ax.set_title(f"true {r['true']}\npredicted {r['predicted']} {r['probability']:.2f}", fontsize=9,
+                     color="firebrick")
+    fig.suptitle(title or "most confidently wrong test images")
+    _save(fig, path)
+    return True
+
+
+def near_duplicates(train, others, threshold=0.98, chunk=2048) -> list[dict]:
+    """Rows of the ``others`` splits ({name: Split}) whose features' cosine similarity to some train row is
+    at least ``threshold``, the most similar first: split, path, the train path, the similarity."""
+    def unit(x):
+        x = np.asarray(x, np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    t = unit(train.features)
+    out = []
+    for name, sp in others.items():
+        u = unit(sp.features)
+        for start in range(0, len(u), chunk):
+            sim = u[start:start + chunk] @ t.T
+            best = sim.argmax(axis=1)
+            top = sim[np.arange(len(best)), best]
+            for i in np.flatnonzero(top >= threshold):
+                out.append({"split": name, "path": str(sp.paths[start + i]), "train_path": str(train.paths[best[i]]),
+                            "similarity": float(top[i])})
+    return sorted(out, key=lambda r: -r["similarity"])
+
+
+def write_near_csv(path, rows) -> None:
+    with records.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["split", "path", "train_path", "cosine_similarity"])
+            w.writerows([r["split"], r["path"], r["train_path"], f"{r['similarity']:.6f}"] for r in rows)
