@@ -15,7 +15,7 @@ FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 OPTIMIZERS = ("adam", "sgd")
 UNFREEZE_HELP = ("a layer name or block prefix onwards (block_16, block5_conv1), N (the last N layers), "
                  "a fraction (0.3 of the layers), blocks:N (the last N blocks), all, none")
-BENCH_SECTIONS = ("overhead", "caching", "ceiling", "memory", "noop", "quality")
+BENCH_SECTIONS = ("overhead", "caching", "ceiling", "memory", "noop", "quality", "headloop")
 DEFAULT_QUALITY = ("efficientnet_lite0::imagenet,"
                    "mobilenet_v2:0.35:{shared}/weights/mobilenet_v2_0.35_224_no_top.weights.h5,"
                    "mobilenet:0.25:{shared}/weights/keras/models/mobilenet_2_5_224_tf_no_top.h5")

@@ -20,7 +20,7 @@ from pipeline.configs import BenchConfig, asdict
 from pipeline.errors import PipelineError
 
 SECTION_MODULES = {"overhead": "overhead", "caching": "caching", "ceiling": "ceiling", "memory": "memory",
-                   "noop": "noop", "quality": "quality"}
+                   "noop": "noop", "quality": "quality", "headloop": "headloop"}
 
 
 def run(cfg: BenchConfig, log=print) -> dict:

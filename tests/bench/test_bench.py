@@ -57,6 +57,11 @@ def test_smoke_run_writes_consistent_reports(tmp_path, capsys):
         saving = c["guide_epoch_s"]["median"] - c["cached_epoch_s"]["median"]
         assert c["breakeven_epochs"] == pytest.approx(c["extract_once_s"] / saving)
     assert c["extract_once_s"] == pytest.approx(8 / o["run_ips"]["median"])
+    h = r["sections"]["headloop"]["metrics"]
+    for head in ("logreg", "dense"):  # a whole command costs more than its fit; the ratio is what it prints
+        assert h[f"{head}_wall"]["median"] > h[f"{head}_fit"]["median"] > 0
+        assert h[f"{head}_ratio"] == pytest.approx(h[f"{head}_wall"]["median"] / h[f"{head}_fit"]["median"])
+    assert finite_positive(h["sweep_wall"][0])
     ce = r["sections"]["ceiling"]["metrics"]
     assert finite_positive(ce["gflop_per_image"][0]) and ce["bare_fraction"] == pytest.approx(
         ce["bare_gflops"][0] / ce["matmul_gflops"]["median"])
