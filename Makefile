@@ -81,8 +81,12 @@ bench: $(INSTALLED)
 finetune: $(INSTALLED)
 	$(PY) -m pipeline finetune $(ARGS)
 
-## label images with the fine-tuned model: make predict IMAGES='photo.jpg folder/' (MODEL=, TOP_K=3)
+## label images with the fine-tuned model, any head or an export: make predict IMAGES='photo.jpg folder/' (MODEL=, TOP_K=3)
 predict: $(INSTALLED)
 	$(PY) -m pipeline predict $(ARGS)
 
-.PHONY: finetune predict
+## export a model end to end, verified: make export MODEL=... FORMAT=keras|tf_saved_model|onnx|litert|openvino (OUT=)
+export: $(INSTALLED)
+	$(PY) -m pipeline export $(ARGS)
+
+.PHONY: finetune predict export

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from pipeline.configs import BenchConfig, FeaturesConfig, FinetuneConfig, HeadConfig, PredictConfig
+from pipeline.configs import BenchConfig, ExportConfig, FeaturesConfig, FinetuneConfig, HeadConfig, PredictConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,9 @@ STEPS = {
                      FinetuneConfig, "pipeline.finetune:step",
                      extra="dense head hyper-parameters: NAME=value as for `head` (e.g. HIDDEN=256); a saved "
                            "dense head with other ones is retrained first"),
-    "predict": Step("label image files and folders with the exported fine-tuned model (top-k probabilities)",
-                    PredictConfig, "pipeline.predict:run", positional="images"),
+    "predict": Step("label image files and folders with the fine-tuned model, any saved head or an export "
+                    "(top-k probabilities)", PredictConfig, "pipeline.predict:run", positional="images"),
+    "export": Step("export the fine-tuned model or a dense/linear head end to end (keras, tf_saved_model, onnx, "
+                   "litert, openvino), verified with its own runtime before it is reported done",
+                   ExportConfig, "pipeline.export:step"),
 }

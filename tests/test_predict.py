@@ -1,5 +1,6 @@
 """The exported model and ``predict``: same predictions after reloading, a folder with a bad file, files
-refused when their record does not check out."""
+refused when their record does not check out; predict with every kind of head on real flowers5 photos equals
+the head's predictions on the cached features."""
 
 import csv
 import json
@@ -10,7 +11,7 @@ import subprocess
 import keras
 import numpy as np
 import pytest
-from conftest import MOBILENET_V2_FILE, ROOT, write_image
+from conftest import MOBILENET_V2_FILE, ROOT, flowers_subset, write_image
 
 from pipeline import cli, predict, records
 from pipeline.backbones import registry as backbones
@@ -109,7 +110,7 @@ def test_make_passes_images_and_no_model_is_a_clear_error(tmp_path, capsys):
     assert predict.split_images(cfg.images) == ["a.jpg", "b c.jpg"] and cfg.top_k == 2
     write_image(tmp_path / "a.jpg")
     assert cli.main(["predict", str(tmp_path / "a.jpg"), f"MODELS_DIR={tmp_path / 'none'}"]) == 2
-    assert "error: no fine-tuned model under" in capsys.readouterr().err
+    assert "error: no model under" in capsys.readouterr().err
 
 
 def tiny_model(seed):
@@ -162,3 +163,111 @@ def test_tsv_output_keeps_a_row_per_path_with_tabs_and_newlines(tmp_path):
                     ["plain.jpg", "fox", "0.500000", "cat", "0.500000", ""],
                     [bad, "", "", "", "", "not an image (text)"]]
     assert [f for f in os.listdir(tmp_path) if f != "out.tsv"] == []  # written atomically, no temp file left
+
+
+# --- predict with any head, on real flowers5 photos --------------------------------------------------------------
+
+def flowers_models(root, heads):
+    """A flowers5 subset (6 photos per class) -> MobileNetV2 alpha 0.35 features at 64 px in a cache -> ``heads``
+    ({name: hyper-parameters}) trained on it. Returns (cache path, {head: record path}, head config)."""
+    from pipeline.cache import extract
+    from pipeline.configs import FeaturesConfig, HeadConfig, asdict, replace
+    from pipeline.heads import train as head_train
+
+    data = flowers_subset(root / "data", per_class=6)
+    fc = FeaturesConfig(data=str(data), backbone="mobilenet_v2", alpha=0.35, weights=str(MOBILENET_V2_FILE),
+                        size=64, cache_dir=str(root / "cache"))
+    cache_path = extract.run(fc, log=lambda m: None)
+    hc = HeadConfig(**asdict(fc), models_dir=str(root / "models"), reports_dir=str(root / "reports"))
+    recs = {name: head_train.run_head(replace(hc, head=name), extra, log=lambda m: None)["record"]
+            for name, extra in heads.items()}
+    return cache_path, recs, hc
+
+
+def cached_scores(rec_path, cache_path, split="test"):
+    """(image files, class names, per-class scores) of a head on the cached features of a split: what predict
+    must give on those images."""
+    from pipeline.cache import store
+    from pipeline.heads import artifacts
+    from pipeline.heads import registry as heads
+
+    cache = store.load(cache_path)
+    sp = cache.splits[split]
+    est = artifacts.load_head(rec_path)
+    files = [os.path.join(cache.config["source_root"], p) for p in sp.paths]
+    return files, [cache.class_names[int(c)] for c in est.classes_], heads.scores(est, sp.features)
+
+
+HEADS = {"logreg": {}, "dense": {"HIDDEN": "8", "EPOCHS": "5"}, "linear_svm": {}, "knn": {"N_NEIGHBORS": "3"}}
+
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory):
+    return flowers_models(tmp_path_factory.mktemp("flowers"), HEADS)
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_predict_with_any_head_equals_its_predictions_on_the_cached_features(flowers, head, tmp_path, capsys):
+    cache_path, recs, _ = flowers
+    files, names, want = cached_scores(recs[head], cache_path)
+    out = tmp_path / "preds.json"
+    code = cli.main(["predict", *files, f"MODEL={recs[head]}", "TOP_K=5", f"OUTPUT={out}"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    kind = "score" if head == "linear_svm" else "probability"  # LinearSVC has decision values only
+    assert f"labelled {len(files)} image(s) with {recs[head]} ({head} head on mobilenet_v2 features)" in err
+    assert ("decision values, not probabilities" in err) == (kind == "score")
+    preds = json.loads(out.read_text())["predictions"]
+    assert [p["path"] for p in preds] == files
+    for p, row in zip(preds, want):
+        assert p["top"][0]["label"] == names[int(np.argmax(row))]  # the cached head's label
+        got = {t["label"]: t[kind] for t in p["top"]}
+        np.testing.assert_allclose([got[n] for n in names], row, atol=1e-5)
+
+
+def test_the_default_model_is_the_fine_tuned_one_else_the_last_sweep_else_the_newest_head(tmp_path):
+    models = tmp_path / "models"
+    made = []
+    for i, rel in enumerate(["a/logreg.json", "b/svm.json", "a/best.json", "c/finetune.json"]):
+        (models / rel).parent.mkdir(parents=True, exist_ok=True)
+        fmt = artifact.FORMAT if rel.endswith("finetune.json") else "pipeline-head/1"
+        (models / rel).write_text(json.dumps({"format": fmt}))
+        os.utime(models / rel, (1000 + i, 1000 + i))
+        made.append(str(models / rel))
+    (models / "c" / "notes.json").write_text("{}")  # not a record: never picked
+    os.utime(models / "c" / "notes.json", (2000, 2000))
+    said = []
+    assert predict.find_model("", str(models), said.append) == made[3]
+    os.remove(made[3])
+    assert predict.find_model("", str(models), said.append) == made[2] and "best head of the last sweep" in said[-1]
+    os.remove(made[2])
+    assert predict.find_model("", str(models), said.append) == made[1] and "newest head" in said[-1]
+    assert predict.find_model(str(models / "a"), str(models)) == made[0]  # a folder with one record
+    assert predict.find_model(str(models / "a" / "logreg-0123456789ab.joblib")) == made[0]
+
+
+def test_a_head_whose_cache_is_gone_runs_on_its_own_options_and_says_so(flowers, tmp_path):
+    cache_path, recs, _ = flowers
+    rec = json.loads(open(recs["logreg"]).read())
+    shutil.copy(os.path.join(os.path.dirname(recs["logreg"]), rec["file"]), tmp_path / rec["file"])
+    (tmp_path / "logreg.json").write_text(json.dumps({**rec, "cache_path": str(tmp_path / "gone.h5")}))
+    runner = predict.open_model(str(tmp_path / "logreg.json"))
+    assert runner.kind == "sklearn" and "gone.h5 is gone" in runner.notes[0]
+    assert "its weights cannot be checked" in runner.notes[0]
+    files, _, want = cached_scores(recs["logreg"], cache_path)
+    results, problems = predict.label(runner, files, top_k=5)
+    assert not problems
+    for r, row in zip(results, want):
+        assert r["top"][0][1] == pytest.approx(row.max(), abs=1e-5)
+    # trained on CACHE=...: its record does not say how the features were made
+    (tmp_path / "logreg.json").write_text(json.dumps({**rec, "cache_path": str(tmp_path / "gone.h5"),
+                                                      "config": {**rec["config"], "cache": "x.h5"}}))
+    with pytest.raises(PipelineError, match="trained on CACHE=x.h5, so its record does not say"):
+        predict.open_model(str(tmp_path / "logreg.json"))
+
+
+def test_an_extractor_with_other_weights_than_the_cache_is_refused(flowers, monkeypatch):
+    _, recs, _ = flowers
+    monkeypatch.setattr(backbones, "weights_digest", lambda model: "0" * 64)
+    with pytest.raises(PipelineError, match="other weights .* than the cache was made with"):
+        predict.open_model(recs["dense"])

@@ -36,7 +36,7 @@ def run(ctx):
         m[f"{head}_wall"], m[f"{head}_fit"] = stat(walls, "s"), stat(fits, "s")
         m[f"{head}_beyond_fit"] = stat([w - f for w, f in zip(walls, fits)], "s")
         m[f"{head}_ratio"] = m[f"{head}_wall"]["median"] / max(m[f"{head}_fit"]["median"], 1e-9)
-        show += [(f"make head HEAD={head}: whole command", f"{head}_wall"), (f"  its fit alone", f"{head}_fit"),
+        show += [(f"make head HEAD={head}: whole command", f"{head}_wall"), ("  its fit alone", f"{head}_fit"),
                  (f"  beyond the fit (goal <= {GOALS['headloop']} s)", f"{head}_beyond_fit"),
                  ("  ratio command / fit", f"{head}_ratio")]
     out = os.path.join(ctx.work, "headloop-sweep")
