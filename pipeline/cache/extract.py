@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -11,7 +12,6 @@ from pipeline.cache.plan import Plan, report_duplicates, report_skipped
 from pipeline.cache.writer import Writer
 from pipeline.configs import FeaturesConfig
 from pipeline.data import images, loading
-from pipeline.errors import PipelineError
 from pipeline.progress import progress
 
 PREFETCH_BYTES = 32 << 20  # decoded pixels kept ready ahead of the backbone (at least 2 batches)
@@ -44,13 +44,18 @@ class _Background:
             self.pool.shutdown(wait=True)
 
 
-def _load(ds, i, size, interpolation):
-    """Item i's pixels; a file that no longer decodes (it changed after the scan) is a one-line error."""
-    try:
-        return ds.load(i, size, interpolation)
-    except images.BadImage as e:
-        where = ds.items[i].relpath if ds.arrays is not None else ds.source(i)
-        raise PipelineError(f"{where}: {e}; it changed after it was checked: run again to rescan") from None
+def _load(ds, i, size, interpolation, failed):
+    """Item i's pixels: validation and extraction share this one decode. An image that does not decode
+    gives blank pixels, its reason recorded in ``failed`` (its row is then marked skipped, never used)."""
+    rel = ds.items[i].relpath
+    if rel in ds.bad:  # known from an earlier run: not decoded again
+        failed[i] = ds.bad[rel]
+    else:
+        try:
+            return ds.load(i, size, interpolation)
+        except images.BadImage as e:
+            failed[i] = str(e)
+    return np.zeros((size, size, 3), np.uint8)
 
 
 def _prepare(plan):
@@ -72,9 +77,10 @@ def extract(plan: Plan) -> str:
     loop over the same compiled call."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from pipeline.data.check import CheckMemo
 
     ds, cfg, log = plan.ds, plan.cfg, plan.log
-    splits = {s: ds.split(s) for s in ds.splits()}
+    splits = {s: ds.split(s, all_rows=True) for s in ds.splits()}  # every row: the manifest's layout
     layout = {s: ([ds.items[i].label for i in idx], [ds.items[i].relpath for i in idx])
               for s, idx in splits.items()}
     rec = plan.record()
@@ -89,9 +95,28 @@ def extract(plan: Plan) -> str:
     shape = (plan.size, plan.size, 3)
     ahead = max(2, PREFETCH_BYTES // (cfg.batch * int(np.prod(shape))))
     t0, n_new, startup = time.perf_counter(), 0, None
-    stream = None
+    stream, failed = None, {}
+    memo = CheckMemo(os.path.join(cfg.cache_dir, "checked-images.json"), ds.max_pixels) if ds.arrays is None else None
+
+    def write(s, at, pending):
+        """Hand a chunk to the writer thread; the decode results of its images are remembered once it is on
+        disk."""
+        idx = splits[s][at:at + sum(len(p) for p in pending)]
+        mask = np.asarray([i in failed for i in idx], bool)
+        for i in idx:
+            if memo is not None:
+                memo.put_decoded(ds.items[i].sha256, failed.get(i))
+
+        def job():
+            writer.write(s, at, np.concatenate(pending), mask)
+            if memo is not None:
+                memo.save()
+
+        background.submit(job)
+        return len(idx)
+
     try:
-        stream = loading.Batches(lambda i: _load(ds, i, plan.size, cfg.interpolation), todo, shape, ahead)
+        stream = loading.Batches(lambda i: _load(ds, i, plan.size, cfg.interpolation, failed), todo, shape, ahead)
         preparing, call = None, None
         if todo:  # fold and trace while the workers decode the first batches
             pool = ThreadPoolExecutor(1, thread_name_prefix="features-trace")
@@ -103,7 +128,7 @@ def extract(plan: Plan) -> str:
                 call = preparing.result()
             if s != split:
                 if pending:
-                    background.submit(writer.write, split, at, np.concatenate(pending))
+                    write(split, at, pending)
                 split, pending, at = s, [], k
             pending.append(call(x).numpy().astype(cfg.dtype, copy=False))
             n_new += len(x)
@@ -111,22 +136,26 @@ def extract(plan: Plan) -> str:
                 startup = (time.perf_counter() - t0, n_new)
             bar.update(done + n_new, n_new / (time.perf_counter() - t0))
             if sum(len(p) for p in pending) >= plan.chunk:
-                rows = np.concatenate(pending)
-                background.submit(writer.write, s, at, rows)
-                at, pending = at + len(rows), []
+                at, pending = at + write(s, at, pending), []
         if pending:
-            background.submit(writer.write, split, at, np.concatenate(pending))
+            write(split, at, pending)
         background.close()
         path = writer.finish()
+        bad = writer.skipped_rows()
     finally:
         if stream is not None:
             stream.close()
         background.close()
         writer.close()
+    for s, rows in bad.items():  # this run's failures, and those of an interrupted run it resumed
+        for r in rows:
+            i = splits[s][r]
+            ds.bad[ds.items[i].relpath] = failed.get(i) or ds.bad.get(ds.items[i].relpath) or (
+                (memo.decoded(ds.items[i].sha256) if memo is not None else None) or "did not decode")
     secs = time.perf_counter() - t0
     plan.stats = {"images": n_new, "seconds": secs, "startup_seconds": startup[0] if startup else 0.0,
                   "startup_images": startup[1] if startup else 0}
-    counts = ", ".join(f"{s} {len(v)}" for s, v in splits.items())
+    counts = ", ".join(f"{s} {len(v) - len(bad.get(s, ()))}" for s, v in splits.items())
     log(f"wrote {path}: {counts} x {plan.dim} {cfg.dtype} features; "
         f"{n_new} images in {secs:.1f} s ({n_new / max(secs, 1e-9):.1f} img/s)")
     return path
@@ -146,9 +175,11 @@ def ensure(plan: Plan) -> str:
 def run(cfg: FeaturesConfig, log=print) -> str:
     """Make sure the cache for ``cfg`` exists; returns its path. Unchanged inputs extract nothing."""
     plan = Plan(cfg, log, lazy=True)
-    report_skipped(plan)
     report_duplicates(plan)
     if plan.up_to_date():
         log(f"up to date: {plan.path}")
-        return plan.path
-    return ensure(plan)
+        path = plan.path
+    else:
+        path = ensure(plan)
+    report_skipped(plan)  # after extraction: with the images whose pixels did not decode
+    return path

@@ -114,19 +114,22 @@ class Plan:
 
 
 def report_skipped(plan):
+    """The files left out (at the scan, or because their pixels did not decode), on screen and in
+    ``<stem>.skipped.tsv``."""
     ds, log = plan.ds, plan.log
-    if ds.skipped:
+    refused = ds.refused()
+    if refused:
         import csv
 
         with records.atomic_path(plan.report_path) as tmp:  # csv-quoted: a tab or newline in a name keeps its row
             with open(tmp, "w", newline="") as f:
-                csv.writer(f, delimiter="\t").writerows([("relpath", "reason"), *ds.skipped])
+                csv.writer(f, delimiter="\t").writerows([("relpath", "reason"), *refused])
         reasons = {}
-        for _, why in ds.skipped:
+        for _, why in refused:
             kind = why.split(":")[0].split("(")[0].strip()
             reasons[kind] = reasons.get(kind, 0) + 1
         summary = ", ".join(f"{n} {k}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
-        log(f"warning: skipped {len(ds.skipped)} file(s): {summary}; list in {plan.report_path}")
+        log(f"warning: skipped {len(refused)} file(s): {summary}; list in {plan.report_path}")
     if ds.ignored:
         log(f"ignored {ds.ignored} hidden/system file(s)")
 

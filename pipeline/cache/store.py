@@ -148,13 +148,17 @@ def load(path, expect_key=None, check_complete=True, check_finite=True) -> Cache
                 feats = np.empty(g["features"].shape, g["features"].dtype)
                 if n:
                     g["features"].read_direct(feats)
-                if check_finite and not np.isfinite(feats).all():
+                keep = ~g["skipped"][()] if "skipped" in g else np.ones(n, bool)  # images that did not decode
+                if check_finite and not np.isfinite(feats[keep]).all():
                     raise _nonfinite(path, s)
                 sha = g.attrs.get("sha256")
                 if check_complete and sha is not None and hashlib.sha256(feats.tobytes()).hexdigest() != sha:
                     raise PipelineError(f"{path}: split {s} has changed since it was written (checksum "
                                         "mismatch); delete the file and rerun make features")
-                splits[s] = Split(feats, g["labels"][()], g["paths"].asstr()[()])
+                labels, paths = g["labels"][()], g["paths"].asstr()[()]
+                if not keep.all():
+                    feats, labels, paths = feats[keep], labels[keep], paths[keep]
+                splits[s] = Split(feats, labels, paths)
         except (OSError, KeyError, RuntimeError) as e:
             raise PipelineError(f"{path}: corrupt or truncated cache ({str(e).splitlines()[0]}); "
                                 "delete it and rerun make features") from None

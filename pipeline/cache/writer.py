@@ -63,7 +63,7 @@ class Writer:
             os.remove(self.partial)
             return None
         ok = f.attrs.get("key") == key and "chunk" in f.attrs and all(
-            s in f and "chunks" in f[s] and f[s]["features"].shape == (len(layout[s][0]), dim)
+            s in f and "chunks" in f[s] and "skipped" in f[s] and f[s]["features"].shape == (len(layout[s][0]), dim)
             and f[s]["features"].dtype == np.dtype(dtype) for s in layout)
         if not ok:
             f.close()
@@ -88,7 +88,8 @@ class Writer:
             if not stop or int(stop) > done:
                 break
             rows = np.ascontiguousarray(g["features"][at:int(stop)])
-            if hashlib.sha256(rows.tobytes()).hexdigest() != sha:
+            mask = np.ascontiguousarray(g["skipped"][at:int(stop)])
+            if hashlib.sha256(rows.tobytes() + mask.tobytes()).hexdigest() != sha:
                 break
             h.update(rows.tobytes())
             at = int(stop)
@@ -114,6 +115,7 @@ class Writer:
             g.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
             g.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=h5py.string_dtype())
             g.create_dataset("chunks", (-(-n // chunk),), dtype="S80")
+            g.create_dataset("skipped", (n,), dtype=bool)  # rows of images whose pixels did not decode
             g.attrs["done"] = 0
             self.hashes[s], self.next[s] = hashlib.sha256(), 0
         f.flush()
@@ -122,19 +124,22 @@ class Writer:
     def done(self, split) -> int:
         return int(self.f[split].attrs["done"])
 
-    def write(self, split, start, rows) -> None:
-        """Store rows [start, start+len) of a split (``start`` a multiple of the chunk, in order): the rows
-        are flushed first, then their checksum and count; from then on they survive a kill."""
+    def write(self, split, start, rows, skipped=None) -> None:
+        """Store rows [start, start+len) of a split (``start`` a multiple of the chunk, in order), and which of
+        them are of images that did not decode (``skipped``, a bool per row): the rows are flushed first,
+        then their checksum and count; from then on they survive a kill."""
         if start != self.next[split] or start % self.chunk:
             raise ValueError(f"rows of split {split} must be written in order, from a chunk boundary")
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        mask = np.zeros(len(rows), bool) if skipped is None else np.ascontiguousarray(skipped, bool)
         self._check_space(rows.nbytes)  # the disk may have filled since: stop before HDF5 meets it
-        stop, sha = start + len(rows), hashlib.sha256(rows.tobytes())
+        stop, sha = start + len(rows), hashlib.sha256(rows.tobytes() + mask.tobytes())
         g = self.f[split]
         try:
-            if not np.isfinite(rows).all():
+            if not np.isfinite(rows[~mask]).all():
                 g.attrs["nonfinite"] = True
             g["features"][start:stop] = rows
+            g["skipped"][start:stop] = mask
             self.f.flush()
             g["chunks"][start // self.chunk] = f"{stop}:{sha.hexdigest()}".encode()
             g.attrs["done"] = stop
@@ -171,6 +176,11 @@ class Writer:
         check_header(self.partial, check_finite=True)
         os.replace(self.partial, self.path)
         return self.path
+
+    def skipped_rows(self) -> dict:
+        """{split: row indices marked skipped} of the finished file."""
+        with h5py.File(self.path, "r") as f:
+            return {s: np.flatnonzero(f[s]["skipped"][()]).tolist() for s in self.layout}
 
     def close(self):
         try:

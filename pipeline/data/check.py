@@ -34,11 +34,30 @@ class CheckMemo:
         return f"{sha}:{self.max_pixels}"
 
     def get(self, sha):
+        """The reason a file of this content is refused (None: fine), or False when never checked."""
         return self.memo.get(self.key(sha), False)
 
     def put(self, sha, reason):
         self.memo[self.key(sha)] = reason
         self.dirty = True
+
+    def header_ok(self, sha) -> bool:
+        return self.memo.get(self.key(sha) + ":header", False) is None
+
+    def put_header_ok(self, sha):
+        self.memo[self.key(sha) + ":header"] = None
+        self.dirty = True
+
+    def decoded(self, sha):
+        """What decoding this content for the backbone gave: None (fine), the reason it failed, or False."""
+        return self.memo.get(self.key(sha) + ":decoded", False)
+
+    def put_decoded(self, sha, reason):
+        """Remember a decode for the backbone; a file that failed stays in the manifest (its row is marked
+        skipped), so its cache keeps its key."""
+        if self.memo.get(self.key(sha) + ":decoded", False) != reason:
+            self.memo[self.key(sha) + ":decoded"] = reason
+            self.dirty = True
 
     def save(self):
         if self.dirty and self.path:
@@ -82,8 +101,9 @@ class HashMemo:
 
 
 def check_files(candidates, memo, progress):
-    """Hash every candidate and decode, once, those the memo has not seen; returns {relpath: (sha256, reason
-    or None)}. Progress is shown for the decoding, when there is much of it."""
+    """Hash every candidate and check, once, the header of those the memo has not seen (their pixels are
+    checked when extraction decodes them, so a first run decodes each image once); returns {relpath:
+    (sha256, reason it is refused or None, reason its decode failed or None)}."""
 
     def digest(arg):
         rel, path = arg
@@ -96,25 +116,33 @@ def check_files(candidates, memo, progress):
 
     def check(arg):
         rel, path, sha = arg
-        reason = images.check_image(path, memo.max_pixels)
-        memo.put(sha, reason)
+        reason = images.check_header(path, memo.max_pixels)
+        if reason:
+            memo.put(sha, reason)  # a bad header is final: the file never enters the manifest
+        else:
+            memo.put_header_ok(sha)
         return rel, reason
 
     results, todo = {}, []
     with ThreadPoolExecutor(max_workers=min(8, cores() * 2)) as pool:
         for rel, path, sha, why in pool.map(digest, candidates):
-            if why or memo.get(sha) is not False:
-                results[rel] = (sha, why or memo.get(sha))
+            known = memo.get(sha) if not why else why
+            if known is not False:
+                results[rel] = (sha, known, None)
+            elif memo.decoded(sha) is not False:
+                results[rel] = (sha, None, memo.decoded(sha))
+            elif memo.header_ok(sha):
+                results[rel] = (sha, None, None)
             else:
                 todo.append((rel, path, sha))
         bar = None
-        if progress and len(todo) > 200:
-            print("checking images")
+        if progress and len(todo) > 1000:
+            print("checking image headers")
             bar = show_progress(len(todo), "file")
         shas = {rel: sha for rel, _, sha in todo}
         for n, (rel, reason) in enumerate(pool.map(check, todo), 1):
-            results[rel] = (shas[rel], reason)
-            if bar and (n % 100 == 0 or n == len(todo)):
+            results[rel] = (shas[rel], reason, None)
+            if bar and (n % 500 == 0 or n == len(todo)):
                 bar.update(n)
     memo.save()
     return results

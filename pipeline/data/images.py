@@ -69,6 +69,18 @@ def check_image(path, max_pixels: int = MAX_PIXELS) -> str | None:
     return None
 
 
+def check_header(path, max_pixels: int = MAX_PIXELS) -> str | None:
+    """None if ``path`` opens as an image within the pixel limit (its header; its pixels are checked when they
+    are decoded for the backbone), else the reason it does not."""
+    try:
+        w, h = _open(_read(path)).size
+    except BadImage as e:
+        return str(e)
+    if w * h > max_pixels:
+        return f"too large: {w}x{h} px > limit {max_pixels}"
+    return None
+
+
 def _image(source, max_pixels, draft=None) -> Image.Image:
     """An RGB Pillow image of a path, bytes or uint8 array."""
     if isinstance(source, np.ndarray):

@@ -46,9 +46,16 @@ class Dataset:
     ignored: int = 0
     arrays: np.ndarray | None = None  # in-memory sources
     max_pixels: int = images.MAX_PIXELS  # the scan's limit, applied again at every load
+    bad: dict = field(default_factory=dict)  # relpath -> why decoding it failed: in the manifest, rows skipped
 
-    def split(self, name):
-        return [i for i, it in enumerate(self.items) if it.split == name]
+    def split(self, name, all_rows=False):
+        """Indices of the split's items; without ``all_rows``, not those whose decode failed."""
+        return [i for i, it in enumerate(self.items)
+                if it.split == name and (all_rows or it.relpath not in self.bad)]
+
+    def refused(self) -> list[tuple[str, str]]:
+        """(relpath, reason) of every file left out: at the scan, and those whose pixels did not decode."""
+        return sorted([*self.skipped, *self.bad.items()])
 
     def splits(self):
         return [s for s in SPLITS if any(it.split == s for it in self.items)]
@@ -111,11 +118,14 @@ def scan_tree(root, val_fraction=0.15, test_fraction=0.15, seed=0, per_class=0,
             to_check.append((rel, path))
     checked = check_files(to_check, CheckMemo(memo_path, max_pixels), progress)
     index = {c: i for i, c in enumerate(class_names)}
+    bad = {}
     for rel, _ in to_check:
-        sha, reason = checked[rel]
+        sha, reason, undecodable = checked[rel]
         if reason:
             skipped.append((rel, reason))
             continue
+        if undecodable:
+            bad[rel] = undecodable
         parts = rel.split(os.sep)
         cls = parts[1] if split_trees else parts[0]
         split = fixed_split[rel] or split_of(rel, seed, val_fraction, test_fraction)
@@ -124,7 +134,9 @@ def scan_tree(root, val_fraction=0.15, test_fraction=0.15, seed=0, per_class=0,
         kept = fill_splits(kept, seed, val_fraction, test_fraction)
     kept = [kept[i] for i in limit_per_class(kept, per_class, seed)]
     name = os.path.basename(os.path.normpath(root))
-    ds = Dataset(name, os.path.abspath(root), class_names, kept, sorted(skipped), ignored, max_pixels=max_pixels)
+    kept_paths = {it.relpath for it in kept}
+    ds = Dataset(name, os.path.abspath(root), class_names, kept, sorted(skipped), ignored, max_pixels=max_pixels,
+                 bad={r: why for r, why in bad.items() if r in kept_paths})
     check_classes(ds, val_fraction, test_fraction, split_trees, root)
     return ds
 

@@ -96,15 +96,17 @@ def _check_options(cfg: FinetuneConfig) -> Unfreeze:
 def _resolve_cache(cfg, plan, log):
     from pipeline.cache import extract
 
-    extract.report_skipped(plan)
     extract.report_duplicates(plan)
     if plan.up_to_date():
         log(f"up to date: {plan.path}")
+        extract.report_skipped(plan)
         return plan.path
     if not cfg.extract:
         raise PipelineError(f"no feature cache for this configuration ({plan.path}); make it with: "
                             f"{head_train.features_command(plan.cfg)}")
-    return extract.ensure(plan)
+    path = extract.ensure(plan)
+    extract.report_skipped(plan)
+    return path
 
 
 def dense_head(cfg: FinetuneConfig, extra: dict | None, cache: store.Cache, log=print):

@@ -109,8 +109,8 @@ def finish(est, cache, cfg, name, head, params, extra, log=print, on_val=True) -
          **({"val": val} if val else {}), "test": test}
     history = getattr(est, "history_", None)
     with lock.locked(artifacts.head_dir(cfg.models_dir, cache.path), log=log):  # one writer per models folder
-        paths = evaluate.write_reports(out, m, f"{label} on {stem}", history)
-        paths.update(_analyse(est, cache, cfg, out, label, m, log))
+        found = _analyse(est, cache, cfg, out, label, m, log)  # first: metrics.json counts what it found
+        paths = {**evaluate.write_reports(out, m, f"{label} on {stem}", history), **found}
         paths["record"] = artifacts.save(est, name=name, head=head, params=params, cache=cache,
                                          config=asdict(cfg), metrics=m, models_dir=cfg.models_dir, history=history)
     log(f"saved {paths['record']} and reports in {out}/")

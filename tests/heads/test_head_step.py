@@ -40,7 +40,8 @@ def test_head_trains_reports_and_saves(capsys, tmp_path, dirs, blob_cache):
     assert "svm C=10.0 GAMMA=scale" in out and "svm: test split (30 images)" in out
     rec_path = tmp_path / "models" / "blobs" / "svm.json"
     rep = tmp_path / "reports" / "blobs" / "svm"
-    assert sorted(os.listdir(rep)) == ["confusion.png", "metrics.json"]
+    near = ["near_duplicates.csv"] if json.loads((rep / "metrics.json").read_text())["near_duplicates"] else []
+    assert sorted(os.listdir(rep)) == ["confusion.png", "errors.csv", "metrics.json", *near]  # no photos: no sheet
     est, rec = artifacts.load(str(rec_path), expect_key=store.load(blob_cache).key)
     assert est.get_params()["clf__C"] == 10.0 and rec["params"]["c"] == 10.0 and rec["config"]["head"] == "svm"
     cache = store.load(blob_cache)
@@ -62,7 +63,9 @@ def test_dense_head_keeps_its_curves_and_history(capsys, tmp_path, dirs, blob_ca
     assert code == 0, err
     assert "fitted in" in out and "(6 epochs)" in out
     rep = tmp_path / "reports" / "blobs" / "dense"
-    assert sorted(os.listdir(rep)) == ["confusion.png", "curves.png", "history.json", "metrics.json"]
+    near = ["near_duplicates.csv"] if json.loads((rep / "metrics.json").read_text())["near_duplicates"] else []
+    assert sorted(os.listdir(rep)) == ["confusion.png", "curves.png", "errors.csv", "history.json", "metrics.json",
+                                       *near]
     history = json.loads((rep / "history.json").read_text())
     assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy"} and len(history["loss"]) == 6
     est = artifacts.load_head(str(tmp_path / "models" / "blobs" / "dense.json"))
