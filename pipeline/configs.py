@@ -50,7 +50,18 @@ class FeaturesConfig:
     max_pixels: int = opt(MAX_PIXELS, "skip images with more pixels than this")
     cache_dir: str = opt("cache", "where cache files are written")
     wait: bool = opt(True, "wait for another run writing the same cache file (0: fail at once)")
+    views: int = opt(0, "augmented views of every train image cached beside its clean row (0 = none); the "
+                        "augmentation is FLIP, ROTATION, ZOOM, CONTRAST, drawn per (image content, view, SEED)")
+    flip: str = opt("horizontal", "augmentation (views, fine-tuning): " + " | ".join(FLIPS))
+    rotation: float = opt(0.1, "augmentation (views, fine-tuning): random rotation, fraction of a full turn (0 = off)")
+    zoom: float = opt(0.1, "augmentation (views, fine-tuning): random zoom in/out, fraction of the size (0 = off)")
+    contrast: float = opt(0.1, "augmentation (views, fine-tuning): random contrast factor (0 = off)")
     keras_home: str = opt("", "Keras cache folder (its models/ holds ImageNet weights); default $KERAS_HOME or ~/.keras")
+    engine: str = opt("inprocess", "who runs the backbone: inprocess (this process) | ray (shards over a Ray cluster's "
+                                   "actors, one per GPU; `pip install -e '.[ray]'`)")
+    ray_address: str = opt("", "ENGINE=ray: the cluster (auto, host:port; default $RAY_ADDRESS, else a local cluster)")
+    workers: int = opt(0, "ENGINE=ray: extractor actors (0 = one per GPU of the cluster, else one per 4 CPUs)")
+    shard: int = opt(1024, "ENGINE=ray: rows per shard (rounded up to a multiple of CHUNK)")
 
 
 @dataclass(frozen=True)
@@ -91,10 +102,6 @@ class FinetuneConfig(HeadConfig):
     layer_decay: float = opt(1.0, "discriminative rates: each unfrozen backbone block trains at LAYER_DECAY times "
                                   "the rate of the block after it, the head at FINETUNE_LR (1 = one rate)")
     finetune_patience: int = opt(3, "epochs without val-loss improvement before stopping (best weights kept)")
-    flip: str = opt("horizontal", "augmentation: " + " | ".join(FLIPS))
-    rotation: float = opt(0.1, "augmentation: random rotation, fraction of a full turn (0 = off)")
-    zoom: float = opt(0.1, "augmentation: random zoom in/out, fraction of the size (0 = off)")
-    contrast: float = opt(0.1, "augmentation: random contrast factor (0 = off)")
     resume: bool = opt(True, "resume an interrupted fine-tune from its backup (0: start over)")
     verbose: int = opt(1, "Keras progress: 1 = progress bars, 2 = one line per epoch, 0 = off")
 

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from pipeline.cache import lock
+from pipeline.cache import lock, reuse, store
 from pipeline.cache.plan import Plan, report_duplicates, report_skipped
 from pipeline.cache.writer import Writer
 from pipeline.configs import FeaturesConfig
@@ -83,6 +83,8 @@ def extract(plan: Plan) -> str:
     splits = {s: ds.split(s, all_rows=True) for s in ds.splits()}  # every row: the manifest's layout
     layout = {s: ([ds.items[i].label for i in idx], [ds.items[i].relpath for i in idx])
               for s, idx in splits.items()}
+    views, view_of = _views(plan, splits, layout)
+    reuse.add_hashes(ds, splits, layout)  # each row's image content hash: what a later cache reuses rows by
     rec = plan.record()
     writer = Writer(plan.path, plan.key, rec, layout, plan.dim, cfg.dtype, plan.chunk, log=log)
     starts = {s: writer.done(s) for s in splits}
@@ -126,6 +128,9 @@ def extract(plan: Plan) -> str:
         for (s, k), x in stream:
             if call is None:
                 call = preparing.result()
+            if s == store.VIEWS:  # the clean pixels, augmented as view j of that image's content
+                rows = range(k, k + len(x))
+                x = views.batch(x, [(ds.items[splits[s][r]].sha256, view_of[r]) for r in rows])
             if s != split:
                 if pending:
                     write(split, at, pending)
@@ -161,6 +166,24 @@ def extract(plan: Plan) -> str:
     return path
 
 
+def _views(plan, splits, layout):
+    """With VIEWS=K: the train views' rows added to ``splits`` and ``layout`` (image-major: every view of
+    train image 0, then of image 1, ...; columns ``image`` and ``view``); (augmenter, view of each row)."""
+    cfg = plan.cfg
+    if not cfg.views or "train" not in splits:
+        return None, None
+    from pipeline.data.augment import Views
+
+    train, k = splits["train"], cfg.views
+    splits[store.VIEWS] = [i for i in train for _ in range(k)]
+    image = np.repeat(np.arange(len(train), dtype=np.int32), k)
+    view = np.tile(np.arange(k, dtype=np.int16), len(train))
+    labels, paths = layout["train"]
+    layout[store.VIEWS] = (np.repeat(labels, k), np.repeat(np.asarray(paths, dtype=object), k),
+                           {"image": image, "view": view})
+    return Views(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed), view
+
+
 def ensure(plan: Plan) -> str:
     """The cache of ``plan``, extracted unless another run made it meanwhile; one run at a time writes a
     cache file (the others wait for its lock, or fail at once with ``WAIT=0``)."""
@@ -169,7 +192,18 @@ def ensure(plan: Plan) -> str:
         if plan.up_to_date():
             plan.log(f"up to date: {plan.path}")
             return plan.path
-        return extract(plan)
+        return _engine(plan)
+
+
+def _engine(plan: Plan) -> str:
+    """Extract with ENGINE: Ray (:mod:`pipeline.cache.ray_engine`), or in this process, copying the rows of an
+    earlier cache of the same backbone configuration that holds some of the images (:mod:`pipeline.cache.reuse`)."""
+    if plan.cfg.engine == "ray":
+        from pipeline.cache import ray_engine
+
+        return ray_engine.extract(plan)
+    lender = reuse.find(plan)
+    return reuse.extract(plan, lender) if lender is not None else extract(plan)
 
 
 def run(cfg: FeaturesConfig, log=print) -> str:

@@ -19,6 +19,7 @@ from pipeline.errors import PipelineError, choose
 EXTRACT_VERSION = 1  # bump when extraction changes what it computes: old caches then no longer match
 DTYPES = {"float32": np.float32, "float16": np.float16}
 PRECISIONS = ("float32", "bfloat16", "float16")  # backbones.extractor.PRECISIONS, without importing Keras
+ENGINES = ("inprocess", "ray")  # ENGINE=ray: pipeline.cache.ray_engine (Ray imported only then)
 
 
 class Plan:
@@ -35,9 +36,16 @@ class Plan:
         choose(cfg.pooling, dict.fromkeys(registry.POOLINGS), "pooling")
         choose(cfg.interpolation, images.INTERPOLATIONS, "interpolation")
         choose(cfg.precision, dict.fromkeys(PRECISIONS), "precision")
+        choose(cfg.engine, dict.fromkeys(ENGINES), "engine")
         self.size = registry.resolve_size(self.spec, cfg.size)
         if cfg.batch < 1 or cfg.chunk < 1:
             raise PipelineError("BATCH and CHUNK must be positive")
+        if cfg.views < 0:
+            raise PipelineError(f"VIEWS={cfg.views}: must be 0 (none) or more")
+        if cfg.views:
+            from pipeline.data import augment
+
+            augment.check(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast)
         self.chunk = math.ceil(cfg.chunk / cfg.batch) * cfg.batch
         records.writable_dir(cfg.cache_dir, "CACHE_DIR")
         self.ds = sources.open_source(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.per_class,
@@ -62,10 +70,15 @@ class Plan:
     def _build(self):
         from pipeline import quiet
 
-        quiet.tensorflow()
+        tf = quiet.tensorflow()
         from pipeline.backbones import extractor
 
         cfg = self.cfg
+        if cfg.engine == "ray":  # the driver builds the extractor for its key only: the GPUs are the actors'
+            try:
+                tf.config.set_visible_devices([], "GPU")
+            except RuntimeError:  # TensorFlow already running in this process: its devices stay as they are
+                pass
         model, base = extractor.build(self.spec, self.size, cfg.weights, cfg.pooling, alpha=cfg.alpha or None,
                                       seed=cfg.seed, precision=cfg.precision, keras_home=cfg.keras_home)
         sha, dim = registry.weights_digest(base), int(model.output_shape[-1])
@@ -90,6 +103,9 @@ class Plan:
             "fold_batchnorm": cfg.fold_batchnorm,
             "extract_version": EXTRACT_VERSION,
         }
+        if cfg.views:  # only then: a cache without views keeps the key it always had
+            self.identity["views"] = {"count": cfg.views, "seed": cfg.seed, "flip": cfg.flip,
+                                      "rotation": cfg.rotation, "zoom": cfg.zoom, "contrast": cfg.contrast}
         self.key = records.digest(self.identity)
         stem = f"{self.ds.name}_{self.spec.name}_{self.size}_{cfg.pooling}_{self.key[:12]}"
         self.path = os.path.join(cfg.cache_dir, stem + ".h5")

@@ -26,6 +26,7 @@ from pipeline.errors import PipelineError
 FORMAT = "pipeline-features/1"
 PARTIAL = ".partial"
 CHUNK_CACHE_BYTES = 64 << 20
+VIEWS = "train_views"  # the group of augmented views of the train images
 
 
 @dataclass
@@ -46,6 +47,19 @@ class Split:
 
 
 @dataclass
+class Views(Split):
+    """Augmented views of the train images: each row's ``image`` (its clean row in ``train``) and ``view``."""
+
+    image: np.ndarray = None
+    view: np.ndarray = None
+
+    def upto(self, k: int) -> "Views":
+        """The first ``k`` views of every image (a cache with more views serves fewer)."""
+        keep = self.view < k
+        return Views(self.features[keep], self.labels[keep], self.paths[keep], self.image[keep], self.view[keep])
+
+
+@dataclass
 class Cache:
     """A complete cache file, loaded into memory."""
 
@@ -56,6 +70,7 @@ class Cache:
     versions: dict
     created: str
     splits: dict
+    views: "Views | None" = None  # augmented views of the train images, when the cache has them
 
     def _split(self, name) -> Split:
         if name not in self.splits:
@@ -138,7 +153,7 @@ def load(path, expect_key=None, check_complete=True, check_finite=True) -> Cache
     with _open(path, "r") as f:
         meta = _attrs(f, path)
         key, created = _check_key(f, path, expect_key), f.attrs.get("created", "")
-        splits = {}
+        splits, kept = {}, {}
         try:
             for s in f:
                 g = f[s]
@@ -156,13 +171,21 @@ def load(path, expect_key=None, check_complete=True, check_finite=True) -> Cache
                     raise PipelineError(f"{path}: split {s} has changed since it was written (checksum "
                                         "mismatch); delete the file and rerun make features")
                 labels, paths = g["labels"][()], g["paths"].asstr()[()]
+                if s == VIEWS:
+                    image, view = g["image"][()], g["view"][()]
+                    splits[s] = Views(feats[keep], labels[keep], paths[keep], image[keep], view[keep])
+                    continue
+                kept[s] = keep
                 if not keep.all():
                     feats, labels, paths = feats[keep], labels[keep], paths[keep]
                 splits[s] = Split(feats, labels, paths)
         except (OSError, KeyError, RuntimeError) as e:
             raise PipelineError(f"{path}: corrupt or truncated cache ({str(e).splitlines()[0]}); "
                                 "delete it and rerun make features") from None
-    return Cache(path, key, meta["config"], meta["class_names"], meta["versions"], created, splits)
+    views = splits.pop(VIEWS, None)
+    if views is not None and "train" in kept:  # clean rows left out: views point at the rows that stay
+        views.image = (np.cumsum(kept["train"]) - 1)[views.image]
+    return Cache(path, key, meta["config"], meta["class_names"], meta["versions"], created, splits, views)
 
 
 def listing(cache_dir) -> list[dict]:

@@ -25,7 +25,7 @@ class Writer:
     every chunk it holds against its recorded checksum (rows that fail are extracted again)."""
 
     def __init__(self, path, key, attrs, layout, feature_dim, dtype="float32", chunk=256, log=print):
-        """``layout``: {split: (labels, paths)} in extraction order."""
+        """``layout``: {split: (labels, paths[, {column: values}])} in extraction order."""
         self.path, self.partial, self.log = path, path + PARTIAL, log
         self.layout, self.dim, self.dtype = layout, feature_dim, np.dtype(dtype)
         self.hashes, self.next = {}, {}
@@ -40,7 +40,7 @@ class Writer:
         self._check_space(self._left_bytes())
 
     def _left_bytes(self) -> int:
-        left = sum(len(labels) - self.next.get(s, 0) for s, (labels, _) in self.layout.items())
+        left = sum(len(v[0]) - self.next.get(s, 0) for s, v in self.layout.items())
         return left * self.dim * self.dtype.itemsize
 
     def _check_space(self, need: int) -> None:
@@ -108,9 +108,11 @@ class Writer:
         f.attrs["chunk"] = int(chunk)
         for name, value in attrs.items():
             f.attrs[name] = json.dumps(value, sort_keys=True, default=str)
-        for s, (labels, paths) in layout.items():
+        for s, (labels, paths, *more) in layout.items():
             g = f.create_group(s)
             n = len(labels)
+            for name, values in (more[0] if more else {}).items():  # per-row columns (train views' image, view)
+                g.create_dataset(name, data=np.asarray(values))
             g.create_dataset("features", (n, dim), dtype=dtype, chunks=(max(1, min(chunk, n)), dim))
             g.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
             g.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=h5py.string_dtype())

@@ -13,7 +13,7 @@ from pipeline.cache import store
 from pipeline.configs import SCORINGS, HeadConfig
 from pipeline.errors import PipelineError
 from pipeline.heads import artifacts, evaluate, registry
-from pipeline.heads.train import check_outputs, check_splits, finish, fit, resolve_cache
+from pipeline.heads.train import check_outputs, check_splits, finish, fit, resolve_cache, views_of
 
 
 def _sweep_names(text):
@@ -66,8 +66,13 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     X = np.concatenate([cache.splits["train"].features, cache.splits["val"].features])
     y = np.concatenate([cache.splits["train"].labels, cache.splits["val"].labels])
     check_folds(y, cache.class_names, cfg.cv)
+    views = views_of(cache, cfg)
     folds = StratifiedKFold(cfg.cv, shuffle=True, random_state=cfg.head_seed)
-    log(f"sweep over {', '.join(names)}: {cfg.cv}-fold CV on train+val ({len(y)} x {X.shape[1]}), "
+    if views is not None:  # an image's views go with it: never in the fit and the validation fold at once
+        folds = grouped_folds(y, views.image, cfg.cv, cfg.head_seed)
+        X, y = np.concatenate([X, views.features]), np.concatenate([y, views.labels])
+    with_views = f" + {len(views.labels)} train views, grouped by image" if views is not None else ""
+    log(f"sweep over {', '.join(names)}: {cfg.cv}-fold CV on train+val ({len(y)} x {X.shape[1]}{with_views}), "
         f"scoring {cfg.scoring}, jobs {cfg.jobs}")
     board = []
     for name in names:
@@ -142,3 +147,22 @@ def write_csv(path, board, scoring) -> None:
             for i, row in enumerate(board, 1):
                 w.writerow([i, row["head"], f"{row['mean']:.6f}", f"{row['std']:.6f}", f"{row['fit_seconds']:.3f}",
                             f"{row['seconds']:.2f}", registry.get(row["head"]).describe(row["params"])])
+
+
+def grouped_folds(y_clean, view_image, cv, seed) -> list:
+    """CV folds over the clean train+val rows (``y_clean``) followed by the train views (``view_image``: the
+    clean row of each): the folds of StratifiedGroupKFold over the images; each fold fits on its images' clean
+    rows and views and validates on the clean rows of the others only."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n = len(y_clean)
+    groups = np.arange(n)
+    rows_of = {}
+    for r, img in enumerate(view_image):
+        rows_of.setdefault(int(img), []).append(n + r)
+    out = []
+    for fit_rows, val_rows in StratifiedGroupKFold(cv, shuffle=True, random_state=seed).split(
+            np.zeros(n), y_clean, groups):
+        extra = [r for img in fit_rows for r in rows_of.get(int(img), ())]
+        out.append((np.concatenate([fit_rows, np.asarray(extra, dtype=int)]), val_rows))
+    return out

@@ -68,9 +68,19 @@ def check_splits(cache: store.Cache, needed=("train", "val", "test")) -> None:
                                 "add images or change VAL_FRACTION/TEST_FRACTION/SEED")
 
 
-def fit(name, est, X, y, validation_data=None):
-    """Fit a head; the seconds it took. scikit-learn heads fit with one BLAS thread: on cached features the
-    matrices are small, and BLAS threads spinning for a shared core cost far more than they bring."""
+def views_of(cache, cfg):
+    """The cache's augmented views of its train images that a head trains on: the first VIEWS of each (all of
+    them when VIEWS=0 names a cache that has views), or None."""
+    if cache.views is None:
+        return None
+    return cache.views.upto(cfg.views) if cfg.views else cache.views
+
+
+def fit(name, est, X, y, validation_data=None, views=None):
+    """Fit a head; the seconds it took. ``views`` (augmented views of X's rows): the dense head draws one row
+    per image each epoch among its clean row and its views, scikit-learn heads fit on every row. scikit-learn
+    heads fit with one BLAS thread: on cached features the matrices are small, and BLAS threads spinning for a
+    shared core cost far more than they bring."""
     from threadpoolctl import threadpool_limits
 
     from pipeline.heads.dense import DenseHead
@@ -78,8 +88,11 @@ def fit(name, est, X, y, validation_data=None):
     t0 = time.perf_counter()
     try:
         if isinstance(est, DenseHead):
-            est.fit(X, y, **({"validation_data": validation_data} if validation_data is not None else {}))
+            est.fit(X, y, **({"validation_data": validation_data} if validation_data is not None else {}),
+                    views=None if views is None else (views.features, views.image))
         else:
+            if views is not None:
+                X, y = np.concatenate([X, views.features]), np.concatenate([y, views.labels])
             with threadpool_limits(1, user_api="blas"):
                 est.fit(X, y)
     except ValueError as e:
@@ -161,13 +174,16 @@ def train_head(cache: store.Cache, cfg: HeadConfig, name: str, params: dict, log
     head = registry.get(name)
     check_splits(cache)
     tr, va = cache.splits["train"], cache.splits["val"]
+    views = views_of(cache, cfg)
     est = head.build(params, seed=cfg.head_seed)
-    log(f"{head.name} {head.describe(params)} on {os.path.basename(cache.path)}: train {len(tr.labels)}, "
+    with_views = f" (+{len(views.labels)} augmented views)" if views is not None else ""
+    log(f"{head.name} {head.describe(params)} on {os.path.basename(cache.path)}: train {len(tr.labels)}{with_views}, "
         f"val {len(va.labels)}, test {len(cache.splits['test'].labels)} x {tr.features.shape[1]}")
-    secs = fit(head.name, est, tr.features, tr.labels, (va.features, va.labels))
+    secs = fit(head.name, est, tr.features, tr.labels, (va.features, va.labels), views)
     epochs = len(est.history_["loss"]) if getattr(est, "history_", None) else None
     log(f"fitted in {secs:.2f} s" + (f" ({epochs} epochs)" if epochs else ""))
-    return finish(est, cache, cfg, head.name, head.name, params, {"fit_seconds": secs, "trained_on": "train"},
+    return finish(est, cache, cfg, head.name, head.name, params,
+                  {"fit_seconds": secs, "trained_on": "train", "views": 0 if views is None else int(views.view.max()) + 1},
                   log)
 
 

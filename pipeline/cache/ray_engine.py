@@ -1,0 +1,393 @@
+"""``ENGINE=ray``: one cache extracted in shards over a Ray cluster's extractor actors (one per GPU).
+
+The driver plans the cache exactly as the in-process engine does (same key, manifest, order) and cuts each
+split into shards of rows [start, stop), ``SHARD`` rows rounded up to a multiple of CHUNK (itself a multiple
+of BATCH), so every batch holds the rows it holds in-process and the features are the same bytes. A
+``ray.util.ActorPool`` of :class:`Extractor` actors (``num_gpus=1`` each where the cluster has GPUs, else a
+share of its CPUs) writes each shard with :class:`pipeline.cache.writer.Writer` to
+``<stem>.shards/<split>-<start>-<stop>.h5`` (partial file, flushed per chunk, resumed after a kill,
+verified, renamed), recording the cache key, its row range and its paths. An actor that dies is restarted
+and its shard retried, resuming from its own partial file; the driver submits only shards without a file,
+then concatenates them (rows of images an earlier cache holds come from it: :mod:`pipeline.cache.reuse`)
+into ``<stem>.h5.partial`` through the Writer, verifies, renames into place and removes the shard folder.
+A missing or damaged shard file makes the merge refuse in one line naming it.
+
+The shard folder must be on a file system every node sees (as DATA, CACHE_DIR and WEIGHTS must), and the
+project installed on every node: see README "Scale out"."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from pipeline import records
+from pipeline.cache import reuse, store
+from pipeline.cache.writer import Writer
+from pipeline.errors import PipelineError
+
+SHARDS = ".shards"  # <stem>.shards/: the shard files of a cache being made
+EXIT_ONCE = "PIPELINE_RAY_EXIT_ONCE"  # tests: a marker file; the actor that removes it exits mid-shard, once
+PASSED_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_CPP_MIN_LOG_LEVEL", "PIPELINE_TF_LOGS",
+              "KERAS_HOME", EXIT_ONCE)  # handed to the actors as they are in the driver
+CPUS_PER_ACTOR = 4  # WORKERS=0 on a cluster without GPUs: one actor per this many CPUs
+RESTARTS = 3  # an actor that dies is restarted this often, its shard retried on it
+LOCAL_OBJECT_STORE = 256 << 20  # a local cluster's object store: it carries the dataset's manifest, not pixels
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows [start, stop) of one split."""
+
+    split: str
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.start:09d}-{self.stop:09d}"
+
+
+def shards(splits, rows) -> list[Shard]:
+    """The shards of the layout ``splits`` ({split: item indices}) of ``rows`` rows each (the last shorter)."""
+    return [Shard(s, a, min(a + rows, len(idx))) for s, idx in splits.items() for a in range(0, len(idx), rows)]
+
+
+def shard_rows(cfg, chunk) -> int:
+    """SHARD rounded up to a multiple of the chunk (a multiple of BATCH)."""
+    if cfg.shard < 1:
+        raise PipelineError(f"SHARD={cfg.shard}: must be at least 1 (rows per shard, rounded up to CHUNK)")
+    return math.ceil(cfg.shard / chunk) * chunk
+
+
+def shard_key(key, sh: Shard) -> str:
+    return records.digest({"cache": key, "split": sh.split, "start": sh.start, "stop": sh.stop})
+
+
+def _damaged(path, why) -> PipelineError:
+    return PipelineError(f"shard {path} is {why}: delete it and rerun make features (only that shard is "
+                         "extracted again)")
+
+
+def read_shard(path, key, sh: Shard, layout, dim, rows=True):
+    """(features, skipped) of a finished shard file, verified: made for this cache and range (key), every
+    row written, checksum, the layout's paths, labels and content hashes; ``rows=False`` checks its record
+    only (None). Anything else is a one-line error naming the file."""
+    labels, paths, columns = layout[sh.split]
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != store.FORMAT or f.attrs.get("key") != shard_key(key, sh):
+                raise _damaged(path, "made for another cache or row range")
+            g, n = f[sh.split], sh.stop - sh.start
+            if int(g.attrs["done"]) != n or g["features"].shape != (n, dim):
+                raise _damaged(path, f"incomplete ({int(g.attrs['done'])} of {n} rows)")
+            if not rows:
+                return None
+            feats, mask = g["features"][()], g["skipped"][()]
+            if hashlib.sha256(np.ascontiguousarray(feats).tobytes()).hexdigest() != g.attrs.get("sha256"):
+                raise _damaged(path, "changed since it was written (checksum mismatch)")
+            same = (list(g["paths"].asstr()[()]) == list(paths[sh.start:sh.stop])
+                    and g["labels"][()].tolist() == list(labels[sh.start:sh.stop])
+                    and g[reuse.HASHES][()].tolist() == columns[reuse.HASHES][sh.start:sh.stop].tolist())
+            if not same:
+                raise _damaged(path, "of other images than the manifest's")
+            return feats, mask
+    except PipelineError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        raise _damaged(path, f"damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _exit_once(marker):
+    """Tests: after a chunk is on disk (not the shard's last), the first actor to take the marker exits."""
+    def after(split, start, stop, length):
+        if marker and stop < length:
+            try:
+                os.remove(marker)
+            except FileNotFoundError:
+                return
+            os._exit(1)
+    return after
+
+
+class Extractor:
+    """A Ray actor: TensorFlow imported inside it (start-up noise held back, GPU memory growth on, thread
+    counts pinned), the backbone built and folded once, exactly as in-process; :meth:`extract` writes one
+    shard."""
+
+    def __init__(self, cfg, ds, splits, weights_sha, dim, size, chunk, threads):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from pipeline import quiet
+
+        records.use_keras_home(cfg.keras_home)
+        tf = quiet.tensorflow()
+        intra = int(os.environ.get("TF_NUM_INTRAOP_THREADS") or threads)
+        inter = int(os.environ.get("TF_NUM_INTEROP_THREADS") or max(2, threads))
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+        from pipeline.backbones import extractor, registry
+
+        spec = registry.get(cfg.backbone)
+        model, base = extractor.build(spec, size, cfg.weights, cfg.pooling, alpha=cfg.alpha or None, seed=cfg.seed,
+                                      precision=cfg.precision, keras_home=cfg.keras_home)
+        sha = registry.weights_digest(base)
+        if sha != weights_sha or int(model.output_shape[-1]) != dim:
+            raise PipelineError(f"the weights on node {_node()} ({cfg.weights}) differ from the driver's: "
+                                "every node needs the same WEIGHTS file (a shared file system)")
+        self.call = extractor.compiled_call(model, size, fold=cfg.fold_batchnorm)
+        self.call.get_concrete_function()
+        self.cfg, self.ds, self.splits, self.dim, self.size, self.chunk = cfg, ds, splits, dim, size, chunk
+        self.threads, self.lenders = threads, {}
+        self.devices = [d.name for d in tf.config.list_logical_devices() if d.device_type in ("GPU", "CPU")]
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "node": _node(), "devices": self.devices}
+
+    def extract(self, sh: Shard, path, key, attrs, lender_path=None) -> dict:
+        """Write shard ``sh`` to ``path`` (resuming its partial file) and return what was done."""
+        t0 = time.perf_counter()
+        cfg, ds, splits = self.cfg, self.ds, self.splits
+        out = {"shard": sh, "pid": os.getpid(), "node": _node(), "resumed": 0, "images": 0, "reused": 0,
+               "failed": {}}
+        if os.path.exists(path):  # a retry of a shard that was finished before its actor died
+            return out
+        try:
+            idx = splits[sh.split][sh.start:sh.stop]
+            layout = reuse.layout_of(ds, {sh.split: idx})
+            msgs = []
+            attrs = {**attrs, "shard": {"cache_key": key, "split": sh.split, "start": sh.start, "stop": sh.stop}}
+            writer = Writer(path, shard_key(key, sh), attrs, layout, self.dim, cfg.dtype, self.chunk, log=msgs.append)
+            try:
+                out["resumed"] = done = writer.done(sh.split)
+                lender = None
+                if lender_path:
+                    if lender_path not in self.lenders:
+                        self.lenders[lender_path] = reuse.Lender(lender_path, reuse.lender_rows(lender_path))
+                    lender = self.lenders[lender_path]
+                after = _exit_once(os.environ.get(EXIT_ONCE))
+                res = reuse.fill(ds, splits, [(sh.split, sh.start + done, sh.stop)], writer, size=self.size,
+                                 interpolation=cfg.interpolation, batch=cfg.batch, chunk=self.chunk,
+                                 dtype=cfg.dtype, call=lambda: self.call, lender=lender, offset={sh.split: sh.start},
+                                 after_write=lambda s, a, b: after(s, a, b, sh.stop - sh.start),
+                                 workers=self.threads)
+                writer.finish()
+            finally:
+                writer.close()
+        except PipelineError as e:
+            raise PipelineError(f"shard {sh.name} on node {_node()}: {e}") from None
+        out.update(images=res["images"], reused=res["reused"], failed=res["failed"], seconds=time.perf_counter() - t0)
+        return out
+
+
+def _node() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - only a name for messages
+        return "?"
+
+
+def _ray():
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError:
+        raise PipelineError("ENGINE=ray needs Ray: pip install -e '.[ray]' (or ENGINE=inprocess)") from None
+    return ray, ActorPool
+
+
+def _connect(ray, cfg, log) -> bool:
+    """Join the cluster (RAY_ADDRESS, else $RAY_ADDRESS) or start a local one; True when this call started
+    Ray (and so shuts it down after)."""
+    if ray.is_initialized():
+        return False
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            from pipeline.data.loading import cores
+
+            ray.init(num_cpus=cores(), include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"RAY_ADDRESS={address}" if address else "a local Ray cluster"
+        raise PipelineError(f"ENGINE=ray: cannot start or reach {where} ({str(e).splitlines()[0]}); start one "
+                            "with `ray start --head` or leave RAY_ADDRESS empty for a local cluster") from None
+    res = ray.cluster_resources()
+    log(f"ray: {'joined ' + address if address else 'local cluster'}: {int(res.get('CPU', 0))} CPU, "
+        f"{int(res.get('GPU', 0))} GPU")
+    return True
+
+
+def _actor_options(ray, cfg, jobs) -> tuple[int, dict, int]:
+    """(actors, their resource options, TensorFlow/decode threads each): one per GPU where the cluster has
+    GPUs (with the CPUs of a GPU node shared between its GPUs), else WORKERS (default one per 4 CPUs) with
+    an equal share of the CPUs; never more actors than shards to do."""
+    if cfg.workers < 0:
+        raise PipelineError(f"WORKERS={cfg.workers}: must be 0 (one per GPU, else one per {CPUS_PER_ACTOR} CPUs) "
+                            "or more")
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
+    if gpus:
+        n = min(cfg.workers or gpus, gpus)
+        per = [node["Resources"].get("CPU", 1) / node["Resources"]["GPU"] for node in ray.nodes()
+               if node.get("Alive") and node["Resources"].get("GPU")]
+        share = max(1, int(min(per))) if per else 1
+        opts = {"num_gpus": 1, "num_cpus": share}
+    else:
+        n = cfg.workers or max(1, int(cpus) // CPUS_PER_ACTOR)
+        share = cpus / n
+        opts = {"num_cpus": share if share < 1 else int(share)}
+    n = max(1, min(n, jobs))
+    return n, opts, max(1, int(share))
+
+
+def _result_error(ray, e) -> PipelineError:
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, PipelineError):
+        return PipelineError(f"ENGINE=ray: {cause}")
+    if isinstance(e, ray.exceptions.RayActorError):
+        return PipelineError(f"ENGINE=ray: an extractor actor died {RESTARTS + 1} times "
+                             f"({str(e).splitlines()[0][:200]}); the finished shards are kept: rerun to resume")
+    text = str(cause if cause is not None else e).strip().splitlines()
+    return PipelineError(f"ENGINE=ray: a shard failed: {text[-1] if text else type(e).__name__}")
+
+
+def _run_shards(plan, todo, folder, layout_key, attrs, lender, splits, log) -> list[dict]:
+    """Extract the shards ``todo`` on the cluster's actors; their results as they finish."""
+    ray, ActorPool = _ray()
+    cfg = plan.cfg
+    started = _connect(ray, cfg, log)
+    actors, results = [], []
+    try:
+        n, opts, threads = _actor_options(ray, cfg, len(todo))
+        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        remote = ray.remote(Extractor).options(max_restarts=RESTARTS, max_task_retries=RESTARTS,
+                                               runtime_env={"env_vars": env}, **opts)
+        ds_ref, splits_ref = ray.put(plan.ds), ray.put(splits)
+        sha = plan.identity["weights"]["sha256"]
+        actors = [remote.remote(cfg, ds_ref, splits_ref, sha, plan.dim, plan.size, plan.chunk, threads)
+                  for _ in range(n)]
+        where = ", ".join(f"{k}={v}" for k, v in opts.items())
+        log(f"ray: {n} extractor actor(s) ({where} each) for {len(todo)} shard(s)")
+        pool = ActorPool(actors)
+        lender_path = lender.path if lender is not None else None
+        for sh in todo:
+            pool.submit(lambda a, s: a.extract.remote(s, os.path.join(folder, s.name + ".h5"), layout_key, attrs,
+                                                      lender_path), sh)
+        t0, total = time.perf_counter(), sum(sh.stop - sh.start for sh in todo)
+        rows = 0
+        while pool.has_next():
+            try:
+                r = pool.get_next_unordered()
+            except (ray.exceptions.RayError, PipelineError) as e:
+                raise _result_error(ray, e) from None
+            results.append(r)
+            sh = r["shard"]
+            rows += sh.stop - sh.start
+            more = f", resumed at row {r['resumed']}" if r["resumed"] else ""
+            lent = f", {r['reused']} reused" if r["reused"] else ""
+            log(f"shard {sh.name}: {r['images']} images{lent}{more} (pid {r['pid']} on {r['node']}); "
+                f"{rows}/{total} rows, {rows / max(time.perf_counter() - t0, 1e-9):.1f} rows/s")
+    finally:
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if started:
+            ray.shutdown()
+    return results
+
+
+def _merge(plan, all_shards, splits, writer, lender, folder):
+    """Concatenate the shards, in order, into the cache's partial file (rows an earlier cache lends where a
+    shard had nothing to extract); a missing or damaged shard refuses, naming it. Returns the items whose
+    rows came from shard files and did decode."""
+    decoded = []
+    layout = writer.layout
+    for sh in all_shards:
+        done = writer.done(sh.split)
+        if sh.stop <= done:
+            continue
+        path = os.path.join(folder, sh.name + ".h5")
+        idx = splits[sh.split][sh.start:sh.stop]
+        if os.path.exists(path):
+            feats, mask = read_shard(path, plan.key, sh, layout, plan.dim)
+            decoded += [i for i, m in zip(idx, mask) if not m]
+        elif lender is not None and all(plan.ds.items[i].sha256 in lender.rows for i in idx):
+            feats, mask = lender.take([plan.ds.items[i].sha256 for i in idx]), np.zeros(len(idx), bool)
+        else:
+            raise PipelineError(f"shard {path} is missing: rerun make features to extract it")
+        for c in range(max(sh.start, done), sh.stop, plan.chunk):
+            e = min(c + plan.chunk, sh.stop)
+            writer.write(sh.split, c, feats[c - sh.start:e - sh.start], mask[c - sh.start:e - sh.start])
+    return decoded
+
+
+def extract(plan) -> str:
+    """Extract ``plan``'s cache over a Ray cluster: the shards without a file, then the merge."""
+    from pipeline.data.check import CheckMemo
+
+    cfg, ds, log = plan.cfg, plan.ds, plan.log
+    if getattr(cfg, "views", 0):
+        raise PipelineError("ENGINE=ray does not make VIEWS yet: use ENGINE=inprocess for a cache with views")
+    t0 = time.perf_counter()
+    splits = {s: ds.split(s, all_rows=True) for s in ds.splits()}
+    layout = reuse.layout_of(ds, splits)
+    all_shards = shards(splits, shard_rows(cfg, plan.chunk))
+    folder = plan.path[:-len(".h5")] + SHARDS
+    rec = plan.record()
+    lender = reuse.find(plan)
+    writer = Writer(plan.path, plan.key, rec, layout, plan.dim, cfg.dtype, plan.chunk, log=log)
+    memo = CheckMemo(os.path.join(cfg.cache_dir, "checked-images.json"), ds.max_pixels) if ds.arrays is None else None
+    try:
+        have = lender.rows if lender is not None else {}
+        todo, n_lent, n_left = [], 0, 0
+        for sh in all_shards:
+            start = max(sh.start, writer.done(sh.split))
+            if start >= sh.stop:
+                continue  # already in the cache's own partial file
+            idx = splits[sh.split][start:sh.stop]
+            lent = sum(ds.items[i].sha256 in have for i in idx)
+            n_lent, n_left = n_lent + lent, n_left + len(idx)
+            path = os.path.join(folder, sh.name + ".h5")
+            if os.path.exists(path):
+                read_shard(path, plan.key, sh, layout, plan.dim, rows=False)  # a damaged one refuses before any work
+            elif lent < len(idx):
+                todo.append(sh)
+        if lender is not None:
+            log(f"reused {n_lent} rows from {os.path.basename(lender.path)}, extracting {n_left - n_lent}")
+        names = ", ".join(sh.name for sh in todo[:4]) + (", ..." if len(todo) > 4 else "")
+        log(f"ray: extracting {len(todo)} of {len(all_shards)} shards{' (' + names + ')' if todo else ''} "
+            f"into {folder}")
+        results = []
+        if todo:
+            os.makedirs(folder, exist_ok=True)
+            results = _run_shards(plan, todo, folder, plan.key, rec, lender, splits, log)
+        failed = {int(i): why for r in results for i, why in r["failed"].items()}
+        decoded = _merge(plan, all_shards, splits, writer, lender, folder)
+        path = writer.finish()
+        bad = writer.skipped_rows()
+    finally:
+        writer.close()
+        if lender is not None:
+            lender.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    reuse.settle(plan, splits, bad, decoded + list(failed), failed, memo)
+    n_new = sum(r["images"] for r in results)
+    secs = time.perf_counter() - t0
+    reuse.summary(plan, path, splits, bad, n_new, secs, (0.0, 0))
+    plan.stats["shards"] = [r["shard"].name for r in results]
+    return path
