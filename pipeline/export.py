@@ -30,7 +30,9 @@ from pipeline import predict, records
 from pipeline.configs import ExportConfig
 from pipeline.data import images
 from pipeline.errors import PipelineError, choose
-from pipeline.predict import EXPORT_FORMAT, FORMATS, LINEAR_HEADS, Format
+from pipeline.runners import base, exports, find
+from pipeline.runners.base import EXPORT_FORMAT, LINEAR_HEADS
+from pipeline.runners.exports import FORMATS, Format
 
 RUNS = {  # how the record's user runs the artifact (x: float32 (N, size, size, 3) RGB pixels in 0..255)
     "keras": "keras.saving.load_model(file)(x)  (needs this package's layers: import pipeline.backbones.layers)",
@@ -173,14 +175,14 @@ def write_verified(model, fmt: Format, folder: str, name: str, pixels: np.ndarra
                                 f"'pipeline[{fmt.extra or fmt.name}]'") from None
         export_secs = time.perf_counter() - t0
         t0 = time.perf_counter()
-        call = predict.runtime(fmt, target, size, fold=False)
+        call = exports.runtime(fmt, target, size, fold=False)
         got = _batched(lambda x: call(x.astype(np.float32)), pixels, batch)
         verify_secs = time.perf_counter() - t0
         if got.shape != reference.shape:
             raise PipelineError(f"FORMAT={fmt.name}: the artifact gives {got.shape[1:]} per image, the Keras model "
                                 f"{reference.shape[1:]}; not saved")
         diff = float(np.max(np.abs(got.astype(np.float64) - reference))) if len(got) else 0.0
-        agree = int(np.sum(predict.expand(got).argmax(1) == predict.expand(reference).argmax(1)))
+        agree = int(np.sum(base.expand(got).argmax(1) == base.expand(reference).argmax(1)))
         scale = max(1.0, float(np.max(np.abs(reference)))) if len(reference) else 1.0
         relative = diff / scale
         if output == "score" and not relative <= score_tolerance:
@@ -190,9 +192,9 @@ def write_verified(model, fmt: Format, folder: str, name: str, pixels: np.ndarra
         if output != "score" and not diff <= tolerance:
             raise PipelineError(f"FORMAT={fmt.name}: the artifact's outputs differ from the Keras model's by up to "
                                 f"{diff:.3g} on {len(pixels)} images (TOLERANCE={tolerance:g}); not saved")
-        sha, files = predict.tree_digest(target)
+        sha, files = exports.tree_digest(target)
         final = os.path.join(folder, f"{name}-{sha[:12]}{fmt.ext}")
-        if os.path.exists(final) and predict.tree_digest(final)[0] == sha:
+        if os.path.exists(final) and exports.tree_digest(final)[0] == sha:
             pass  # the same content is in place already
         else:
             if os.path.isdir(final):
@@ -250,7 +252,7 @@ def _refuse_early(rec_path):
         return  # open_model says what is wrong
     if not isinstance(rec, dict):
         return
-    if rec.get("format") == predict.HEAD_FORMAT and rec.get("kind") == "sklearn" and rec.get("head") not in LINEAR_HEADS:
+    if rec.get("format") == base.HEAD_FORMAT and rec.get("kind") == "sklearn" and rec.get("head") not in LINEAR_HEADS:
         raise _refuse(rec.get("head"), rec_path)
     if rec.get("format") == EXPORT_FORMAT:
         raise PipelineError(f"{rec_path}: already an export ({rec.get('export_format')}); export the model it came "
@@ -262,12 +264,12 @@ def run(cfg: ExportConfig, extra=None, log=print) -> str:
     from pipeline.cache import lock
 
     fmt = choose(cfg.format, FORMATS, "export format")
-    predict.need(fmt, (*fmt.export_needs, fmt.runtime))  # before anything is built
+    exports.need(fmt, (*fmt.export_needs, fmt.runtime))  # before anything is built
     if not cfg.tolerance > 0 or not cfg.score_tolerance > 0 or cfg.verify_images < 1 or cfg.batch < 1:
         raise PipelineError("TOLERANCE, SCORE_TOLERANCE, VERIFY_IMAGES and BATCH must be positive")
-    src_path = predict.find_model(cfg.model, cfg.models_dir, log=log)
+    src_path = find.find_model(cfg.model, cfg.models_dir, log=log)
     _refuse_early(src_path)
-    runner = predict.open_model(src_path, cfg.models_dir, log=log)
+    runner = find.open_model(src_path, cfg.models_dir, log=log)
     if runner.kind == "export":
         raise PipelineError(f"{runner.path}: already an export ({runner.record['export_format']}); export the model "
                             f"it came from: MODEL={(runner.source or {}).get('record', '...')}")
@@ -305,7 +307,7 @@ def run(cfg: ExportConfig, extra=None, log=print) -> str:
             "runtime": {"name": fmt.runtime, "package": RUNTIME_PACKAGES[fmt.runtime],
                         "version": records.versions((RUNTIME_PACKAGES[fmt.runtime],))[RUNTIME_PACKAGES[fmt.runtime]],
                         "run": RUNS[fmt.name],
-                        **({"config": predict.OPENVINO_CONFIG} if fmt.name == "openvino" else {})},
+                        **({"config": exports.OPENVINO_CONFIG} if fmt.name == "openvino" else {})},
             "source": {"record": os.path.abspath(runner.path), "kind": runner.kind, "name": src.get("name"),
                        "head": head, "sha256": src.get("sha256"), "backbone": src.get("backbone"),
                        "cache_key": src.get("cache_key"), "cache_path": src.get("cache_path")},

@@ -18,10 +18,13 @@ from test_predict import cached_scores, flowers_models
 from pipeline import cli, export, predict, records
 from pipeline.backbones import registry as backbones
 from pipeline.configs import ExportConfig
+from pipeline.data import images
 from pipeline.errors import PipelineError
 from pipeline.finetune import artifact
 from pipeline.finetune import model as ft_model
 from pipeline.heads import artifacts, dense
+from pipeline.runners import exports as formats
+from pipeline.runners import find
 
 FORMATS = ["keras", "tf_saved_model", "onnx", "litert", "openvino"]
 HEADS = {"dense": {"HIDDEN": "8", "EPOCHS": "5"}, "logreg": {}, "linear_svm": {}, "knn": {}}
@@ -37,7 +40,7 @@ def flowers(tmp_path_factory):
 
 
 def runtime_installed(fmt):
-    spec = predict.FORMATS[fmt]
+    spec = formats.FORMATS[fmt]
     for m in (spec.runtime, *spec.export_needs):
         if importlib.util.find_spec(m) is None:
             pytest.skip(f"{m} is not installed (pip install -e '.[{spec.extra}]')")
@@ -50,7 +53,7 @@ def exports(flowers, tmp_path_factory):
     _, recs, _ = flowers
     made = {}
     for fmt in FORMATS:
-        spec = predict.FORMATS[fmt]
+        spec = formats.FORMATS[fmt]
         if any(importlib.util.find_spec(m) is None for m in (spec.runtime, *spec.export_needs)):
             continue
         said = []
@@ -65,13 +68,13 @@ def test_export_round_trip_is_verified_and_predicts_like_the_head(flowers, expor
     cache_path, recs, _ = flowers
     rec_path, said = exports[fmt]
     rec = json.loads(open(rec_path).read())
-    spec = predict.FORMATS[fmt]
+    spec = formats.FORMATS[fmt]
     files, names, want = cached_scores(recs["dense"], cache_path)
     assert rec["format"] == "pipeline-export/1" and rec["export_format"] == fmt and rec["classes"] == names
     assert rec["input"]["shape"] == [None, 64, 64, 3] and rec["input"]["dtype"] == "float32"
     assert rec["file"] == f"dense-{fmt}-{rec['sha256'][:12]}{spec.ext}" and rec["output"] == "probability"
     path = os.path.join(os.path.dirname(rec_path), rec["file"])
-    assert os.path.isdir(path) == spec.folder and predict.tree_digest(path)[0] == rec["sha256"]
+    assert os.path.isdir(path) == spec.folder and formats.tree_digest(path)[0] == rec["sha256"]
     v = rec["verification"]
     assert v["images"] == len(files) and v["max_abs_diff"] <= 1e-4 and v["argmax_agree"] == len(files)
     assert f"max abs difference {v['max_abs_diff']:.2e} from the Keras model" in said[-2]
@@ -114,14 +117,14 @@ def test_a_changed_export_is_refused(exports, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and "changed since it was exported" in err and changed in err, err
         with pytest.raises(PipelineError, match="changed since it was exported"):
-            predict.open_model(str(target))
+            find.open_model(str(target))
     if "tf_saved_model" in exports:  # a file added to the folder counts too
         folder = tmp_path / "added"
         shutil.copytree(os.path.dirname(exports["tf_saved_model"][0]), folder)
         rec = json.loads(open(folder / "dense-tf_saved_model.json").read())
         (folder / rec["file"] / "extra.pb").write_bytes(b"x")
         with pytest.raises(PipelineError, match=r"changed since it was exported \(extra.pb\)"):
-            predict.open_model(str(folder / "dense-tf_saved_model.json"))
+            find.open_model(str(folder / "dense-tf_saved_model.json"))
 
 
 @pytest.mark.parametrize("head", ["logreg", "linear_svm"])
@@ -161,8 +164,8 @@ def test_a_fine_tuned_model_exports_and_a_non_linear_head_is_refused(flowers, tm
     rec_path = str(tmp_path / "m" / "export" / "finetune-onnx.json")
     rec = json.loads(open(rec_path).read())
     assert rec["source"]["kind"] == "finetune" and rec["verification"]["on"] == "3 given image(s)"
-    runner = predict.open_model(rec_path)
-    pixels = np.stack([predict.images.load_resized(p, 32) for p in photos])
+    runner = find.open_model(rec_path)
+    pixels = np.stack([images.load_resized(p, 32) for p in photos])
     np.testing.assert_allclose(runner.scores(pixels), model(pixels.astype(np.float32), training=False).numpy(),
                                atol=1e-4)
     # no Keras form: a one-line refusal naming the heads that export
@@ -185,7 +188,7 @@ def test_a_missing_runtime_or_a_failed_verification_is_one_line_and_nothing_is_s
     assert code == 2 and "\n" not in err
     assert err.startswith("error: FORMAT=onnx needs onnxruntime, not installed: pip install 'pipeline[onnx]'")
     monkeypatch.undo()
-    runtime = predict.runtime
+    runtime = formats.runtime
     monkeypatch.setattr(predict, "runtime", lambda *a, **k: (lambda x, call=runtime(*a, **k): call(x) + 1e-3))
     code = cli.main(["export", f"MODEL={recs['dense']}", "FORMAT=keras", f"OUT={tmp_path / 'y'}"])
     err = capsys.readouterr().err
@@ -207,7 +210,7 @@ def test_a_kill_before_the_record_keeps_the_previous_export(flowers, tmp_path, m
         export.run(cfg, log=quiet)
     monkeypatch.undo()
     assert open(rec_path, "rb").read() == before
-    runner = predict.open_model(rec_path)  # the previous artifact, checked
+    runner = find.open_model(rec_path)  # the previous artifact, checked
     assert runner.kind == "export" and len([f for f in os.listdir(tmp_path) if f.endswith(".keras")]) == 2
     rec_path = export.run(cfg, log=quiet)  # the next export removes what no record names
     rec = json.loads(open(rec_path).read())

@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.finetune import artifact
 from pipeline.finetune import model as ft_model
 from pipeline.heads import dense
+from pipeline.runners import find
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -237,13 +238,13 @@ def test_the_default_model_is_the_fine_tuned_one_else_the_last_sweep_else_the_ne
     (models / "c" / "notes.json").write_text("{}")  # not a record: never picked
     os.utime(models / "c" / "notes.json", (2000, 2000))
     said = []
-    assert predict.find_model("", str(models), said.append) == made[3]
+    assert find.find_model("", str(models), said.append) == made[3]
     os.remove(made[3])
-    assert predict.find_model("", str(models), said.append) == made[2] and "best head of the last sweep" in said[-1]
+    assert find.find_model("", str(models), said.append) == made[2] and "best head of the last sweep" in said[-1]
     os.remove(made[2])
-    assert predict.find_model("", str(models), said.append) == made[1] and "newest head" in said[-1]
-    assert predict.find_model(str(models / "a"), str(models)) == made[0]  # a folder with one record
-    assert predict.find_model(str(models / "a" / "logreg-0123456789ab.joblib")) == made[0]
+    assert find.find_model("", str(models), said.append) == made[1] and "newest head" in said[-1]
+    assert find.find_model(str(models / "a"), str(models)) == made[0]  # a folder with one record
+    assert find.find_model(str(models / "a" / "logreg-0123456789ab.joblib")) == made[0]
 
 
 def test_a_head_whose_cache_is_gone_runs_on_its_own_options_and_says_so(flowers, tmp_path):
@@ -251,7 +252,7 @@ def test_a_head_whose_cache_is_gone_runs_on_its_own_options_and_says_so(flowers,
     rec = json.loads(open(recs["logreg"]).read())
     shutil.copy(os.path.join(os.path.dirname(recs["logreg"]), rec["file"]), tmp_path / rec["file"])
     (tmp_path / "logreg.json").write_text(json.dumps({**rec, "cache_path": str(tmp_path / "gone.h5")}))
-    runner = predict.open_model(str(tmp_path / "logreg.json"))
+    runner = find.open_model(str(tmp_path / "logreg.json"))
     assert runner.kind == "sklearn" and "gone.h5 is gone" in runner.notes[0]
     assert "its weights cannot be checked" in runner.notes[0]
     files, _, want = cached_scores(recs["logreg"], cache_path)
@@ -263,11 +264,11 @@ def test_a_head_whose_cache_is_gone_runs_on_its_own_options_and_says_so(flowers,
     (tmp_path / "logreg.json").write_text(json.dumps({**rec, "cache_path": str(tmp_path / "gone.h5"),
                                                       "config": {**rec["config"], "cache": "x.h5"}}))
     with pytest.raises(PipelineError, match="trained on CACHE=x.h5, so its record does not say"):
-        predict.open_model(str(tmp_path / "logreg.json"))
+        find.open_model(str(tmp_path / "logreg.json"))
 
 
 def test_an_extractor_with_other_weights_than_the_cache_is_refused(flowers, monkeypatch):
     _, recs, _ = flowers
     monkeypatch.setattr(backbones, "weights_digest", lambda model: "0" * 64)
     with pytest.raises(PipelineError, match="other weights .* than the cache was made with"):
-        predict.open_model(recs["dense"])
+        find.open_model(recs["dense"])
