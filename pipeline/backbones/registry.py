@@ -23,8 +23,8 @@ class Backbone:
     """One registry entry. ``preprocess`` is a mode of :class:`Preprocess`."""
 
     name: str
-    constructor: str  # attribute of keras.applications, or "lite0"
-    preprocess: str  # caffe | tf | torch | lite0 | none (inside the model)
+    constructor: str  # attribute of keras.applications, or an EfficientNet-Lite member: "lite0", "lite1", "lite2"
+    preprocess: str  # caffe | tf | torch | lite0 ((x - 127) / 128, every Lite member's) | none (inside the model)
     default_size: int
     min_size: int
     features: int  # channels of the last feature map == pooled feature size
@@ -65,9 +65,12 @@ def _entries():
         Backbone("convnext_tiny", "ConvNeXtTiny", inside, 224, 32, 768,
                  blocks=r"^convnext_tiny_(stage_\d+|downsampling_block_\d+|stem)"),
         Backbone("efficientnet_lite0", "lite0", "lite0", 224, 32, 1280, blocks=r"^(block\d+[a-z]?|stem|top)"),
+        Backbone("efficientnet_lite1", "lite1", "lite0", 240, 32, 1280, blocks=r"^(block\d+[a-z]?|stem|top)"),
+        Backbone("efficientnet_lite2", "lite2", "lite0", 260, 32, 1280, blocks=r"^(block\d+[a-z]?|stem|top)"),
     ]
 
 
+LITE = ("lite0", "lite1", "lite2")  # constructors built by pipeline.backbones.lite, not keras.applications
 BACKBONES = {b.name: b for b in _entries()}
 POOLINGS = ("avg", "max", "flatten")
 
@@ -103,11 +106,11 @@ def build_base(spec: Backbone, size: int, weights: str, alpha: float | None = No
     if local_file and not os.path.isfile(weights):
         raise PipelineError(f"WEIGHTS={weights}: no such file; use imagenet, none or a weights file path")
     keras.utils.set_random_seed(seed)  # weights=none must be the same random network every time
-    if spec.constructor == "lite0":
+    if spec.constructor in LITE:
         from pipeline.backbones import lite
 
-        return lite.EfficientNetLite0(weights=None if weights == "none" else weights, keras_home=keras_home,
-                                      **kwargs)
+        return lite.EfficientNetLite(spec.constructor, weights=None if weights == "none" else weights,
+                                     keras_home=keras_home, **kwargs)
     if spec.preprocess == "none" and spec.name.startswith(("mobilenet_v3", "efficientnet_v2", "convnext")):
         kwargs["include_preprocessing"] = True
     constructor = getattr(keras.applications, spec.constructor)

