@@ -15,7 +15,7 @@ FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 OPTIMIZERS = ("adam", "sgd")
 UNFREEZE_HELP = ("a layer name or block prefix onwards (block_16, block5_conv1), N (the last N layers), "
                  "a fraction (0.3 of the layers), blocks:N (the last N blocks), all, none")
-BENCH_SECTIONS = ("overhead", "caching", "ceiling", "memory", "noop", "quality", "headloop")
+BENCH_SECTIONS = ("overhead", "caching", "ceiling", "memory", "noop", "quality", "headloop", "peer")
 DEFAULT_QUALITY = ("efficientnet_lite0::imagenet,"
                    "mobilenet_v2:0.35:{shared}/weights/mobilenet_v2_0.35_224_no_top.weights.h5,"
                    "mobilenet:0.25:{shared}/weights/keras/models/mobilenet_2_5_224_tf_no_top.h5")
@@ -41,6 +41,8 @@ class FeaturesConfig:
                                     "a win only on hardware with fast bfloat16/float16, see make bench)")
     fold_batchnorm: bool = opt(True, "fold frozen BatchNorm into the convolution before it (faster; "
                                      "features equal to float rounding, ~1e-5)")
+    runtime: str = opt("tensorflow", "what runs the backbone at extraction: tensorflow | openvino (pip install "
+                                     "'pipeline[openvino]'; PRECISION is then its CPU precision hint)")
     batch: int = opt(32, "images per backbone call")
     chunk: int = opt(256, "rows per HDF5 chunk and flush (rounded up to a multiple of BATCH)")
     val_fraction: float = opt(0.15, "share of each class for validation (folder trees without split dirs)")
@@ -57,8 +59,8 @@ class FeaturesConfig:
     zoom: float = opt(0.1, "augmentation (views, fine-tuning): random zoom in/out, fraction of the size (0 = off)")
     contrast: float = opt(0.1, "augmentation (views, fine-tuning): random contrast factor (0 = off)")
     keras_home: str = opt("", "Keras cache folder (its models/ holds ImageNet weights); default $KERAS_HOME or ~/.keras")
-    engine: str = opt("inprocess", "who runs the backbone: inprocess (this process) | ray (shards over a Ray cluster's "
-                                   "actors, one per GPU; `pip install -e '.[ray]'`)")
+    engine: str = opt("inprocess", "who runs the backbone: inprocess (this process) | ray (shards over a Ray "
+                                   "cluster's actors, one per GPU; `pip install -e '.[ray]'`)")
     ray_address: str = opt("", "ENGINE=ray: the cluster (auto, host:port; default $RAY_ADDRESS, else a local cluster)")
     workers: int = opt(0, "ENGINE=ray: extractor actors (0 = one per GPU of the cluster, else one per 4 CPUs)")
     shard: int = opt(1024, "ENGINE=ray: rows per shard (rounded up to a multiple of CHUNK)")
@@ -88,10 +90,10 @@ class FinetuneConfig(HeadConfig):
     hyper-parameters are free NAME=value options as for ``head``); the rest shape phase 2."""
 
     head: str = opt("dense", "the cached head put on top: dense (trained on the cache first when missing)")
-    unfreeze: str = opt("blocks:2", "backbone layers trained: " + UNFREEZE_HELP)
+    unfreeze: str = opt("0.4", "backbone layers trained: " + UNFREEZE_HELP)
     finetune_epochs: int = opt(10, "fine-tuning epochs at most (early stopping on val loss)")
-    finetune_lr: float = opt(1e-5, "fine-tuning learning rate (very low: pretrained weights move little)")
-    optimizer: str = opt("adam", "adam | sgd (with MOMENTUM)")
+    finetune_lr: float = opt(3e-4, "fine-tuning learning rate: the peak of the cosine schedule (README: measured)")
+    optimizer: str = opt("adam", "adam (AdamW with WEIGHT_DECAY) | sgd (with MOMENTUM)")
     momentum: float = opt(0.9, "SGD momentum")
     schedule: str = opt("cosine", "phase-2 rate: cosine (linear warmup from 0 to FINETUNE_LR, then cosine decay to 0 "
                                   "at the last step of FINETUNE_EPOCHS) | constant (FINETUNE_LR throughout)")
@@ -99,8 +101,6 @@ class FinetuneConfig(HeadConfig):
     weight_decay: float = opt(0.0, "decoupled weight decay (biases excluded; OPTIMIZER=adam with it is AdamW)")
     label_smoothing: float = opt(0.0, "label smoothing of the fine-tuning loss (its val loss, and the head-only "
                                       "baseline's, are then smoothed too)")
-    layer_decay: float = opt(1.0, "discriminative rates: each unfrozen backbone block trains at LAYER_DECAY times "
-                                  "the rate of the block after it, the head at FINETUNE_LR (1 = one rate)")
     finetune_patience: int = opt(3, "epochs without val-loss improvement before stopping (best weights kept)")
     resume: bool = opt(True, "resume an interrupted fine-tune from its backup (0: start over)")
     verbose: int = opt(1, "Keras progress: 1 = progress bars, 2 = one line per epoch, 0 = off")

@@ -1,8 +1,8 @@
 """``bench``: speed, memory and accuracy of the pipeline side by side, as ratios measured in one run.
 
 Sections (``SECTIONS=``, comma list), one module each: :mod:`.overhead`, :mod:`.caching`, :mod:`.ceiling`,
-:mod:`.memory`, :mod:`.noop`, :mod:`.quality`; :mod:`.common` holds what they share and :mod:`.report` the
-table and the JSON/Markdown reports. Each timed figure is the median of REPEATS runs after WARMUP untimed
+:mod:`.memory`, :mod:`.noop`, :mod:`.quality`, :mod:`.headloop`, :mod:`.peer`; :mod:`.common` holds what they
+share and :mod:`.report` the table and the JSON/Markdown reports. Each timed figure is the median of REPEATS runs after WARMUP untimed
 ones; min and max are kept.
 """
 
@@ -20,7 +20,7 @@ from pipeline.configs import BenchConfig, asdict
 from pipeline.errors import PipelineError
 
 SECTION_MODULES = {"overhead": "overhead", "caching": "caching", "ceiling": "ceiling", "memory": "memory",
-                   "noop": "noop", "quality": "quality", "headloop": "headloop"}
+                   "noop": "noop", "quality": "quality", "headloop": "headloop", "peer": "peer"}
 
 
 def run(cfg: BenchConfig, log=print) -> dict:

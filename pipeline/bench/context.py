@@ -1,5 +1,6 @@
 """The shared pieces of one bench run, each made once when a section first needs it: the images, the
-extractor, the pixels in memory, the bare and folded compiled calls, and the paired end-to-end runs."""
+extractor, the pixels in memory, the bare and folded compiled calls, OpenVINO's call (when installed), the
+decode-only pass, and the paired end-to-end runs."""
 
 from __future__ import annotations
 
@@ -40,15 +41,21 @@ class Context:
             self.cache["images"] = Images(self.cfg, self.work, self.cfg.n, "images", self.log)
         return self.cache["images"]
 
-    def extractor(self):
-        if "model" not in self.cache:
+    def extractor(self, precision=None):
+        """The extractor built as extraction builds it (in PRECISION for TensorFlow, float32 for another
+        RUNTIME, which computes in PRECISION itself), or in ``precision``."""
+        from pipeline.backbones import runtime
+
+        cfg = self.cfg
+        precision = precision or runtime.keras_precision(cfg.runtime, cfg.precision)
+        key = "model" if precision == runtime.keras_precision(cfg.runtime, cfg.precision) else f"model-{precision}"
+        if key not in self.cache:
             from pipeline.backbones import extractor
 
-            cfg = self.cfg
             model, _ = extractor.build(self.spec, self.size, cfg.weights, cfg.pooling, alpha=cfg.alpha or None,
-                                       seed=cfg.seed, precision=cfg.precision, keras_home=cfg.keras_home)
-            self.cache["model"] = model
-        return self.cache["model"]
+                                       seed=cfg.seed, precision=precision, keras_home=cfg.keras_home)
+            self.cache[key] = model
+        return self.cache[key]
 
     def pixels(self):
         if "pixels" not in self.cache:
@@ -68,6 +75,15 @@ class Context:
         """How many BatchNorm layers extraction folds (none in reduced precision)."""
         return self.inference(folded=True).folds
 
+    def batches(self):
+        """The N images in memory as BATCH-sized uint8 arrays (a last short batch filled up cyclically)."""
+        if "batches" not in self.cache:
+            x, b = self.pixels(), self.cfg.batch
+            n_batches = -(-len(x) // b)
+            idx = np.arange(n_batches * b) % len(x)
+            self.cache["batches"] = [x[idx[i * b:(i + 1) * b]] for i in range(n_batches)]
+        return self.cache["batches"]
+
     def bare_pass(self, folded=False):
         """(images per pass, pass()) of the compiled call on the N images already in memory; pass() returns
         their features. ``folded``: the same call with BatchNorm folded, as extraction makes it."""
@@ -75,19 +91,52 @@ class Context:
         if key not in self.cache:
             import tensorflow as tf
 
-            cfg, x = self.cfg, self.pixels()
+            cfg, n = self.cfg, len(self.pixels())
             b = cfg.batch
             spec = tf.TensorSpec((b, self.size, self.size, 3), tf.uint8)
             call = tf.function(self.inference(folded), input_signature=[spec])
-            n_batches = -(-len(x) // b)
-            idx = np.arange(n_batches * b) % len(x)  # a last short batch is filled up cyclically
-            batches = [tf.constant(x[idx[i * b:(i + 1) * b]]) for i in range(n_batches)]
+            batches = [tf.constant(x) for x in self.batches()]
 
             def one_pass():
-                return np.concatenate([call(t).numpy() for t in batches])[:len(x)]
+                return np.concatenate([call(t).numpy() for t in batches])[:n]
 
-            self.cache[key] = (n_batches * b, one_pass)
+            self.cache[key] = (len(batches) * b, one_pass)
         return self.cache[key]
+
+    def openvino(self):
+        """OpenVINO's call of the extractor (:class:`pipeline.backbones.runtime.OpenVINOCall`) in PRECISION,
+        converted from the graph extraction converts; None (said once) when openvino is not installed or
+        cannot compute in PRECISION here. Made once."""
+        if "openvino" not in self.cache:
+            from pipeline.backbones import runtime
+
+            cfg, call = self.cfg, None
+            try:
+                runtime.check_precision("openvino", cfg.precision)
+                call = runtime.prepare(self.extractor("float32"), self.size, "openvino", cfg.precision,
+                                       fold=cfg.fold_batchnorm)
+            except PipelineError as e:
+                self.log(f"bench: no OpenVINO figures: {e}")
+            self.cache["openvino"] = call
+        return self.cache["openvino"]
+
+    def openvino_pass(self):
+        """(images per pass, pass()) of OpenVINO's call on the bare pass' batches; None without OpenVINO."""
+        if "openvino_pass" not in self.cache:
+            call, n = self.openvino(), len(self.pixels())
+            batches = self.batches()
+
+            def one_pass():
+                return np.concatenate([call(x).numpy() for x in batches])[:n]
+
+            self.cache["openvino_pass"] = (len(batches) * self.cfg.batch, one_pass) if call is not None else None
+        return self.cache["openvino_pass"]
+
+    def decode_pass(self):
+        """pass() decoding and resizing the N images as extraction does (``load_resized``), in a pool of one
+        thread per core, nothing else running: the decoder's own throughput."""
+        imgs = self.images()
+        return lambda: imgs.arrays(self.size, self.cfg.interpolation)
 
     def bare(self):
         """(images per timed pass, seconds per pass, features of the N images) of the compiled call."""
@@ -99,9 +148,10 @@ class Context:
 
     def e2e(self, paired=False):
         """Seconds of the whole features run and of its extraction phase, per repeat, fresh cache each.
-        ``paired``: each run follows a timed bare pass (``self.cache["bare"]``) and, when extraction folds
-        BatchNorm, a timed pass of the folded call (``self.cache["bare_folded"]``), so that the figures of a
-        repeat see the same load from other processes."""
+        ``paired``: each run follows a timed bare pass (``self.cache["bare"]``), when extraction folds
+        BatchNorm a timed pass of the folded call (``self.cache["bare_folded"]``), with OpenVINO installed a
+        pass of its call (``self.cache["bare_openvino"]``) and a decode-only pass (``self.cache["decode"]``),
+        so that the figures of a repeat see the same load from other processes."""
         if "e2e" not in self.cache:
             from pipeline.cache import extract as features
 
@@ -124,24 +174,30 @@ class Context:
                               st["startup_seconds"])
                 return t2 - t0, t2 - t1, t1 - t0, path, fcfg, steady
 
-            steadies, bare_secs, folded_secs, feats = [], [], [], None
+            steadies, bare_secs, feats = [], [], None
             folding = paired and self.cfg.fold_batchnorm and self.folds() > 0
+            others = {}  # more passes timed in each repeat: name -> pass()
             if paired:
                 n_pass, one_pass = self.bare_pass()
-                folded_pass = self.bare_pass(folded=True)[1] if folding else None
+                if folding:
+                    others["bare_folded"] = self.bare_pass(folded=True)[1]
+                if self.openvino_pass() is not None:
+                    others["bare_openvino"] = self.openvino_pass()[1]
+                others["decode"] = self.decode_pass()
                 for _ in range(max(self.cfg.warmup, 1)):
                     feats = one_pass()
-                    if folding:
-                        folded_pass()
+                    for fn in others.values():
+                        fn()
+            other_secs = {name: [] for name in others}
             for k in range(self.cfg.warmup + self.cfg.repeats):
                 if paired and k >= self.cfg.warmup:
                     t0 = time.perf_counter()
                     feats = one_pass()
                     bare_secs.append(time.perf_counter() - t0)
-                    if folding:
+                    for name, fn in others.items():
                         t0 = time.perf_counter()
-                        folded_pass()
-                        folded_secs.append(time.perf_counter() - t0)
+                        fn()
+                        other_secs[name].append(time.perf_counter() - t0)
                 total, ext, plan_s, path, fcfg, steady = one(k)
                 if k >= self.cfg.warmup:
                     totals.append(total), extracts.append(ext), plans.append(plan_s), paths.append((path, fcfg))
@@ -151,6 +207,5 @@ class Context:
             self.cache["steady"] = steadies
             if paired:
                 self.cache["bare"] = (n_pass, bare_secs, feats)
-            if folding:
-                self.cache["bare_folded"] = folded_secs
+            self.cache.update(other_secs)
         return self.cache["e2e"]

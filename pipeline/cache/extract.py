@@ -59,12 +59,12 @@ def _load(ds, i, size, interpolation, failed):
 
 
 def _prepare(plan):
-    """The extractor's compiled call, traced."""
-    from pipeline.backbones import extractor
+    """The extractor's compiled call for RUNTIME, ready (traced; or converted and compiled by OpenVINO)."""
+    from pipeline.backbones import runtime
 
-    call = extractor.compiled_call(plan.model, plan.size, fold=plan.cfg.fold_batchnorm)
-    call.get_concrete_function()
-    return call
+    cfg = plan.cfg
+    call = runtime.prepare(plan.model, plan.size, cfg.runtime, cfg.precision, fold=cfg.fold_batchnorm)
+    return reuse.padded(call, cfg.batch)  # every call on BATCH images: a row never depends on its batch's size
 
 
 def extract(plan: Plan) -> str:

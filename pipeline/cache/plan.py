@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline import records
 from pipeline.backbones import registry
+from pipeline.backbones import runtime as runtimes
 from pipeline.cache import store, weights
 from pipeline.configs import FeaturesConfig, asdict
 from pipeline.data import images, sources
@@ -37,6 +38,10 @@ class Plan:
         choose(cfg.interpolation, images.INTERPOLATIONS, "interpolation")
         choose(cfg.precision, dict.fromkeys(PRECISIONS), "precision")
         choose(cfg.engine, dict.fromkeys(ENGINES), "engine")
+        runtimes.check(cfg.runtime)  # unknown, or its package missing: one line, before the scan
+        if cfg.runtime != "tensorflow" and cfg.engine != "inprocess":
+            raise PipelineError(f"RUNTIME={cfg.runtime} runs in this process only (ENGINE=inprocess): the "
+                                f"ENGINE={cfg.engine} workers run TensorFlow")
         self.size = registry.resolve_size(self.spec, cfg.size)
         if cfg.batch < 1 or cfg.chunk < 1:
             raise PipelineError("BATCH and CHUNK must be positive")
@@ -79,8 +84,10 @@ class Plan:
                 tf.config.set_visible_devices([], "GPU")
             except RuntimeError:  # TensorFlow already running in this process: its devices stay as they are
                 pass
+        runtimes.check_precision(cfg.runtime, cfg.precision)  # e.g. bfloat16 on a CPU without it: one line
         model, base = extractor.build(self.spec, self.size, cfg.weights, cfg.pooling, alpha=cfg.alpha or None,
-                                      seed=cfg.seed, precision=cfg.precision, keras_home=cfg.keras_home)
+                                      seed=cfg.seed, precision=runtimes.keras_precision(cfg.runtime, cfg.precision),
+                                      keras_home=cfg.keras_home)
         sha, dim = registry.weights_digest(base), int(model.output_shape[-1])
         if getattr(self, "key", None) is not None and (sha, dim) != (self.identity["weights"]["sha256"], self.dim):
             self.log("the weights differ from what the cache folder remembered: the key is recomputed")
@@ -106,6 +113,8 @@ class Plan:
         if cfg.views:  # only then: a cache without views keeps the key it always had
             self.identity["views"] = {"count": cfg.views, "seed": cfg.seed, "flip": cfg.flip,
                                       "rotation": cfg.rotation, "zoom": cfg.zoom, "contrast": cfg.contrast}
+        if cfg.runtime != "tensorflow":  # only then: every cache made before RUNTIME existed ran TensorFlow and
+            self.identity["runtime"] = cfg.runtime  # keeps the key it always had; another runtime is another key
         self.key = records.digest(self.identity)
         stem = f"{self.ds.name}_{self.spec.name}_{self.size}_{cfg.pooling}_{self.key[:12]}"
         self.path = os.path.join(cfg.cache_dir, stem + ".h5")
@@ -118,7 +127,8 @@ class Plan:
             "config": {**asdict(self.cfg), "size": self.size, "identity": self.identity,
                        "feature_dim": self.dim, "source_root": self.ds.root},
             "class_names": self.ds.class_names,
-            "versions": records.versions(("pipeline", "tensorflow", "keras", "h5py", "numpy")),
+            "versions": records.versions(("pipeline", "tensorflow", "keras", "h5py", "numpy")
+                                         + ((self.cfg.runtime,) if self.cfg.runtime != "tensorflow" else ())),
         }
 
     def up_to_date(self) -> bool:

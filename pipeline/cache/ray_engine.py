@@ -36,7 +36,7 @@ from pipeline.errors import PipelineError
 SHARDS = ".shards"  # <stem>.shards/: the shard files of a cache being made
 EXIT_ONCE = "PIPELINE_RAY_EXIT_ONCE"  # tests: a marker file; the actor that removes it exits mid-shard, once
 PASSED_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_CPP_MIN_LOG_LEVEL", "PIPELINE_TF_LOGS",
-              "KERAS_HOME", EXIT_ONCE)  # handed to the actors as they are in the driver
+              "TF_DETERMINISTIC_OPS", "KERAS_HOME", EXIT_ONCE)  # handed to the actors as they are in the driver
 CPUS_PER_ACTOR = 4  # WORKERS=0 on a cluster without GPUs: one actor per this many CPUs
 RESTARTS = 3  # an actor that dies is restarted this often, its shard retried on it
 LOCAL_OBJECT_STORE = 256 << 20  # a local cluster's object store: it carries the dataset's manifest, not pixels
@@ -117,12 +117,22 @@ def _exit_once(marker):
     return after
 
 
+def part(ds, idx):
+    """The dataset of items ``idx`` of ``ds`` only (what one shard's actor needs: paths or pixels, hashes)."""
+    from pipeline.data.sources import Dataset
+
+    items = [ds.items[i] for i in idx]
+    rels = {it.relpath for it in items}
+    return Dataset(ds.name, ds.root, ds.class_names, items, arrays=None if ds.arrays is None else ds.arrays[idx],
+                   max_pixels=ds.max_pixels, bad={r: why for r, why in ds.bad.items() if r in rels})
+
+
 class Extractor:
     """A Ray actor: TensorFlow imported inside it (start-up noise held back, GPU memory growth on, thread
     counts pinned), the backbone built and folded once, exactly as in-process; :meth:`extract` writes one
     shard."""
 
-    def __init__(self, cfg, ds, splits, weights_sha, dim, size, chunk, threads):
+    def __init__(self, cfg, weights_sha, dim, size, chunk, threads):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         from pipeline import quiet
 
@@ -134,38 +144,37 @@ class Extractor:
         tf.config.threading.set_inter_op_parallelism_threads(inter)
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
-        from pipeline.backbones import extractor, registry
+        from pipeline.backbones import extractor, registry, runtime
 
-        spec = registry.get(cfg.backbone)
+        spec, engine = registry.get(cfg.backbone), getattr(cfg, "runtime", "tensorflow")
         model, base = extractor.build(spec, size, cfg.weights, cfg.pooling, alpha=cfg.alpha or None, seed=cfg.seed,
-                                      precision=cfg.precision, keras_home=cfg.keras_home)
+                                      precision=runtime.keras_precision(engine, cfg.precision),
+                                      keras_home=cfg.keras_home)
         sha = registry.weights_digest(base)
         if sha != weights_sha or int(model.output_shape[-1]) != dim:
             raise PipelineError(f"the weights on node {_node()} ({cfg.weights}) differ from the driver's: "
                                 "every node needs the same WEIGHTS file (a shared file system)")
-        self.call = extractor.compiled_call(model, size, fold=cfg.fold_batchnorm)
-        self.call.get_concrete_function()
-        self.cfg, self.ds, self.splits, self.dim, self.size, self.chunk = cfg, ds, splits, dim, size, chunk
-        self.threads, self.lenders = threads, {}
-        self.devices = [d.name for d in tf.config.list_logical_devices() if d.device_type in ("GPU", "CPU")]
+        # the in-process engine's call (pipeline.cache.extract._prepare): the same bytes
+        self.call = reuse.padded(runtime.prepare(model, size, engine, cfg.precision, fold=cfg.fold_batchnorm),
+                                 cfg.batch)
+        self.cfg, self.dim, self.size, self.chunk, self.threads = cfg, dim, size, chunk, threads
+        self.lenders = {}
+        self.device = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
 
-    def ready(self) -> dict:
-        return {"pid": os.getpid(), "node": _node(), "devices": self.devices}
-
-    def extract(self, sh: Shard, path, key, attrs, lender_path=None) -> dict:
-        """Write shard ``sh`` to ``path`` (resuming its partial file) and return what was done."""
+    def extract(self, sh: Shard, rows, path, key, attrs, lender_path=None) -> dict:
+        """Write shard ``sh`` (its items: the dataset ``rows``) to ``path``, resuming its partial file; what was
+        done."""
         t0 = time.perf_counter()
-        cfg, ds, splits = self.cfg, self.ds, self.splits
-        out = {"shard": sh, "pid": os.getpid(), "node": _node(), "resumed": 0, "images": 0, "reused": 0,
-               "failed": {}}
+        cfg = self.cfg
+        out = {"shard": sh, "pid": os.getpid(), "node": _node(), "device": self.device, "resumed": 0, "images": 0,
+               "reused": 0, "failed": {}}
         if os.path.exists(path):  # a retry of a shard that was finished before its actor died
             return out
+        splits = {sh.split: list(range(len(rows.items)))}
         try:
-            idx = splits[sh.split][sh.start:sh.stop]
-            layout = reuse.layout_of(ds, {sh.split: idx})
-            msgs = []
             attrs = {**attrs, "shard": {"cache_key": key, "split": sh.split, "start": sh.start, "stop": sh.stop}}
-            writer = Writer(path, shard_key(key, sh), attrs, layout, self.dim, cfg.dtype, self.chunk, log=msgs.append)
+            writer = Writer(path, shard_key(key, sh), attrs, reuse.layout_of(rows, splits), self.dim, cfg.dtype,
+                            self.chunk, log=lambda m: None)
             try:
                 out["resumed"] = done = writer.done(sh.split)
                 lender = None
@@ -174,17 +183,18 @@ class Extractor:
                         self.lenders[lender_path] = reuse.Lender(lender_path, reuse.lender_rows(lender_path))
                     lender = self.lenders[lender_path]
                 after = _exit_once(os.environ.get(EXIT_ONCE))
-                res = reuse.fill(ds, splits, [(sh.split, sh.start + done, sh.stop)], writer, size=self.size,
-                                 interpolation=cfg.interpolation, batch=cfg.batch, chunk=self.chunk,
-                                 dtype=cfg.dtype, call=lambda: self.call, lender=lender, offset={sh.split: sh.start},
-                                 after_write=lambda s, a, b: after(s, a, b, sh.stop - sh.start),
+                res = reuse.fill(rows, splits, [(sh.split, done, len(rows.items))], writer, size=self.size,
+                                 interpolation=cfg.interpolation, batch=cfg.batch, chunk=self.chunk, dtype=cfg.dtype,
+                                 call=lambda: self.call, lender=lender,
+                                 after_write=lambda s, a, b: after(s, a, b, len(rows.items)),
                                  workers=self.threads)
                 writer.finish()
             finally:
                 writer.close()
         except PipelineError as e:
             raise PipelineError(f"shard {sh.name} on node {_node()}: {e}") from None
-        out.update(images=res["images"], reused=res["reused"], failed=res["failed"], seconds=time.perf_counter() - t0)
+        failed = {rows.items[j].relpath: why for j, why in res["failed"].items()}
+        out.update(images=res["images"], reused=res["reused"], failed=failed, seconds=time.perf_counter() - t0)
         return out
 
 
@@ -212,7 +222,7 @@ def _connect(ray, cfg, log) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=False)
+    quiet = dict(logging_level=logging.ERROR, log_to_driver=False)
     try:
         if address:
             ray.init(address=address, **quiet)
@@ -275,17 +285,16 @@ def _run_shards(plan, todo, folder, layout_key, attrs, lender, splits, log) -> l
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         remote = ray.remote(Extractor).options(max_restarts=RESTARTS, max_task_retries=RESTARTS,
                                                runtime_env={"env_vars": env}, **opts)
-        ds_ref, splits_ref = ray.put(plan.ds), ray.put(splits)
         sha = plan.identity["weights"]["sha256"]
-        actors = [remote.remote(cfg, ds_ref, splits_ref, sha, plan.dim, plan.size, plan.chunk, threads)
-                  for _ in range(n)]
+        actors = [remote.remote(cfg, sha, plan.dim, plan.size, plan.chunk, threads) for _ in range(n)]
         where = ", ".join(f"{k}={v}" for k, v in opts.items())
         log(f"ray: {n} extractor actor(s) ({where} each) for {len(todo)} shard(s)")
         pool = ActorPool(actors)
         lender_path = lender.path if lender is not None else None
         for sh in todo:
-            pool.submit(lambda a, s: a.extract.remote(s, os.path.join(folder, s.name + ".h5"), layout_key, attrs,
-                                                      lender_path), sh)
+            rows = part(plan.ds, splits[sh.split][sh.start:sh.stop])
+            pool.submit(lambda a, job: a.extract.remote(*job, layout_key, attrs, lender_path),
+                        (sh, rows, os.path.join(folder, sh.name + ".h5")))
         t0, total = time.perf_counter(), sum(sh.stop - sh.start for sh in todo)
         rows = 0
         while pool.has_next():
@@ -298,7 +307,7 @@ def _run_shards(plan, todo, folder, layout_key, attrs, lender, splits, log) -> l
             rows += sh.stop - sh.start
             more = f", resumed at row {r['resumed']}" if r["resumed"] else ""
             lent = f", {r['reused']} reused" if r["reused"] else ""
-            log(f"shard {sh.name}: {r['images']} images{lent}{more} (pid {r['pid']} on {r['node']}); "
+            log(f"shard {sh.name}: {r['images']} images{lent}{more} (pid {r['pid']} on {r['node']}, {r['device']}); "
                 f"{rows}/{total} rows, {rows / max(time.perf_counter() - t0, 1e-9):.1f} rows/s")
     finally:
         for a in actors:
@@ -376,7 +385,8 @@ def extract(plan) -> str:
         if todo:
             os.makedirs(folder, exist_ok=True)
             results = _run_shards(plan, todo, folder, plan.key, rec, lender, splits, log)
-        failed = {int(i): why for r in results for i, why in r["failed"].items()}
+        index = {ds.items[i].relpath: i for idx in splits.values() for i in idx}
+        failed = {index[rel]: why for r in results for rel, why in r["failed"].items()}
         decoded = _merge(plan, all_shards, splits, writer, lender, folder)
         path = writer.finish()
         bad = writer.skipped_rows()

@@ -1,16 +1,17 @@
 """Incremental extraction: an earlier cache of the same backbone configuration lends its rows.
 
 A cache made for another manifest but the same identity otherwise (backbone, weights digest, size, alpha,
-interpolation, preprocessing, pooling, dtype, precision, folding, extract version) and the same library
-versions holds, in each split's ``content_sha256`` column, the content hash of every row's image. The rows
-of images it holds (and that decoded there) are copied; only new or changed images go through the
-backbone. The new cache is complete, keyed by its own manifest, and bit-identical to a from-scratch one:
+interpolation, preprocessing, pooling, dtype, precision, folding, extract version, runtime), the same BATCH
+and the same TensorFlow, Keras and NumPy versions holds, in each split's ``content_sha256`` column, the
+content hash of every row's image. The rows of images it holds (and that decoded there) are copied; only
+new or changed images go through the backbone. The new cache is complete, keyed by its own manifest, and
+bit-identical to a from-scratch one:
 
 A row does not depend on its batch neighbours nor on its place in the batch (measured: the compiled call on
-the same images among other neighbours, shuffled, or beside zero padding gives the same bytes), but it can
+the same images among other neighbours, shuffled, or beside blank padding gives the same bytes), but it can
 depend on the batch *size* (efficientnet_lite0 and ResNet50 give other last bits in a batch of one). So every
-image is run in a batch of the size it has in a from-scratch run — BATCH, or the remainder in its split's
-last batch — the new images packed together, padded with blank images.
+call runs on exactly BATCH images (:func:`padded`: a split's last, shorter batch is padded with blank images,
+as are the new images packed together here), and only a cache made with the same BATCH lends its rows.
 
 :func:`fill` is the loop both engines use for rows taken from a lender and rows computed (the Ray actors run
 it on their shards, where nothing is lent it is exactly the from-scratch batching)."""
@@ -113,13 +114,13 @@ def lender_rows(path) -> dict:
         return _rows(f)
 
 
-def _candidate(path, want, versions, needed):
+def _candidate(path, want, versions, batch, needed):
     """(rows lent, created, {sha: (split, row)}) of cache file ``path`` when it can lend rows, else None."""
     try:
         store.check_header(path, check_finite=True)
         with h5py.File(path, "r") as f:
             config = json.loads(f.attrs["config"])
-            if _same_backbone(config.get("identity") or {}) != want:
+            if _same_backbone(config.get("identity") or {}) != want or config.get("batch") != batch:
                 return None
             if _computing_versions(json.loads(f.attrs["versions"])) != versions:
                 return None
@@ -149,8 +150,9 @@ def _verified(path) -> bool:
 
 
 def find(plan) -> Lender | None:
-    """The cache in CACHE_DIR that lends the most rows to ``plan`` (same backbone configuration, another
-    manifest), verified; None when none holds any of its images. A cache with VIEWS is made from scratch."""
+    """The cache in CACHE_DIR that lends the most rows to ``plan`` (same backbone configuration and BATCH,
+    another manifest), verified; None when none holds any of its images. A cache with VIEWS is made from
+    scratch."""
     if getattr(plan.cfg, "views", 0):
         return None
     want = _same_backbone(plan.identity)
@@ -160,7 +162,7 @@ def find(plan) -> Lender | None:
     for path in sorted(glob.glob(os.path.join(plan.cfg.cache_dir, "*.h5"))):
         if os.path.abspath(path) == os.path.abspath(plan.path):
             continue
-        c = _candidate(path, want, versions, needed)
+        c = _candidate(path, want, versions, plan.cfg.batch, needed)
         if c is not None:
             found.append((c[0], c[1], path, c[2]))
     for hits, _, path, rows in sorted(found, key=lambda c: (c[0], c[1]), reverse=True):
@@ -170,41 +172,60 @@ def find(plan) -> Lender | None:
     return None
 
 
-def fill(ds, splits, ranges, writer, *, size, interpolation, batch, chunk, dtype, call, lender=None, offset=None,
+class _Cut:
+    """The first ``n`` rows of a call's result (``.numpy()``, as a TensorFlow tensor has)."""
+
+    def __init__(self, out, n):
+        self.out, self.n = out, n
+
+    def numpy(self):
+        return np.asarray(self.out.numpy())[:self.n]
+
+
+def padded(call, batch):
+    """``call`` run on exactly ``batch`` images: a shorter batch is padded with blank images and their rows cut
+    off again, so a row's bytes never depend on how many images share its batch."""
+
+    def run(x):
+        n = len(x)
+        if n >= batch:
+            return call(x)
+        full = np.zeros((batch, *x.shape[1:]), x.dtype)
+        full[:n] = x
+        return _Cut(call(full), n)
+
+    return run
+
+
+def fill(ds, splits, ranges, writer, *, size, interpolation, batch, chunk, dtype, call, lender=None,
          after_write=None, progress=None, workers=None, ahead_bytes=32 << 20) -> dict:
     """Write rows ``ranges`` ([(split, start, stop)], ``start`` on a chunk boundary) of the layout ``splits``
-    ({split: item indices}) into ``writer``, row r of split s at r - ``offset[s]``, chunk by chunk in order.
-    Rows of images ``lender`` holds are copied from it; the others are decoded ahead (threads, idle priority)
-    and run through ``call()`` (the compiled call, asked for when the first batch is due), each in a batch
-    of its from-scratch size (BATCH, or its split's remainder), new images packed, blank padding.
+    ({split: item indices}) into ``writer``, chunk by chunk in order. Rows of images ``lender`` holds are
+    copied from it; the others are decoded ahead (threads, idle priority), packed BATCH at a time and run
+    through ``call()`` (the :func:`padded` compiled call, asked for when the first batch is due).
     ``after_write(split, start, stop)`` runs after each chunk is on disk (in the writer thread).
     Returns {"images": computed, "reused": copied, "decoded": [item of every computed row], "failed": {item:
     why its pixels did not decode}, "startup": (seconds, images) at the first batch, "seconds"}."""
     from pipeline.cache.extract import _Background, _load
     from pipeline.data import loading
 
-    offset = offset or {}
     have = lender.rows if lender is not None else {}
     items = ds.items
-    packs, reused = [], 0  # packs: (batch size, [(split, row)]) in row order
+    packs, reused = [], 0  # [(split, row)] of at most BATCH rows each, in row order
     for s, a, b in ranges:
-        n = len(splits[s])
-        full = n - n % batch
         for r in range(a, b):
             if items[splits[s][r]].sha256 in have:
                 reused += 1
                 continue
-            size_of = batch if r < full else n - full
-            if not packs or packs[-1][0] != size_of or len(packs[-1][1]) == size_of:
-                packs.append((size_of, []))
-            packs[-1][1].append((s, r))
+            if not packs or len(packs[-1]) == batch:
+                packs.append([])
+            packs[-1].append((s, r))
     failed, shape = {}, (size, size, 3)
-    blank = np.zeros(shape, np.uint8)
 
     def load(row):
-        return blank if row is None else _load(ds, splits[row[0]][row[1]], size, interpolation, failed)
+        return _load(ds, splits[row[0]][row[1]], size, interpolation, failed)
 
-    todo = [(k, rows + [None] * (n - len(rows))) for k, (n, rows) in enumerate(packs)]
+    todo = list(enumerate(packs))
     ahead = max(2, ahead_bytes // (batch * int(np.prod(shape))))
     computed, n_new, startup, fn = {}, 0, None, None
     t0 = time.perf_counter()
@@ -229,9 +250,9 @@ def fill(ds, splits, ranges, writer, *, size, interpolation, batch, chunk, dtype
                     if fn is None:
                         fn = call()
                     out = fn(x).numpy().astype(dtype, copy=False)
-                    for j, row in enumerate(packs[k][1]):
+                    for j, row in enumerate(packs[k]):
                         computed[row] = out[j]
-                    n_new += len(packs[k][1])
+                    n_new += len(packs[k])
                     if startup is None:
                         startup = (time.perf_counter() - t0, n_new)
                     if progress is not None:
@@ -244,13 +265,13 @@ def fill(ds, splits, ranges, writer, *, size, interpolation, batch, chunk, dtype
                 lent = [j for j, h in enumerate(shas) if h in have]
                 if lent:
                     rows[lent] = lender.take([shas[j] for j in lent])
-                background.submit(job(s, c - offset.get(s, 0), rows, mask))
+                background.submit(job(s, c, rows, mask))
         background.close()
     finally:
         if stream is not None:
             stream.close()
         background.close()
-    decoded = [splits[s][r] for _, rows in packs for s, r in rows]
+    decoded = [splits[s][r] for rows in packs for s, r in rows]
     return {"images": n_new, "reused": reused, "decoded": decoded, "failed": failed, "startup": startup or (0.0, 0),
             "seconds": time.perf_counter() - t0}
 

@@ -1,5 +1,7 @@
 """The end-to-end model: raw pixels -> augmentation -> the backbone's preprocessing -> backbone -> the cache's
-pooling -> a copy of the dense head trained on the cache; and its compilation for phase 2."""
+pooling -> a copy of the dense head trained on the cache; and its compilation for phase 2: the optimizer
+(Adam, AdamW, SGD), the rate schedule (cosine with warmup or constant), the loss (optionally
+label-smoothed)."""
 
 from __future__ import annotations
 
@@ -50,19 +52,78 @@ def build_model(spec, size, base, pooling, head_model, augment=None):
     return keras.Model(inputs, outputs, name=f"{spec.name}_finetune")
 
 
-def compile_model(model, optimizer="adam", learning_rate=1e-5, momentum=0.9):
-    """(Re)compile: Adam or SGD with momentum; the loss and ``accuracy`` metric of the dense head."""
+SCHEDULES = ("cosine", "constant")
+
+
+def check_options(schedule="constant", warmup=0.0, weight_decay=0.0, label_smoothing=0.0):
+    """One-line errors for phase 2's rate schedule, weight decay and label smoothing."""
+    choose(schedule, dict.fromkeys(SCHEDULES), "schedule")
+    for name, v, ok, text in (("WARMUP", warmup, 0 <= warmup < 1, "[0, 1)"),
+                              ("WEIGHT_DECAY", weight_decay, 0 <= weight_decay < 1, "[0, 1)"),
+                              ("LABEL_SMOOTHING", label_smoothing, 0 <= label_smoothing < 1, "[0, 1)")):
+        if not ok:
+            raise PipelineError(f"{name}={v}: must be in {text}")
+
+
+def learning_rate_schedule(peak, schedule="constant", total_steps=0, warmup=0.0):
+    """The rate of phase 2: ``peak`` throughout (constant), or (cosine) a linear warmup from 0 to ``peak`` over
+    ``warmup`` of the ``total_steps``, then a cosine decay to 0 at the last step."""
+    import keras
+
+    check_options(schedule, warmup)
+    if schedule == "constant" or total_steps < 1:
+        return peak
+    warm = int(round(warmup * total_steps))
+    if not warm:
+        return keras.optimizers.schedules.CosineDecay(peak, total_steps)
+    return keras.optimizers.schedules.CosineDecay(0.0, max(1, total_steps - warm), warmup_target=peak,
+                                                  warmup_steps=warm)
+
+
+def make_optimizer(optimizer="adam", learning_rate=1e-5, momentum=0.9, weight_decay=0.0):
+    """Adam (AdamW when ``weight_decay``: decoupled, biases excluded) or SGD with momentum (and decoupled
+    decay). ``learning_rate``: a number or a schedule."""
     import keras
 
     choose(optimizer, dict.fromkeys(OPTIMIZERS), "optimizer")
+    if optimizer == "sgd":
+        cls, kwargs = keras.optimizers.SGD, {"momentum": momentum}
+    else:
+        cls, kwargs = (keras.optimizers.AdamW if weight_decay else keras.optimizers.Adam), {}
+    if weight_decay:
+        kwargs["weight_decay"] = weight_decay
+    opt_ = cls(learning_rate, **kwargs)
+    if weight_decay:
+        opt_.exclude_from_weight_decay(var_names=["bias"])
+    return opt_
+
+
+def loss_and_metric(binary, label_smoothing=0.0):
+    """(loss, accuracy metric, whether labels must be one-hot): the dense head's loss, with ``label_smoothing``
+    categorical cross-entropy on one-hot labels (Keras' sparse loss has no smoothing)."""
+    import keras
+
+    if binary:
+        return (keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing) if label_smoothing
+                else "binary_crossentropy"), keras.metrics.BinaryAccuracy(name="accuracy"), False
+    if label_smoothing:
+        return (keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+                keras.metrics.CategoricalAccuracy(name="accuracy"), True)
+    return "sparse_categorical_crossentropy", keras.metrics.SparseCategoricalAccuracy(name="accuracy"), False
+
+
+def compile_model(model, optimizer="adam", learning_rate=1e-5, momentum=0.9, *, schedule="constant", warmup=0.0,
+                  total_steps=0, weight_decay=0.0, label_smoothing=0.0):
+    """(Re)compile: Adam/AdamW or SGD with momentum (see :func:`make_optimizer`) at ``learning_rate``, the
+    peak of ``schedule`` over ``total_steps`` (see :func:`learning_rate_schedule`); the loss and ``accuracy``
+    metric of the dense head (with ``label_smoothing``, on one-hot labels: see :func:`loss_and_metric`)."""
     if not learning_rate > 0:
         raise PipelineError(f"FINETUNE_LR={learning_rate}: must be positive")
-    opt_ = (keras.optimizers.Adam(learning_rate) if optimizer == "adam"
-            else keras.optimizers.SGD(learning_rate, momentum=momentum))
-    binary = model.output_shape[-1] == 1
-    model.compile(optimizer=opt_, loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
-                  metrics=[keras.metrics.BinaryAccuracy(name="accuracy") if binary
-                           else keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    check_options(schedule, warmup, weight_decay, label_smoothing)
+    rate = learning_rate_schedule(learning_rate, schedule, total_steps, warmup)
+    opt_ = make_optimizer(optimizer, rate, momentum, weight_decay)
+    loss, metric, _ = loss_and_metric(model.output_shape[-1] == 1, label_smoothing)
+    model.compile(optimizer=opt_, loss=loss, metrics=[metric])
     # the optimizer's variables now, not inside fit's first trace (which then traces twice: seconds lost)
     model.optimizer.build(model.trainable_variables)
     return model

@@ -1,9 +1,11 @@
 """Phase 2: fit end to end on the images, resumable. Keras' own callbacks do the work: ``BackupAndRestore``
 (training state every epoch), ``CSVLogger`` (the epoch log a resumed run keeps), ``ModelCheckpoint`` (the
 best model so far, one file per improving epoch, so a kill mid-save never damages the one kept) and
-``EarlyStopping`` from the head-only val loss as ``baseline``. After ``fit`` the weights are the best
-epoch's, or exactly the head-only weights when no epoch beat them: fine-tuning never returns a model worse
-on val than the cached head."""
+``EarlyStopping`` from the head-only val loss as ``baseline``. After ``fit`` the weights are the best epoch's,
+or exactly the head-only weights when no epoch beat them: fine-tuning never returns a model worse on val than
+the cached head. Before ``fit`` the model is recompiled with every phase-2 option: the rate schedule (linear
+warmup then cosine decay over all of phase 2's steps, or constant), AdamW's weight decay, label smoothing
+(on one-hot labels; the baseline's val loss smoothed too)."""
 
 from __future__ import annotations
 
@@ -26,14 +28,67 @@ def run_dir(job: Job) -> str:
     return os.path.join(artifacts.head_dir(job.cfg.models_dir, job.cache.path), NAME + "-run")
 
 
+def steps_per_epoch(job: Job) -> int:
+    """Optimizer steps in one epoch of phase 2: ceil(train images / BATCH)."""
+    return math.ceil(len(job.split("train")) / job.cfg.batch)
+
+
+def total_steps(job: Job) -> int:
+    """Steps of the whole of phase 2 (FINETUNE_EPOCHS of them): the length of the cosine schedule."""
+    return job.cfg.finetune_epochs * steps_per_epoch(job)
+
+
 def identity(job: Job) -> dict:
-    """What a backup must match to be resumed: the cache, the head and every option that shapes training."""
+    """What a backup must match to be resumed: the cache, the head and every option that shapes training
+    (the cosine schedule's length too: it depends on FINETUNE_EPOCHS and the train images)."""
     c = job.cfg
+    cosine = c.schedule == "cosine"
     return {"cache_key": job.cache.key, "head_sha256": job.head_record["sha256"], "unfreeze": c.unfreeze,
             "finetune_lr": c.finetune_lr, "optimizer": c.optimizer,
             "momentum": c.momentum if c.optimizer == "sgd" else None, "flip": c.flip, "rotation": c.rotation,
             "zoom": c.zoom, "contrast": c.contrast, "batch": c.batch, "head_seed": c.head_seed,
+            "schedule": c.schedule, "warmup": c.warmup if cosine else None,
+            "schedule_steps": total_steps(job) if cosine else None, "weight_decay": c.weight_decay,
+            "label_smoothing": c.label_smoothing,
             "model": job.model.name, "n_weights": len(job.model.weights)}
+
+
+def compile_phase2(job: Job):
+    """Recompile ``job.model`` with every phase-2 option: the optimizer (AdamW with WEIGHT_DECAY), the rate
+    schedule over :func:`total_steps`, label smoothing. Returns whether the labels must be one-hot."""
+    from pipeline.finetune import model as ft_model
+
+    c = job.cfg
+    ft_model.check_options(c.schedule, c.warmup, c.weight_decay, c.label_smoothing)
+    ft_model.compile_model(job.model, c.optimizer, c.finetune_lr, c.momentum, schedule=c.schedule, warmup=c.warmup,
+                           total_steps=total_steps(job), weight_decay=c.weight_decay,
+                           label_smoothing=c.label_smoothing)
+    return ft_model.loss_and_metric(job.model.output_shape[-1] == 1, c.label_smoothing)[2]
+
+
+def describe_optimizer(cfg) -> str:
+    """The optimizer, its rate schedule and the other phase-2 options, in words."""
+    name = "SGD" if cfg.optimizer == "sgd" else ("AdamW" if cfg.weight_decay else "Adam")
+    text = f"{name} lr {cfg.finetune_lr:g}"
+    if cfg.schedule == "cosine":
+        text += f" (cosine, warmup {cfg.warmup:g})"
+    if cfg.optimizer == "sgd":
+        text += f" momentum {cfg.momentum:g}"
+    if cfg.weight_decay:
+        text += f" weight decay {cfg.weight_decay:g}"
+    if cfg.label_smoothing:
+        text += f", label smoothing {cfg.label_smoothing:g}"
+    return text
+
+
+def _one_hot(dataset, n_classes):
+    """(pixels, label) batches -> (pixels, one-hot label) batches, for the label-smoothed loss."""
+    import tensorflow as tf
+
+    def one_hot(x, y):
+        return x, tf.one_hot(y, n_classes)
+
+    return dataset.map(one_hot, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 class _Seconds:
@@ -117,12 +172,19 @@ def _start_state(job, folder, ident, log):
 
 def baseline(job: Job) -> dict:
     """Loss and accuracy of the head-only model on val: the cached head on the cached val features (the
-    end-to-end model computes the same before any fine-tune step)."""
-    from pipeline.heads.dense import batches, compile_model
+    end-to-end model computes the same before any fine-tune step), with phase 2's loss (label-smoothed with
+    LABEL_SMOOTHING, so that the val losses compared are the same function)."""
+    from pipeline.finetune.model import loss_and_metric
+    from pipeline.heads.dense import batches
 
     va = job.cache.splits["val"]
-    head = compile_model(_copy(job.head.model_))
-    m = head.evaluate(batches(va.features, va.labels, 256), verbose=0, return_dict=True)
+    head = _copy(job.head.model_)
+    loss, metric, one_hot = loss_and_metric(head.output_shape[-1] == 1, job.cfg.label_smoothing)
+    head.compile(loss=loss, metrics=[metric])
+    data = batches(va.features, va.labels, 256)
+    if one_hot:
+        data = _one_hot(data, head.output_shape[-1])
+    m = head.evaluate(data, verbose=0, return_dict=True)
     return {"val_loss": float(m["loss"]), "val_accuracy": float(m["accuracy"])}
 
 
@@ -156,14 +218,15 @@ def train(job: Job, callbacks=(), log=None) -> dict:
     log = log or job.log
     cfg = job.cfg
     folder = run_dir(job)
+    one_hot = compile_phase2(job)  # bad options fail before the backup is touched
     start, rows = _start_state(job, folder, identity(job), log)
     base_val = baseline(job)
     initial = job.model.get_weights()
     best_loss, best_epoch = _best(rows, base_val["val_loss"])
     tr, va = job.split("train"), job.split("val")
-    opt_text = (f"Adam lr {cfg.finetune_lr:g}" if cfg.optimizer == "adam"
-                else f"SGD lr {cfg.finetune_lr:g} momentum {cfg.momentum:g}")
-    log(f"head only on val: loss {base_val['val_loss']:.4f}, accuracy {base_val['val_accuracy']:.4f}")
+    opt_text = describe_optimizer(cfg)
+    smoothed = f" (label smoothing {cfg.label_smoothing:g})" if cfg.label_smoothing else ""
+    log(f"head only on val: loss {base_val['val_loss']:.4f}{smoothed}, accuracy {base_val['val_accuracy']:.4f}")
     start_at = f" (from {job.unfreeze['from_layer']})" if job.unfreeze["from_layer"] else " (backbone frozen)"
     log(f"phase 2: fine-tuning on {len(tr)} train images (val {len(va)}), UNFREEZE={cfg.unfreeze}{start_at}, "
         f"{opt_text}, batch {cfg.batch}, up to "
@@ -180,8 +243,12 @@ def train(job: Job, callbacks=(), log=None) -> dict:
         class_weight = keras_class_weight(job.head.class_weight, job.cache.splits["train"].labels,
                                           len(job.cache.class_names))
         keras.utils.set_random_seed(cfg.head_seed)
-        job.model.fit(job.images("train", labels=True, shuffle=True), validation_data=job.images("val", labels=True),
-                      epochs=cfg.finetune_epochs, callbacks=cbs, class_weight=class_weight, verbose=cfg.verbose,
+        train_data, val_data = job.images("train", labels=True, shuffle=True), job.images("val", labels=True)
+        if one_hot:  # label smoothing: categorical cross-entropy on one-hot labels
+            n = len(job.cache.class_names)
+            train_data, val_data = _one_hot(train_data, n), _one_hot(val_data, n)
+        job.model.fit(train_data, validation_data=val_data, epochs=cfg.finetune_epochs, callbacks=cbs,
+                      class_weight=class_weight, verbose=cfg.verbose,
                       shuffle=False)  # the dataset reshuffles itself every epoch
     else:
         shutil.rmtree(os.path.join(folder, "backup"), ignore_errors=True)

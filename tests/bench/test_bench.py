@@ -1,6 +1,7 @@
 """``bench``: a smoke run of every section through the CLI (tiny data, small size), its reports and the
 consistency of the ratios it prints. Speed claims are never asserted here: the full bench is run by hand."""
 
+import importlib.util
 import json
 import math
 
@@ -51,6 +52,21 @@ def test_smoke_run_writes_consistent_reports(tmp_path, capsys):
     assert o["fold_speedup"]["median"] == pytest.approx(o["folded_ips"]["median"] / o["bare_ips"]["median"],
                                                         rel=1e-6)
     assert "BatchNorm folded" in md and o["folded_ips"]["n"] == 1
+    _check_combined(o, r["sections"]["overhead"], md)
+    assert o["runtime"] == "tensorflow" and o["backbone_call"] == "tensorflow, BatchNorm folded"
+    assert o["backbone_ips"]["values"] == o["folded_ips"]["values"]  # extraction's own call: the folded one
+    if importlib.util.find_spec("openvino") is not None:  # its figures beside TensorFlow's
+        assert o["openvino_speedup"]["median"] == pytest.approx(
+            o["openvino_ips"]["median"] / o["folded_ips"]["median"], rel=1e-6)
+        assert o["combined_openvino_ips"]["median"] == pytest.approx(
+            overhead.combined(o["decode_ips"]["median"], o["openvino_ips"]["median"]))
+        assert "OpenVINO f32" in md
+    p = r["sections"]["peer"]["metrics"]
+    assert p["images"] == 8 and "image_dataset_from_directory" in md
+    for run in ("cold", "warm"):
+        assert p[f"{run}_ratio"] == pytest.approx(p["peer_s"]["median"] / p[f"{run}_s"]["median"])
+        assert p[f"{run}_paired"]["median"] == pytest.approx(p["peer_s"]["values"][0] / p[f"{run}_s"]["values"][0])
+    assert p["peer_rss"]["median"] > 100 and p["cold_rss"]["median"] > 100  # MiB: processes that ran TensorFlow
     c = r["sections"]["caching"]["metrics"]
     assert c["ratio"] == pytest.approx(c["guide_epoch_s"]["median"] / c["cached_epoch_s"]["median"])
     if c["guide_epoch_s"]["median"] > c["cached_epoch_s"]["median"]:
@@ -79,6 +95,41 @@ def test_smoke_run_writes_consistent_reports(tmp_path, capsys):
         assert "error" not in row and 0 <= row["test"] <= 1 and row["best"] == "logreg"
         assert row["test"] == next(h["test"] for h in row["heads"] if h["head"] == row["best"])
     assert "| quality |" in md and "## Quality: every head" in md
+
+
+def _check_combined(o, sec, md):
+    """The decode-only, backbone-only and combined figures of the overhead section agree with each other."""
+    assert finite_positive(o["decode_ips"]["median"]) and o["decode_ips"]["n"] == o["backbone_ips"]["n"]
+    assert o["combined_ips"]["median"] == pytest.approx(  # one repeat: the median is that repeat's figure
+        overhead.combined(o["decode_ips"]["median"], o["backbone_ips"]["median"]))
+    assert o["combined_ips"]["median"] < min(o["decode_ips"]["median"], o["backbone_ips"]["median"])
+    assert o["combined_ratio"] == pytest.approx(o["extract_ips"]["median"] / o["combined_ips"]["median"])
+    assert o["combined_paired"]["median"] == pytest.approx(o["combined_ratio"])
+    assert sec["goal"] == overhead.GOAL == 0.85 and sec["met"] == (o["combined_ratio"] >= 0.85)
+    assert "decode only" in md and "combined limit" in md
+
+
+def test_combined_limit_adds_the_time_per_image():
+    assert overhead.combined(100.0, 100.0) == pytest.approx(50.0)
+    assert overhead.combined(300.0, 150.0) == pytest.approx(100.0)  # 1/300 + 1/150 s = 1/100 s per image
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+def test_overhead_with_openvino_counts_its_call_as_the_backbone(tmp_path, capsys):
+    data = make_tree(tmp_path / "data", classes=("cat", "dog"), per_class=4, size=(40, 32))
+    argv = ["bench", f"DATA={data}", "BACKBONE=mobilenet_v2", "ALPHA=0.35", "WEIGHTS=none", "SIZE=32", "BATCH=4",
+            "N=6", "REPEATS=1", "WARMUP=0", "SECTIONS=overhead", "RUNTIME=openvino",
+            f"CACHE_DIR={tmp_path / 'cache'}", f"REPORTS_DIR={tmp_path / 'reports'}", "TAG=ov"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    [json_path] = (tmp_path / "reports").glob("bench-*-ov.json")
+    [md_path] = (tmp_path / "reports").glob("bench-*-ov.md")
+    r = json.loads(json_path.read_text())
+    sec = r["sections"]["overhead"]
+    o = sec["metrics"]
+    assert "error" not in sec and o["runtime"] == "openvino" and o["backbone_call"] == "openvino f32"
+    assert o["backbone_ips"]["values"] == o["openvino_ips"]["values"] and "combined_openvino_ips" not in o
+    assert o["openvino_version"]
+    _check_combined(o, sec, md_path.read_text())
 
 
 def test_images_needed_to_amortise_the_start_up():

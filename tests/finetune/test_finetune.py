@@ -157,7 +157,7 @@ def test_interrupted_fine_tune_resumes_then_reports_and_exports(flowers):
     root, cfg, extra = flowers
     with pytest.raises(KeyboardInterrupt):
         finetune.run(cfg, extra, log=lambda m: None, callbacks=[Interrupt()])
-    stem = next((root / "models").iterdir()).name
+    stem = next(p for p in (root / "models").iterdir() if p.is_dir()).name  # not the .lock files beside it
     run_dir = root / "models" / stem / "finetune-run"
     assert json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 1
     msgs = []
@@ -258,3 +258,86 @@ def test_backbone_stays_in_inference_mode_inside_fit():
     raw = keras.ops.convert_to_numpy(base(keras.ops.cast(x, "float32"), training=True))
     plain = keras.ops.convert_to_numpy(base(keras.ops.cast(x, "float32"), training=False))
     assert not np.allclose(raw, plain, rtol=1e-4, atol=0)
+
+
+# --- phase 2's rate schedule, AdamW, label smoothing ----------------------------------
+
+class RateLog(keras.callbacks.Callback):
+    """The optimizer's rate at the start of every training step (the rate that step uses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.rates.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_zero_read_from_the_optimizer_during_fit():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(N_CLASSES, activation="softmax")])
+    peak, total, warmup = 1e-3, 10, 0.2  # 2 warmup steps, then 8 of cosine decay
+    ft_model.compile_model(model, "adam", peak, schedule="cosine", warmup=warmup, total_steps=total)
+    x, y = np.random.default_rng(0).normal(size=(20, 4)).astype("float32"), np.arange(20) % N_CLASSES
+    log = RateLog()
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[log])  # ceil(20 / 4) * 2 = 10 steps
+    rates = np.array(log.rates)
+    assert len(rates) == total
+    assert rates[0] == 0.0 and np.isclose(rates[1], peak / 2) and np.isclose(rates[2], peak)  # warmup, peak
+    assert rates.argmax() == 2 and np.all(np.diff(rates[2:]) < 0)  # then decreasing every step
+    np.testing.assert_allclose(rates[2:], peak * 0.5 * (1 + np.cos(np.pi * np.arange(8) / 8)), rtol=1e-5)
+    assert float(model.optimizer.learning_rate) == 0.0  # at the end of the schedule
+    constant = ft_model.compile_model(model, "adam", peak, schedule="constant", total_steps=total)
+    assert np.isclose(float(constant.optimizer.learning_rate), peak)
+    for bad, match in ((dict(schedule="linear"), "unknown schedule 'linear'; valid: constant, cosine"),
+                       (dict(warmup=1.0), r"WARMUP=1.0: must be in \[0, 1\)"),
+                       (dict(label_smoothing=-0.1), "LABEL_SMOOTHING=-0.1"),
+                       (dict(weight_decay=2.0), "WEIGHT_DECAY=2.0")):
+        with pytest.raises(PipelineError, match=match):
+            ft_model.compile_model(model, "adam", peak, **bad)
+
+
+def test_optimizers_adamw_decays_weights_but_not_biases():
+    assert type(ft_model.make_optimizer("adam", 1e-3)) is keras.optimizers.Adam
+    assert type(ft_model.make_optimizer("sgd", 1e-3, momentum=0.5)) is keras.optimizers.SGD
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, kernel_initializer="ones",
+                                                                    bias_initializer="ones")])
+    ft_model.compile_model(model, "adam", 0.1, weight_decay=0.5)
+    assert type(model.optimizer) is keras.optimizers.AdamW and model.optimizer.weight_decay == 0.5
+    zero = [np.zeros((3, 2), "float32"), np.zeros(2, "float32")]
+    model.optimizer.apply(zero, model.trainable_variables)  # zero gradients: only the decay moves weights
+    np.testing.assert_allclose(model.layers[0].kernel.numpy(), 1 - 0.5 * 0.1, rtol=1e-6)
+    np.testing.assert_array_equal(model.layers[0].bias.numpy(), 1.0)
+
+
+def test_phase2_schedule_steps_label_smoothing_and_the_resume_identity(flowers):
+    root, cfg, extra = flowers
+    smooth = dataclasses.replace(cfg, label_smoothing=0.2, warmup=0.3, resume=False, finetune_epochs=2,
+                                 weight_decay=0.01)
+    job = ft_job.prepare(smooth, extra, log=lambda m: None)
+    n_train = len(job.split("train"))
+    assert ft_train.steps_per_epoch(job) == -(-n_train // cfg.batch) and ft_train.total_steps(job) == 2 * (
+        -(-n_train // cfg.batch))
+    log, msgs = RateLog(), []
+    result = ft_train.train(job, callbacks=[log], log=msgs.append)
+    assert len(log.rates) == ft_train.total_steps(job)  # the whole schedule ran: one rate per step
+    warm = round(0.3 * ft_train.total_steps(job))
+    assert log.rates[0] == 0.0 and np.isclose(max(log.rates), cfg.finetune_lr) and np.argmax(log.rates) == warm
+    assert type(job.model.optimizer) is keras.optimizers.AdamW
+    assert any("AdamW lr 0.0001 (cosine, warmup 0.3) weight decay 0.01, label smoothing 0.2" in m for m in msgs)
+    # the baseline is the head's val loss under the same smoothed loss as the val losses it is compared with
+    va = job.cache.splits["val"]
+    p = job.head.predict_proba(va.features)
+    target = np.eye(5)[va.labels] * 0.8 + 0.2 / 5
+    want = float(np.mean(-(target * np.log(np.clip(p, 1e-7, 1))).sum(1)))
+    assert np.isclose(result["baseline"]["val_loss"], want, rtol=1e-4)
+    assert len(result["rows"]) == 2 and all(np.isfinite(r["val_loss"]) for r in result["rows"])
+    # every phase-2 option is part of the identity a backup must match
+    ident = ft_train.identity(job)
+    for change in (dict(schedule="constant"), dict(warmup=0.1), dict(finetune_epochs=3), dict(weight_decay=0.0),
+                   dict(label_smoothing=0.0), dict(finetune_lr=1e-3)):
+        assert ft_train.identity(dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, **change))) != ident, change
+    constant = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, schedule="constant"))
+    assert ft_train.identity(constant)["schedule_steps"] is None and ft_train.identity(
+        dataclasses.replace(constant, cfg=dataclasses.replace(constant.cfg, finetune_epochs=7))) == ft_train.identity(
+        constant)  # with a constant rate more epochs can resume a backup
