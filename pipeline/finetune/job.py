@@ -11,7 +11,7 @@ from pipeline.cache import store
 from pipeline.configs import FLIPS, OPTIMIZERS, FeaturesConfig, FinetuneConfig, HeadConfig, fields, narrow
 from pipeline.data import sources
 from pipeline.errors import PipelineError, choose
-from pipeline.finetune.model import augmentation, build_model, compile_model, find_base
+from pipeline.finetune.model import augmentation, build_model, check_options, compile_model, find_base
 from pipeline.finetune.unfreeze import (
     Unfreeze,
     apply_unfreeze,
@@ -65,11 +65,11 @@ def _features_config(cfg: FinetuneConfig, cache: store.Cache | None) -> Features
     if cache is None:
         return narrow(cfg, FeaturesConfig)
     rec = cache.config
-    missing = [n for n in fields(FeaturesConfig) if n not in rec]
-    if missing:
-        raise PipelineError(f"{cache.path}: its record has no features options ({', '.join(missing[:3])}...); "
-                            "fine-tuning needs the images: make the cache with make features")
-    values = {n: rec[n] for n in fields(FeaturesConfig)}
+    if "data" not in rec or "backbone" not in rec:
+        raise PipelineError(f"{cache.path}: its record has no features options; fine-tuning needs the images: "
+                            "make the cache with make features")
+    defaults = FeaturesConfig()  # options added since the cache was made: their defaults, as it was made with
+    values = {n: rec.get(n, getattr(defaults, n)) for n in fields(FeaturesConfig)}
     if values["data"] not in sources.BUILTIN and rec.get("source_root"):
         values["data"] = rec["source_root"]
     return FeaturesConfig(**values)
@@ -90,6 +90,7 @@ def _check_options(cfg: FinetuneConfig) -> Unfreeze:
         raise PipelineError(f"FINETUNE_LR={cfg.finetune_lr}: must be positive")
     if cfg.verbose not in (0, 1, 2):
         raise PipelineError(f"VERBOSE={cfg.verbose}: valid: 0, 1, 2")
+    check_options(cfg.schedule, cfg.warmup, cfg.weight_decay, cfg.label_smoothing)  # before any work
     return parse_unfreeze(cfg.unfreeze)
 
 
