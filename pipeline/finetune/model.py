@@ -5,28 +5,18 @@ label-smoothed)."""
 
 from __future__ import annotations
 
-from pipeline.configs import FLIPS, OPTIMIZERS
+from pipeline.configs import OPTIMIZERS
 from pipeline.errors import PipelineError, choose
 
 
 def augmentation(flip="horizontal", rotation=0.1, zoom=0.1, contrast=0.1, seed=0):
-    """The augmentation layers (active only in training), or None when all are off."""
+    """The augmentation layers (active only in training) as one Sequential, or None when all are off: the
+    same layers cached views are drawn from (:func:`pipeline.data.augment.layers`)."""
     import keras
 
-    choose(flip, dict.fromkeys(FLIPS), "flip mode")
-    for name, v, top in (("ROTATION", rotation, 0.5), ("ZOOM", zoom, 1.0), ("CONTRAST", contrast, 1.0)):
-        if not 0 <= v < top:
-            raise PipelineError(f"{name}={v}: must be in [0, {top})")
-    layers = []
-    if flip != "none":
-        layers.append(keras.layers.RandomFlip(flip, seed=seed, name="augment_flip"))
-    if rotation:
-        layers.append(keras.layers.RandomRotation(rotation, fill_mode="reflect", seed=seed + 1,
-                                                  name="augment_rotation"))
-    if zoom:
-        layers.append(keras.layers.RandomZoom(zoom, fill_mode="reflect", seed=seed + 2, name="augment_zoom"))
-    if contrast:
-        layers.append(keras.layers.RandomContrast(contrast, seed=seed + 3, name="augment_contrast"))
+    from pipeline.data import augment
+
+    layers = augment.layers(flip, rotation, zoom, contrast, seed)
     return keras.Sequential(layers, name="augment") if layers else None
 
 
