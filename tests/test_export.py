@@ -15,7 +15,7 @@ import pytest
 from conftest import MOBILENET_V2_FILE, ROOT, write_image
 from test_predict import cached_scores, flowers_models
 
-from pipeline import cli, export, predict, records
+from pipeline import cli, export, records
 from pipeline.backbones import registry as backbones
 from pipeline.configs import ExportConfig
 from pipeline.data import images
@@ -189,7 +189,7 @@ def test_a_missing_runtime_or_a_failed_verification_is_one_line_and_nothing_is_s
     assert err.startswith("error: FORMAT=onnx needs onnxruntime, not installed: pip install 'pipeline[onnx]'")
     monkeypatch.undo()
     runtime = formats.runtime
-    monkeypatch.setattr(predict, "runtime", lambda *a, **k: (lambda x, call=runtime(*a, **k): call(x) + 1e-3))
+    monkeypatch.setattr(formats, "runtime", lambda *a, **k: (lambda x, call=runtime(*a, **k): call(x) + 1e-3))
     code = cli.main(["export", f"MODEL={recs['dense']}", "FORMAT=keras", f"OUT={tmp_path / 'y'}"])
     err = capsys.readouterr().err
     assert code == 2 and "differ from the Keras model's by up to 0.001" in err and "not saved" in err
