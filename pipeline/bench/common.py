@@ -82,22 +82,27 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def run_child(args, log_path) -> dict:
-    """Run ``python -m pipeline <args>``; its wall time and its peak RSS in MiB (``ru_maxrss`` of
-    ``os.wait4``, taken by a small launcher process so that this process' own peak is not inherited)."""
+def run_command(argv, log_path, name) -> dict:
+    """Run the command ``argv``; its wall time and its peak RSS in MiB (``ru_maxrss`` of ``os.wait4``, taken
+    by a small launcher process so that this process' own peak is not inherited). ``name`` names it in a
+    failure."""
     result_path = log_path + ".rusage.json"
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", LAUNCHER, result_path, log_path, sys.executable, "-m", "pipeline", *args],
-                   cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL, check=True)
+    subprocess.run([sys.executable, "-c", LAUNCHER, result_path, log_path, *argv], cwd=ROOT, env=_env(),
+                   stdin=subprocess.DEVNULL, check=True)
     secs = time.perf_counter() - t0
     with open(result_path) as f:
         res = json.load(f)
     if res["code"]:
         with open(log_path) as f:
             tail = f.read()[-600:]
-        raise PipelineError(f"python -m pipeline {args[0]} failed ({res['code']}): {tail.strip()}")
-    rss = res["maxrss"] / 1024 if sys.platform != "darwin" else res["maxrss"] / 2**20
-    return {"seconds": secs, "rss_mib": rss}
+        raise PipelineError(f"{name} failed ({res['code']}): {tail.strip()}")
+    return {"seconds": secs, "rss_mib": res["maxrss"] / (1024 if sys.platform != "darwin" else 2**20)}
+
+
+def run_child(args, log_path) -> dict:
+    """``python -m pipeline <args>`` through :func:`run_command`."""
+    return run_command([sys.executable, "-m", "pipeline", *args], log_path, f"python -m pipeline {args[0]}")
 
 
 @contextlib.contextmanager

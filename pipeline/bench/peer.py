@@ -6,16 +6,14 @@ then a run with the cache folder's memos warm (a fresh folder holding the first 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 
 import numpy as np
 
-from pipeline.bench.common import LAUNCHER, ROOT, _env, features_args, features_config
+from pipeline.bench import common
+from pipeline.bench.common import features_args, features_config
 from pipeline.bench.report import stat
 from pipeline.errors import PipelineError
 
@@ -39,19 +37,8 @@ np.save(out, model.predict(ds, verbose=0))
 
 
 def run_command(argv, log_path) -> dict:
-    """Wall time and peak RSS (MiB) of a whole command, from the bench's launcher (see ``common.run_child``)."""
-    result_path = log_path + ".rusage.json"
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", LAUNCHER, result_path, log_path, *argv], cwd=ROOT, env=_env(),
-                   stdin=subprocess.DEVNULL, check=True)
-    secs = time.perf_counter() - t0
-    with open(result_path) as f:
-        res = json.load(f)
-    if res["code"]:
-        with open(log_path) as f:
-            tail = f.read()[-600:]
-        raise PipelineError(f"{os.path.basename(argv[1])} failed ({res['code']}): {tail.strip()}")
-    return {"seconds": secs, "rss_mib": res["maxrss"] / (1024 if sys.platform != "darwin" else 2**20)}
+    """Wall time and peak RSS (MiB) of a whole command (:func:`common.run_command`)."""
+    return common.run_command(argv, log_path, os.path.basename(argv[1]))
 
 
 def _rows(path) -> int:
