@@ -25,7 +25,8 @@ from pipeline.data.loading import cores
 from pipeline.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[2]
-GOALS = {"overhead": 0.9, "caching": 100.0, "memory": 1.2, "headloop": 1.5}
+GOALS = {"overhead": 0.85,  # extraction / the combined limit of decode and the backbone
+          "caching": 100.0, "memory": 1.2, "headloop": 1.5}
 
 
 def sections(text):

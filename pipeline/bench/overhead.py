@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 
+from pipeline.bench.common import GOALS
 from pipeline.bench.report import stat
 
-GOAL = 0.85  # extraction / the combined limit of decode and the backbone extraction runs
+GOAL = GOALS["overhead"]
 
 
 def goal_images(bare_ips, steady_ips, startup_s, goal):

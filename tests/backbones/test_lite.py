@@ -344,24 +344,17 @@ def flowers_small(tmp_path_factory):
 @pytest.mark.parametrize("name", FAMILY)
 def test_member_package_features_beat_random_weights(flowers_small, tmp_path, name):
     """As tests/test_transfer.py does for Lite0: features.run end to end, logistic regression cross-validated."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    from pipeline.cache import extract, store
+    from pipeline.cache import extract
     from pipeline.configs import FeaturesConfig
 
     def accuracy(weights):
         path = extract.run(FeaturesConfig(data=str(flowers_small), backbone=f"efficientnet_{name}", weights=weights,
                                           size=TRANSFER_SIZE, cache_dir=str(tmp_path / "cache"), batch=16,
                                           val_fraction=0.2, test_fraction=0.2))
-        c = store.load(path)
-        x = np.concatenate([s.features for s in c.splits.values()])
-        y = np.concatenate([s.labels for s in c.splits.values()])
-        assert len(y) == 5 * TRANSFER_PER_CLASS and np.isfinite(x).all()
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-        return cross_val_score(clf, x, y, cv=StratifiedKFold(4, shuffle=True, random_state=0)).mean()
+        from test_transfer import cv_accuracy
+
+        return cv_accuracy(path, TRANSFER_PER_CLASS)
 
     pretrained, random = accuracy("imagenet"), accuracy("none")
     print(f"efficientnet_{name}: pretrained {pretrained:.3f} vs random weights {random:.3f}")
