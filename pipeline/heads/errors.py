@@ -13,6 +13,9 @@ import numpy as np
 from pipeline import records
 
 SHEET = 16  # photos on the contact sheet
+THUMB = 160  # their side in pixels
+LABEL = 36  # pixels above each for its two label lines
+DPI = 80
 
 
 def misclassified(labels, scores, class_names, paths, k=3) -> list[dict]:
@@ -39,32 +42,38 @@ def write_csv(path, rows, k=3) -> None:
 
 def plot_sheet(path, rows, root, title="") -> bool:
     """The contact sheet of the first ``SHEET`` rows whose photo can be read under ``root``; False when none
-    can (an in-memory source, or files moved away)."""
+    can (an in-memory source, or files moved away). One image of thumbnails drawn once, the labels over it."""
     from pipeline.data import images
-    from pipeline.heads.evaluate import _pyplot, _save
+    from pipeline.heads.evaluate import _figure, _save
 
     shown = []
     for r in rows:
         if len(shown) == SHEET or not root:
             break
         try:
-            shown.append((r, images.load_resized(os.path.join(root, r["path"]), 160)))
+            shown.append((r, images.load_resized(os.path.join(root, r["path"]), THUMB)))
         except images.BadImage:
             continue
     if not shown:
         return False
-    plt = _pyplot()
     cols = min(4, len(shown))
     n_rows = -(-len(shown) // cols)
-    fig, axes = plt.subplots(n_rows, cols, figsize=(3 * cols, 3.3 * n_rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (r, pixels) in zip(axes.flat, shown):
-        ax.imshow(pixels)
-        ax.set_title(f"true {r['true']}\npredicted {r['predicted']} {r['probability']:.2f}", fontsize=9,
-                     color="firebrick")
-    fig.suptitle(title or "most confidently wrong test images")
-    _save(fig, path)
+    cell_w, cell_h = THUMB + 8, THUMB + LABEL
+    grid = np.full((n_rows * cell_h, cols * cell_w, 3), 255, np.uint8)
+    head = 40  # pixels above the grid for the title
+    fig = _figure(figsize=(grid.shape[1] / DPI, (grid.shape[0] + head) / DPI), dpi=DPI)
+    ax = fig.add_axes((0, 0, 1, grid.shape[0] / (grid.shape[0] + head)))
+    ax.axis("off")
+    for k, (r, pixels) in enumerate(shown):
+        y, x = (k // cols) * cell_h + LABEL, (k % cols) * cell_w + 4
+        grid[y:y + THUMB, x:x + THUMB] = pixels
+        ax.text(x + THUMB / 2, y - 4, f"true {r['true']}\npredicted {r['predicted']} {r['probability']:.2f}",
+                ha="center", va="bottom", fontsize=8, color="firebrick")
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xlim(0, grid.shape[1])
+    ax.set_ylim(grid.shape[0], 0)
+    fig.suptitle(title or "most confidently wrong test images", y=1 - 8 / (grid.shape[0] + head), va="top")
+    _save(fig, path, tight=False)
     return True
 
 

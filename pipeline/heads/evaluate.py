@@ -83,30 +83,26 @@ def write_json(path: str, m: dict) -> None:
     records.write_json(path, m)
 
 
-def _save(fig, path):
-    import matplotlib.pyplot as plt
-
+def _save(fig, path, tight=True):
+    """``fig`` as a PNG at ``path``, atomically; ``tight`` crops to what was drawn (a second draw)."""
     with records.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight" if tight else None)
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kw):
+    """A matplotlib Figure on the Agg canvas, without pyplot (no global state, nothing to close)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kw)
 
 
 def plot_confusion(path: str, m: dict, title: str = "") -> None:
     """The confusion matrix as a PNG (scikit-learn's ConfusionMatrixDisplay)."""
-    plt = _pyplot()
     from sklearn.metrics import ConfusionMatrixDisplay
 
     n = len(m["class_names"])
-    fig, ax = plt.subplots(figsize=(max(4, 0.8 * n + 2), max(3.5, 0.8 * n + 1.5)))
+    fig = _figure(figsize=(max(4, 0.8 * n + 2), max(3.5, 0.8 * n + 1.5)))
+    ax = fig.subplots()
     ConfusionMatrixDisplay(np.asarray(m["confusion_matrix"]), display_labels=m["class_names"]).plot(
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45 if n > 4 else "horizontal")
     ax.set_title(title or f"accuracy {m['accuracy']:.3f}")
@@ -116,10 +112,10 @@ def plot_confusion(path: str, m: dict, title: str = "") -> None:
 def plot_curves(path: str, history: dict, title: str = "", phase_start: int | None = None) -> None:
     """Loss and accuracy per epoch, train and val, side by side (a Keras ``History.history`` dict); with
     ``phase_start`` (epochs before the second phase) a vertical line where the second phase starts."""
-    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for key, label in ((metric, "train"), (f"val_{metric}", "val")):
             if key in history:
