@@ -74,29 +74,30 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     with_views = f" + {len(views.labels)} train views, grouped by image" if views is not None else ""
     log(f"sweep over {', '.join(names)}: {cfg.cv}-fold CV on train+val ({len(y)} x {X.shape[1]}{with_views}), "
         f"scoring {cfg.scoring}, jobs {cfg.jobs}")
-    board = []
-    for name in names:
+    def search(name):
         head = registry.get(name)
         back = {p.target: n for n, p in head.params.items()}
         grid = {k: v for k, v in head.search_grid().items() if back[k] not in fixed[name]}
-        # the Keras head's folds run here: a joblib worker would import TensorFlow (seconds, and its noise)
+        # the Keras head's folds run in this process: a joblib worker would import TensorFlow (seconds, noise)
         jobs = 1 if head.kind == "keras" else cfg.jobs
-        search = GridSearchCV(head.build(fixed[name], seed=cfg.head_seed), grid, scoring=cfg.scoring,
-                              cv=folds, n_jobs=jobs, refit=False, error_score=np.nan)
+        gs = GridSearchCV(head.build(fixed[name], seed=cfg.head_seed), grid, scoring=cfg.scoring,
+                          cv=folds, n_jobs=jobs, refit=False, error_score=np.nan)
         t0 = time.perf_counter()
-        search.fit(X, y)
-        r = search.cv_results_
+        gs.fit(X, y)
+        r = gs.cv_results_
         rows = [{"params": {back[k]: artifacts.jsonable(v) for k, v in p.items()},
                  "mean": float(m), "std": float(s), "fit_seconds": float(f)}
                 for p, m, s, f in zip(r["params"], r["mean_test_score"], r["std_test_score"], r["mean_fit_time"])]
         ok = [row for row in rows if np.isfinite(row["mean"])]
         if not ok:
             log(f"{name}: every fit failed on this data; left out")
-            continue
+            return None
         best = max(ok, key=lambda row: row["mean"])  # first of equals: grids run from strong regularisation
         best = {**best, "params": {**{k: artifacts.jsonable(v) for k, v in fixed[name].items()}, **best["params"]}}
-        board.append({"head": name, **best, "seconds": time.perf_counter() - t0, "candidates": rows})
         log(f"  {name:<14} {best['mean']:.4f} ± {best['std']:.4f}  {head.describe(best['params'])}")
+        return {"head": name, **best, "seconds": time.perf_counter() - t0, "candidates": rows}
+
+    board = [row for row in _overlapped(search, names, cfg.jobs) if row is not None]
     if not board:
         raise PipelineError("sweep: no head could be fitted on this cache")
     board.sort(key=lambda row: -row["mean"])
@@ -118,6 +119,22 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     paths["leaderboard"] = lb_path
     log(f"leaderboard in {lb_path} and .csv")
     return {"leaderboard": board, "best": win, "paths": paths, "estimator": est}
+
+
+def _overlapped(search, names, jobs) -> list:
+    """``search(name)`` of every head, in order of ``names``. The Keras heads' searches (one process, mostly
+    one core) run in a thread beside the scikit-learn heads' (joblib workers) when those use more than one
+    job, so the two kinds share the cores instead of waiting for each other."""
+    keras_names = [n for n in names if registry.get(n).kind == "keras"]
+    if jobs == 1 or not keras_names or len(keras_names) == len(names):
+        return [search(n) for n in names]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="keras-heads") as pool:
+        pending = pool.submit(lambda: {n: search(n) for n in keras_names})
+        rows = {n: search(n) for n in names if n not in keras_names}
+        rows.update(pending.result())
+    return [rows[n] for n in names]
 
 
 def leaderboard(board, scoring) -> str:

@@ -322,3 +322,31 @@ def test_near_duplicates_between_train_and_test_are_reported_by_head(tmp_path, c
     near = next((tmp_path / "reports").glob("*/logreg/near_duplicates.csv")).read_text().splitlines()
     assert near[0] == "split,path,train_path,cosine_similarity"
     assert any(line.startswith(f"test,test/daisy/copy.jpg,train/daisy/{original.name},") for line in near[1:]), near
+
+
+def test_sweep_runs_keras_heads_beside_the_others_with_the_same_scores(capsys, tmp_path, dirs):
+    import threading
+
+    from pipeline.heads import sweep
+
+    seen = {}
+
+    def search(name):
+        seen[name] = threading.current_thread().name
+        return {"head": name}
+
+    names = ["logreg", "dense", "knn"]
+    assert [r["head"] for r in sweep._overlapped(search, names, jobs=2)] == names
+    assert seen["dense"].startswith("keras-heads") and seen["logreg"] == seen["knn"] == threading.main_thread().name
+    sweep._overlapped(search, names, jobs=1)  # one job: one after the other, in this thread
+    assert set(seen.values()) == {threading.main_thread().name}
+
+    path = write_cache(tmp_path / "tiny.h5", dim=8, sep=3.0, seed=2, counts={"train": 12, "val": 4, "test": 4})
+    boards = []
+    for jobs in ("1", "2"):
+        code, _, err = run(capsys, "sweep", f"CACHE={path}", "HEADS=logreg,dense,knn", "CV=2", f"JOBS={jobs}",
+                           "EPOCHS=3", *dirs)
+        assert code == 0, err
+        board = json.loads((tmp_path / "reports" / "tiny" / "sweep" / "leaderboard.json").read_text())
+        boards.append({r["head"]: [c["mean"] for c in r["candidates"]] for r in board["leaderboard"]})
+    assert boards[0] == boards[1]
