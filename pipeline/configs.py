@@ -16,9 +16,14 @@ OPTIMIZERS = ("adam", "sgd")
 UNFREEZE_HELP = ("a layer name or block prefix onwards (block_16, block5_conv1), N (the last N layers), "
                  "a fraction (0.3 of the layers), blocks:N (the last N blocks), all, none")
 BENCH_SECTIONS = ("overhead", "caching", "ceiling", "memory", "noop", "quality", "headloop", "peer")
+BENCH_OPT_IN = ("views",)  # long sections, run only when SECTIONS names them
+# fine-tuning's defaults before the phase-2 schedule was measured (README: fine-tuning defaults)
+OLD_FINETUNE = "old defaults: UNFREEZE=blocks:2 FINETUNE_LR=1e-5 SCHEDULE=constant"
 DEFAULT_QUALITY = ("efficientnet_lite0::imagenet,"
                    "mobilenet_v2:0.35:{shared}/weights/mobilenet_v2_0.35_224_no_top.weights.h5,"
                    "mobilenet:0.25:{shared}/weights/keras/models/mobilenet_2_5_224_tf_no_top.h5")
+DEFAULT_VIEWS_BENCH = ("efficientnet_lite0::imagenet,"
+                       "mobilenet_v2:0.35:{shared}/weights/mobilenet_v2_0.35_224_no_top.weights.h5")
 
 
 def opt(default, help):
@@ -58,6 +63,8 @@ class FeaturesConfig:
     rotation: float = opt(0.1, "augmentation (views, fine-tuning): random rotation, fraction of a full turn (0 = off)")
     zoom: float = opt(0.1, "augmentation (views, fine-tuning): random zoom in/out, fraction of the size (0 = off)")
     contrast: float = opt(0.1, "augmentation (views, fine-tuning): random contrast factor (0 = off)")
+    tta: bool = opt(False, "test-time augmentation: also cache a horizontally flipped row of every val and test "
+                           "image (groups val_tta, test_tta); heads then report test accuracy with TTA too")
     keras_home: str = opt("", "Keras cache folder (its models/ holds ImageNet weights); default $KERAS_HOME or ~/.keras")
     engine: str = opt("inprocess", "who runs the backbone: inprocess (this process) | ray (shards over a Ray "
                                    "cluster's actors, one per GPU; `pip install -e '.[ray]'`)")
@@ -149,7 +156,8 @@ class BenchConfig(FeaturesConfig):
     n: int = opt(512, "images for the speed sections (overhead, caching, memory, noop)")
     repeats: int = opt(3, "timed repeats of every figure (the median is reported, with min and max)")
     warmup: int = opt(1, "untimed runs before the timed ones")
-    sections: str = opt(",".join(BENCH_SECTIONS), "comma list of sections: " + ", ".join(BENCH_SECTIONS))
+    sections: str = opt(",".join(BENCH_SECTIONS), "comma list of sections: " + ", ".join(BENCH_SECTIONS)
+                        + "; only when named: " + ", ".join(BENCH_OPT_IN))
     memory_factor: int = opt(10, "memory: the large run has this many times N images")
     memory_repeats: int = opt(1, "memory: runs at each size (peak RSS hardly varies; each run is a whole command)")
     matmul: int = opt(2048, "ceiling: side of the square float32 matrices multiplied")
@@ -158,8 +166,13 @@ class BenchConfig(FeaturesConfig):
     quality_heads: str = opt("logreg,linear_svm,dense", "quality: heads fitted on train; the best on val counts")
     raw_size: int = opt(32, "quality: side of the raw-pixel baseline's images")
     finetune: bool = opt(False, "quality: also fine-tune BACKBONE (slow)")
+    finetune_compare: str = opt(OLD_FINETUNE + "; new defaults:", "quality: fine-tuning runs compared (FINETUNE=1), "
+                                "'label: NAME=value ...' separated by ';' (new defaults: no options)")
     finetune_args: str = opt("", "quality: more NAME=value options of the finetune step, space-separated, "
                                  "e.g. 'FINETUNE_EPOCHS=2 UNFREEZE=blocks:1'")
+    views_backbones: str = opt(DEFAULT_VIEWS_BENCH, "views: comma list of backbone:alpha:weights (as QUALITY)")
+    views_counts: str = opt("0,4,8", "views: the VIEWS compared (one cache of the largest serves the others)")
+    views_epochs: int = opt(20, "views: epochs of the dense heads and of the guide's end-to-end fit")
     reports_dir: str = opt("reports", "where bench-<date>.json and .md are written")
     tag: str = opt("", "suffix of the report names, e.g. before / after")
 

@@ -4,14 +4,16 @@
 BatchNorm folded unless ``FOLD_BATCHNORM=0``, in the Keras precision of ``PRECISION``.
 
 ``openvino`` (``pip install 'pipeline[openvino]'``): the same inference graph — the uint8-in tf.function of
-:func:`extractor.compiled_call`, dynamic batch — converted once per run and compiled for the CPU
-(``PERFORMANCE_HINT=LATENCY``) with an explicit precision hint: ``PRECISION=float32`` is OpenVINO's ``f32``,
-``bfloat16`` its ``bf16``, ``float16`` its ``f16``, each only where the CPU lists the capability (OpenVINO's own
-default on CPUs with AVX512-BF16 or AMX is bf16, so the hint is always set). The function is frozen into a
-GraphDef that OpenVINO's C++ TensorFlow frontend reads (:func:`_read`): ``openvino.convert_model`` on the
-tf.function or on the Keras model gives the same model ten times slower. OpenVINO fuses BatchNorm itself; the
-folded graph is converted when BatchNorm is folded only because it is smaller (faster to convert). The Keras
-model is then always built in float32: the reduced precision is OpenVINO's, not Keras'.
+:func:`extractor.compiled_call`, preprocessing inside, dynamic batch — converted (:func:`convert`), stored in
+the cache folder for the next runs (:mod:`pipeline.backbones.openvino_store`) and compiled for the CPU
+(``PERFORMANCE_HINT=LATENCY``, :class:`OpenVINOCall`) with an explicit precision hint: ``PRECISION=float32`` is
+OpenVINO's ``f32``, ``bfloat16`` its ``bf16``, ``float16`` its ``f16``, each only where the CPU lists the
+capability (OpenVINO's own default on CPUs with AVX512-BF16 or AMX is bf16, so the hint is always set). The
+function is frozen into a GraphDef that OpenVINO's C++ TensorFlow frontend reads (:func:`_read`):
+``openvino.convert_model`` on the tf.function or on the Keras model gives the same model ten times slower.
+OpenVINO fuses BatchNorm itself; the folded graph is converted when BatchNorm is folded only because it is
+smaller (faster to convert). The Keras model is then always built in float32: the reduced precision is
+OpenVINO's, not Keras'. A stored model is compiled without TensorFlow.
 
 Either call maps uint8 ``(N, size, size, 3)`` pixels, any N, to float32 features and its result has ``.numpy()``.
 ONNX Runtime was measured too (tf2onnx, CPU execution provider: 0.5-0.7x TensorFlow's folded call on the
@@ -51,10 +53,7 @@ def openvino_hint(precision: str, core=None) -> str:
     """OpenVINO's CPU precision hint for ``precision``; refused in one line when the CPU lacks it."""
     hint, capability = choose(precision, OPENVINO_PRECISIONS, "precision")
     if capability != "FP32":
-        if core is None:
-            import openvino as ov
-
-            core = ov.Core()
+        core = core or openvino_core()
         caps = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         if capability not in caps:
             raise PipelineError(f"PRECISION={precision} with RUNTIME=openvino: this CPU has no {capability} "
@@ -76,25 +75,34 @@ class Features(np.ndarray):
         return self.view(np.ndarray)
 
 
-class OpenVINOCall:
-    """The extractor compiled by OpenVINO for the CPU: ``call(x)`` on uint8 (N, size, size, 3) pixels, any N,
-    returns float32 (N, dim) features (a copy: the request's own output buffer is reused by the next call).
-    Not for concurrent use: one infer request, as extraction calls it from one thread."""
+_CORE = None
 
-    def __init__(self, model, size, precision="float32", fold=False, core=None):
+
+def openvino_core():
+    """The process' one ``openvino.Core`` (made on first use)."""
+    global _CORE
+    if _CORE is None:
         import openvino as ov
 
-        from pipeline.backbones import extractor
+        _CORE = ov.Core()
+    return _CORE
 
-        self.core = core or ov.Core()
+
+class OpenVINOCall:
+    """An ``openvino.Model`` of the extractor compiled for the CPU in ``precision``: ``call(x)`` on uint8
+    (N, size, size, 3) pixels, any N, returns float32 (N, dim) features (a copy: the request's own output buffer
+    is reused by the next call). Not for concurrent use: one infer request, as extraction calls it from one
+    thread."""
+
+    def __init__(self, ov_model, size, precision="float32", core=None):
+        self.core = core or openvino_core()
         self.hint = openvino_hint(precision, self.core)
-        fn = extractor.compiled_call(model, size, fold=fold)  # uint8 in, dynamic batch: what the TF call runs
-        self.folds = getattr(fn.python_function, "folds", 0)
-        self.compiled = self.core.compile_model(_read(self.core, fn.get_concrete_function()), "CPU",
-                                                {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": "LATENCY"})
+        self.compiled = self.core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": self.hint,
+                                                                  "PERFORMANCE_HINT": "LATENCY"})
         self.request = self.compiled.create_infer_request()
         self.output = self.compiled.output(0)
         self.size = size
+        self.dim = int(self.output.get_partial_shape()[-1].get_length())
 
     def __call__(self, x):
         x = np.asarray(x)
@@ -111,6 +119,28 @@ class OpenVINOCall:
             v = self.compiled.get_property(n)
             out[n] = v.to_string() if hasattr(v, "to_string") else str(getattr(v, "name", v))  # Type f32 -> "f32"
         return out
+
+
+def convert(model, size, fold=False, core=None):
+    """The ``openvino.Model`` of Keras extractor ``model``: its uint8-in inference call (what the TensorFlow
+    runtime runs; ``fold``: BatchNorm folded), frozen and read by OpenVINO's TensorFlow frontend."""
+    from pipeline.backbones import extractor
+
+    fn = extractor.compiled_call(model, size, fold=fold)  # uint8 in, dynamic batch: what the TF call runs
+    return _read(core or openvino_core(), fn.get_concrete_function())
+
+
+def stored_call(cache_dir, identity, size, precision, build, log=print):
+    """The :class:`OpenVINOCall` of the extractor of a cache ``identity`` (:class:`pipeline.cache.plan.Plan`): its
+    OpenVINO model stored in ``cache_dir`` when it checks out (nothing built, TensorFlow not imported), else
+    ``build()`` (the Keras extractor, in float32) converted and stored."""
+    from pipeline.backbones import openvino_store
+
+    core = openvino_core()
+    fold = bool(identity.get("fold_batchnorm"))
+    model = openvino_store.get(cache_dir, openvino_store.made_from(identity),
+                               lambda: convert(build(), size, fold, core), core, log)
+    return OpenVINOCall(model, size, precision, core)
 
 
 def _read(core, concrete):
@@ -139,7 +169,7 @@ def prepare(model, size, runtime="tensorflow", precision="float32", fold=False):
     :func:`keras_precision` (``fold`` folds its BatchNorm; see :mod:`pipeline.backbones.fold`)."""
     check(runtime)
     if runtime == "openvino":
-        return OpenVINOCall(model, size, precision, fold=fold)
+        return OpenVINOCall(convert(model, size, fold), size, precision)
     from pipeline.backbones import extractor
 
     call = extractor.compiled_call(model, size, fold=fold)

@@ -59,12 +59,8 @@ def _load(ds, i, size, interpolation, failed):
 
 
 def _prepare(plan):
-    """The extractor's compiled call for RUNTIME, ready (traced; or converted and compiled by OpenVINO)."""
-    from pipeline.backbones import runtime
-
-    cfg = plan.cfg
-    call = runtime.prepare(plan.model, plan.size, cfg.runtime, cfg.precision, fold=cfg.fold_batchnorm)
-    return reuse.padded(call, cfg.batch)  # every call on BATCH images: a row never depends on its batch's size
+    """The extractor's compiled call for RUNTIME, ready (traced; or compiled by OpenVINO: :meth:`Plan.call`)."""
+    return reuse.padded(plan.call(), plan.cfg.batch)  # on BATCH images always: a row never depends on the batch size
 
 
 def extract(plan: Plan) -> str:
@@ -84,6 +80,7 @@ def extract(plan: Plan) -> str:
     layout = {s: ([ds.items[i].label for i in idx], [ds.items[i].relpath for i in idx])
               for s, idx in splits.items()}
     views, view_of = _views(plan, splits, layout)
+    _tta(plan, splits, layout)
     reuse.add_hashes(ds, splits, layout)  # each row's image content hash: what a later cache reuses rows by
     rec = plan.record()
     writer = Writer(plan.path, plan.key, rec, layout, plan.dim, cfg.dtype, plan.chunk, log=log)
@@ -131,6 +128,8 @@ def extract(plan: Plan) -> str:
             if s == store.VIEWS:  # the clean pixels, augmented as view j of that image's content
                 rows = range(k, k + len(x))
                 x = views.batch(x, [(ds.items[splits[s][r]].sha256, view_of[r]) for r in rows])
+            elif s in TTA_SPLITS:  # the clean pixels mirrored left to right, nothing else
+                x = np.ascontiguousarray(x[:, :, ::-1])
             if s != split:
                 if pending:
                     write(split, at, pending)
@@ -184,15 +183,28 @@ def _views(plan, splits, layout):
     return Views(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed), view
 
 
+TTA_SPLITS = frozenset(store.TTA.values())
+
+
+def _tta(plan, splits, layout):
+    """With TTA=1: a group per val and test split (``val_tta``, ``test_tta``) of the same images in the same
+    order, each extracted from its image flipped horizontally (rows skipped as the clean split's are)."""
+    if not plan.cfg.tta:
+        return
+    for s, group in store.TTA.items():
+        if s in splits:
+            splits[group], layout[group] = list(splits[s]), layout[s]
+
+
 def ensure(plan: Plan) -> str:
     """The cache of ``plan``, extracted unless another run made it meanwhile; one run at a time writes a
     cache file (the others wait for its lock, or fail at once with ``WAIT=0``)."""
-    plan.model  # noqa: B018  built first: the key (hence the file locked) is then certain
+    plan.settle()  # the key (hence the file locked) certain first: the extractor built, or its model stored
     with lock.locked(plan.path, wait=plan.cfg.wait, log=plan.log):
         if plan.up_to_date():
             plan.log(f"up to date: {plan.path}")
             return plan.path
-        return _engine(plan)
+        return plan.serve() or _engine(plan)
 
 
 def _engine(plan: Plan) -> str:
@@ -202,18 +214,19 @@ def _engine(plan: Plan) -> str:
         from pipeline.cache import ray_engine
 
         return ray_engine.extract(plan)
-    lender = reuse.find(plan)
+    lender = reuse.find(plan) if not plan.cfg.tta else None  # TTA rows, as views: made from scratch
     return reuse.extract(plan, lender) if lender is not None else extract(plan)
 
 
 def run(cfg: FeaturesConfig, log=print) -> str:
-    """Make sure the cache for ``cfg`` exists; returns its path. Unchanged inputs extract nothing."""
+    """Make sure the cache for ``cfg`` exists; returns its path. Unchanged inputs extract nothing; with VIEWS=K
+    a current cache of the same configuration with more views is returned instead (:meth:`Plan.served_by`)."""
     plan = Plan(cfg, log, lazy=True)
     report_duplicates(plan)
     if plan.up_to_date():
         log(f"up to date: {plan.path}")
         path = plan.path
     else:
-        path = ensure(plan)
+        path = plan.serve() or ensure(plan)
     report_skipped(plan)  # after extraction: with the images whose pixels did not decode
     return path

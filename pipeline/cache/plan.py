@@ -1,9 +1,12 @@
 """The plan of a features run: the dataset scanned and split, the extractor built, and the cache key of
 everything the features are made from (manifest, backbone, weights digest, size, preprocessing, pooling,
-dtype, precision, folding, code version), hence the cache file's path."""
+dtype, precision, folding, code version; views and TTA rows when asked for), hence the cache file's path; and
+the cache with more views that serves a plan asking for fewer."""
 
 from __future__ import annotations
 
+import glob
+import json
 import math
 import os
 
@@ -20,6 +23,7 @@ from pipeline.errors import PipelineError, choose
 EXTRACT_VERSION = 1  # bump when extraction changes what it computes: old caches then no longer match
 DTYPES = {"float32": np.float32, "float16": np.float16}
 PRECISIONS = ("float32", "bfloat16", "float16")  # backbones.extractor.PRECISIONS, without importing Keras
+TTA = "horizontal_flip"  # the test-time augmentation of TTA=1: every val and test image mirrored, nothing else
 ENGINES = ("inprocess", "ray")  # ENGINE=ray: pipeline.cache.ray_engine (Ray imported only then)
 
 
@@ -47,6 +51,8 @@ class Plan:
             raise PipelineError("BATCH and CHUNK must be positive")
         if cfg.views < 0:
             raise PipelineError(f"VIEWS={cfg.views}: must be 0 (none) or more")
+        if cfg.tta and cfg.engine != "inprocess":
+            raise PipelineError(f"ENGINE={cfg.engine} does not make TTA rows yet: use ENGINE=inprocess with TTA=1")
         if cfg.views:
             from pipeline.data import augment
 
@@ -57,6 +63,7 @@ class Plan:
                                       cfg.max_pixels, os.path.join(cfg.cache_dir, "checked-images.json"),
                                       progress=True)
         self._model = None
+        self._ov = None  # RUNTIME=openvino: (made_from, its stored model or None)
         self.memo = weights.Memo(cfg.cache_dir)
         hit = self.memo.get(weights.fingerprint(cfg, self.spec, self.size)) if lazy else None
         if hit:
@@ -71,6 +78,41 @@ class Plan:
         if self._model is None:
             self._build()
         return self._model
+
+    def settle(self):
+        """Make the key certain before the cache file is locked: build the extractor (which checks the memo's
+        weights digest), unless RUNTIME=openvino finds its OpenVINO model stored for this identity — made from
+        weights of the digest the memo proved — when nothing is built and TensorFlow is not imported."""
+        if self._model is None and not self._stored():
+            self._build()
+
+    def _stored(self) -> bool:
+        """RUNTIME=openvino and the stored OpenVINO model of this identity checks out (read once)."""
+        if self.cfg.runtime != "openvino":
+            return False
+        from pipeline.backbones import openvino_store
+
+        runtimes.check_precision(self.cfg.runtime, self.cfg.precision)
+        source = openvino_store.made_from(self.identity)
+        if self._ov is None or self._ov[0] != source:
+            self._ov = (source, openvino_store.load(self.cfg.cache_dir, source, runtimes.openvino_core(), self.log))
+        return self._ov[1] is not None
+
+    def call(self):
+        """The extractor's call for RUNTIME, ready to run (traced; or compiled by OpenVINO from its model stored
+        in the cache folder, else from the extractor built, converted and stored)."""
+        cfg = self.cfg
+        if cfg.runtime != "openvino":
+            return runtimes.prepare(self.model, self.size, cfg.runtime, cfg.precision, fold=cfg.fold_batchnorm)
+        if not self._stored():
+            from pipeline.backbones import openvino_store
+
+            self.model  # noqa: B018  built: the weights digest checked (the key corrected if the memo was wrong)
+            if not self._stored():
+                model = runtimes.convert(self.model, self.size, cfg.fold_batchnorm, runtimes.openvino_core())
+                openvino_store.save(cfg.cache_dir, self._ov[0], model, self.log)
+                self._ov = (self._ov[0], model)
+        return runtimes.OpenVINOCall(self._ov[1], self.size, cfg.precision)
 
     def _build(self):
         from pipeline import quiet
@@ -113,10 +155,13 @@ class Plan:
         if cfg.views:  # only then: a cache without views keeps the key it always had
             self.identity["views"] = {"count": cfg.views, "seed": cfg.seed, "flip": cfg.flip,
                                       "rotation": cfg.rotation, "zoom": cfg.zoom, "contrast": cfg.contrast}
+        if cfg.tta:  # only then, as views: a cache without TTA rows keeps its key
+            self.identity["tta"] = TTA
         if cfg.runtime != "tensorflow":  # only then: every cache made before RUNTIME existed ran TensorFlow and
             self.identity["runtime"] = cfg.runtime  # keeps the key it always had; another runtime is another key
         self.key = records.digest(self.identity)
-        stem = f"{self.ds.name}_{self.spec.name}_{self.size}_{cfg.pooling}_{self.key[:12]}"
+        self.stem_prefix = f"{self.ds.name}_{self.spec.name}_{self.size}_{cfg.pooling}_"
+        stem = self.stem_prefix + self.key[:12]
         self.path = os.path.join(cfg.cache_dir, stem + ".h5")
         self.report_path = os.path.join(cfg.cache_dir, stem + ".skipped.tsv")
         self.duplicates_path = os.path.join(cfg.cache_dir, stem + ".duplicates.tsv")
@@ -137,6 +182,38 @@ class Plan:
             return False
         store.check_header(self.path, expect_key=self.key)
         return True
+
+    def served_by(self) -> str | None:
+        """With VIEWS=K: a complete cache in CACHE_DIR whose identity without its views is exactly this plan's,
+        with the same augmentation options and SEED and more than K views (the one with the fewest). View j of
+        an image depends only on (its content, j, SEED), so its first K views (``store.Views.upto``) are the
+        rows this plan would extract. None when there is none."""
+        if not self.cfg.views:
+            return None
+        want = json.loads(json.dumps(self.identity, sort_keys=True, default=str))
+        views = want.pop("views")
+        count = views.pop("count")
+        found = []
+        for path in glob.glob(os.path.join(glob.escape(self.cfg.cache_dir), glob.escape(self.stem_prefix) + "*.h5")):
+            if os.path.abspath(path) == os.path.abspath(self.path):
+                continue
+            try:
+                ident = dict((store.check_header(path)["config"] or {}).get("identity") or {})
+            except PipelineError:
+                continue
+            other = dict(ident.pop("views", None) or {})
+            n = other.pop("count", 0)
+            if ident == want and other == views and isinstance(n, int) and n > count:
+                found.append((n, path))
+        return min(found)[1] if found else None
+
+    def serve(self) -> str | None:
+        """:meth:`served_by`, said in one line when found."""
+        path = self.served_by()
+        if path is not None:
+            self.log(f"VIEWS={self.cfg.views}: served by {path}, a cache of this configuration with more views "
+                     f"(its first {self.cfg.views} views of every image are used)")
+        return path
 
 
 def report_skipped(plan):

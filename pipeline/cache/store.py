@@ -3,9 +3,11 @@ verified and renamed into place when complete.
 
 Layout: root attributes ``format``, ``key``, ``config`` (JSON), ``class_names`` (JSON), ``versions``
 (JSON), ``created``, ``chunk``; one group per split with ``features`` (N, D), ``labels`` (N,), ``paths``
-(N,), ``chunks`` ("stop:sha256" of every write, at index start // chunk), attribute ``done`` (rows written
-and flushed: recorded only after the rows are on disk) and, once complete, ``sha256`` of all its feature
-bytes (checked on every load). A resumed partial file is re-verified chunk by chunk before it is trusted.
+(N,), ``skipped`` (N,), ``chunks`` ("stop:sha256" of every write, at index start // chunk), attribute
+``done`` (rows written and flushed: recorded only after the rows are on disk) and, once complete, ``sha256``
+of all its feature bytes (checked on every load). Views of the train images are the group ``train_views``
+(columns ``image``, ``view``); TTA rows the groups ``val_tta`` and ``test_tta``, row for row their split. A
+resumed partial file is re-verified chunk by chunk before it is trusted.
 Writers of one file hold an exclusive lock on ``<file>.lock`` (:func:`locked`).
 """
 
@@ -15,7 +17,7 @@ import glob
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
@@ -27,6 +29,7 @@ FORMAT = "pipeline-features/1"
 PARTIAL = ".partial"
 CHUNK_CACHE_BYTES = 64 << 20
 VIEWS = "train_views"  # the group of augmented views of the train images
+TTA = {"val": "val_tta", "test": "test_tta"}  # TTA=1: each split's images flipped, row for row
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Cache:
     created: str
     splits: dict
     views: "Views | None" = None  # augmented views of the train images, when the cache has them
+    tta: dict = field(default_factory=dict)  # TTA=1: {"val", "test": Split of the flipped rows, row for row}
 
     def _split(self, name) -> Split:
         if name not in self.splits:
@@ -183,9 +187,14 @@ def load(path, expect_key=None, check_complete=True, check_finite=True) -> Cache
             raise PipelineError(f"{path}: corrupt or truncated cache ({str(e).splitlines()[0]}); "
                                 "delete it and rerun make features") from None
     views = splits.pop(VIEWS, None)
+    tta = {s: splits.pop(group) for s, group in TTA.items() if group in splits}
+    for s, flipped in tta.items():
+        if s not in splits or not np.array_equal(flipped.paths, splits[s].paths):
+            raise PipelineError(f"{path}: group {TTA[s]} is not row for row the {s} split; delete the file and "
+                                "rerun make features")
     if views is not None and "train" in kept:  # clean rows left out: views point at the rows that stay
         views.image = (np.cumsum(kept["train"]) - 1)[views.image]
-    return Cache(path, key, meta["config"], meta["class_names"], meta["versions"], created, splits, views)
+    return Cache(path, key, meta["config"], meta["class_names"], meta["versions"], created, splits, views, tta)
 
 
 def listing(cache_dir) -> list[dict]:

@@ -102,6 +102,9 @@ def _resolve_cache(cfg, plan, log):
         log(f"up to date: {plan.path}")
         extract.report_skipped(plan)
         return plan.path
+    served = plan.serve()  # VIEWS=K: a cache of this configuration with more views serves it
+    if served is not None:
+        return served
     if not cfg.extract:
         raise PipelineError(f"no feature cache for this configuration ({plan.path}); make it with: "
                             f"{head_train.features_command(plan.cfg)}")
@@ -124,6 +127,8 @@ def dense_head(cfg: FinetuneConfig, extra: dict | None, cache: store.Cache, log=
             reason = "the saved one has other hyper-parameters"
         elif (rec.get("config") or {}).get("head_seed") != cfg.head_seed:
             reason = "the saved one has another HEAD_SEED"
+        elif (rec.get("metrics") or {}).get("views", 0) != head_train.views_used(cache, cfg):
+            reason = "the saved one trained on another number of views"
         else:
             try:
                 est, rec = artifacts.load(path, expect_key=cache.key)
@@ -162,7 +167,7 @@ def prepare(cfg: FinetuneConfig, extra: dict | None = None, log=print) -> Job:
         path = cfg.cache
     else:
         path = _resolve_cache(cfg, plan, log)
-    cache = store.load(path, expect_key=plan.key)
+    cache = store.load(path, expect_key=plan.key if path == plan.path else None)  # else served: more views
     head_train.check_splits(cache)
     est, head_rec, head_path = dense_head(cfg, extra, cache, log)
     if est.model_.input_shape[-1] != plan.dim:

@@ -42,10 +42,13 @@ def resolve_cache(cfg: HeadConfig, log=print) -> str:
     if cfg.extract:
         return extract.run(fcfg, log=log)
     plan = extract.Plan(fcfg, log=log, lazy=True)
-    if not plan.up_to_date():
+    if plan.up_to_date():
+        return plan.path
+    served = plan.serve()  # VIEWS=K: a cache of this configuration with more views serves it
+    if served is None:
         raise PipelineError(f"no feature cache for this configuration ({plan.path}); make it with: "
                             f"{features_command(fcfg)}")
-    return plan.path
+    return served
 
 
 def check_outputs(cfg: HeadConfig) -> None:
@@ -74,6 +77,12 @@ def views_of(cache, cfg):
     if cache.views is None:
         return None
     return cache.views.upto(cfg.views) if cfg.views else cache.views
+
+
+def views_used(cache, cfg) -> int:
+    """How many views of each train image a head trains on (:func:`views_of`): 0 without views."""
+    views = views_of(cache, cfg)
+    return 0 if views is None or not len(views.view) else int(views.view.max()) + 1
 
 
 def fit(name, est, X, y, validation_data=None, views=None):
@@ -107,15 +116,31 @@ def measure(est, cache, split) -> dict:
     return evaluate.metrics(sp.labels, est.predict(sp.features), cache.class_names, registry.scores(est, sp.features))
 
 
+def measure_tta(est, cache, split) -> dict | None:
+    """Metrics on one split with test-time augmentation: the head's scores (:func:`registry.scores`:
+    probabilities, else decision values) averaged over each clean row and its flipped row; None when the
+    cache has no TTA rows."""
+    if split not in cache.tta:
+        return None
+    sp, flipped = cache.splits[split], cache.tta[split]
+    s = (registry.scores(est, sp.features) + registry.scores(est, flipped.features)) / 2
+    return evaluate.metrics(sp.labels, est.classes_[np.argmax(s, axis=1)], cache.class_names, s)
+
+
 def finish(est, cache, cfg, name, head, params, extra, log=print, on_val=True) -> dict:
-    """Evaluate on val (``on_val``: when val was not trained on) and test, write the reports and save the
-    head: the paths written."""
+    """Evaluate on val (``on_val``: when val was not trained on) and test, with TTA too when the cache has its
+    rows, write the reports and save the head: the paths written."""
     val = measure(est, cache, "val") if on_val else None
+    tta = {s: m for s in (("val", "test") if on_val else ("test",)) if (m := measure_tta(est, cache, s))}
     if val:
-        log(f"val accuracy {val['accuracy']:.4f}, balanced {val['balanced_accuracy']:.4f}")
+        log(f"val accuracy {val['accuracy']:.4f}, balanced {val['balanced_accuracy']:.4f}"
+            + (f"; with TTA (flip) {tta['val']['accuracy']:.4f}" if "val" in tta else ""))
     label = name if name == head else f"{name} ({head})"
     test = measure(est, cache, "test")
     log(evaluate.table(test, f"{label}: test split ({len(cache.splits['test'].labels)} images)"))
+    if "test" in tta:
+        log(f"test accuracy {test['accuracy']:.4f}, with TTA (flip) {tta['test']['accuracy']:.4f}")
+        extra = {**extra, "tta": {"augmentation": "horizontal flip, scores averaged with the clean row's", **tta}}
     stem = artifacts.cache_stem(cache.path)
     out = os.path.join(cfg.reports_dir, stem, name)
     m = {"head": head, "params": {k: artifacts.jsonable(v) for k, v in params.items()}, **extra,
@@ -183,10 +208,8 @@ def train_head(cache: store.Cache, cfg: HeadConfig, name: str, params: dict, log
     epochs = len(est.history_["loss"]) if getattr(est, "history_", None) else None
     log(f"fitted in {secs:.2f} s" + (f" ({epochs} epochs)" if epochs else ""))
     return finish(est, cache, cfg, head.name, head.name, params,
-                  {"fit_seconds": secs, "trained_on": "train", "views": 0 if views is None else int(views.view.max()) + 1},
+                  {"fit_seconds": secs, "trained_on": "train", "views": views_used(cache, cfg)},
                   log)
-
-
 
 
 def step(cfg: HeadConfig, extra: dict | None = None) -> None:

@@ -5,7 +5,8 @@ record checks out:
 - a dense head, as one end-to-end Keras model: raw pixels -> the backbone's preprocessing -> backbone ->
   the cache's pooling -> the head (the fine-tune model without augmentation);
 - a scikit-learn head, on the features of the new images from the extractor of ``make features``, rebuilt
-  from the cache's record and checked against it (the weights digest);
+  from the cache's record and checked against it (the weights digest); on a cache made with RUNTIME=openvino, a
+  scikit-learn or dense head on the features of the cache's stored OpenVINO model, in the cache's precision;
 - an exported artifact (``make export``: .keras, SavedModel, ONNX, LiteRT, OpenVINO), run by its own runtime.
 
 Whatever the model, a :class:`Runner` maps uint8 (N, size, size, 3) pixel batches to per-class scores.

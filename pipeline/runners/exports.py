@@ -100,6 +100,10 @@ def runtime(fmt: Format, path: str, size: int, fold: bool = True):
     uint8 batches are cast); ``fold`` applies to the .keras format only."""
     need(fmt, [fmt.runtime])
     threads = cores()
+    if fmt.runtime in ("keras", "tensorflow"):
+        from pipeline import quiet
+
+        quiet.tensorflow()
     if fmt.name == "keras":
         import keras
         import tensorflow as tf

@@ -98,6 +98,9 @@ def open_model(path: str = "", models_dir: str = "models", log=print, fold=True)
 
 
 def _finetuned(rec_path, fold):
+    from pipeline import quiet
+
+    quiet.tensorflow()
     from pipeline.backbones.extractor import compiled_call
 
     model, rec = artifact.load(rec_path)

@@ -1,6 +1,7 @@
 """Heads as runners: a dense head end to end; a scikit-learn head on the features of the extractor of its
-cache, rebuilt from the cache's record and checked against it (the weights digest); linear heads as a
-Dense layer."""
+cache, rebuilt from the cache's record and checked against it (the weights digest); on a cache made with
+RUNTIME=openvino, either head on the features of the cache's stored OpenVINO model; linear heads as a Dense
+layer."""
 
 from __future__ import annotations
 
@@ -48,10 +49,13 @@ def rebuild_extractor(fc: dict, identity: dict | None, where: str, precision: st
     """(spec, size, extractor, base) of the features options ``fc``: the extractor of ``make features``, with
     the weights file the cache recorded. With the cache's ``identity`` the weights digest must be the one the
     cache was made with."""
+    from pipeline import quiet
+
+    records.use_keras_home(fc.get("keras_home") or "")  # before Keras is imported: Keras reads it once
+    quiet.tensorflow()
     from pipeline.backbones import extractor
     from pipeline.backbones import registry as backbones
 
-    records.use_keras_home(fc.get("keras_home") or "")
     spec = backbones.get(fc["backbone"])
     size = backbones.resolve_size(spec, fc.get("size"))
     recorded = (identity or {}).get("weights") or {}
@@ -75,9 +79,37 @@ def rebuild_extractor(fc: dict, identity: dict | None, where: str, precision: st
     return spec, size, model, base
 
 
+def openvino_features(fc: dict, identity: dict | None, cache_path: str, where: str, log=print):
+    """(spec, size, features call) of a cache made with RUNTIME=openvino: its extractor's OpenVINO model, stored
+    in the cache's folder (:mod:`pipeline.backbones.openvino_store`; TensorFlow then not imported), compiled with
+    the cache's precision hint: the features the cache holds. Without a stored model the extractor is rebuilt
+    (its weights digest checked against the cache's), converted and stored; without the cache's identity it is
+    rebuilt from the head record's options and converted."""
+    from pipeline.backbones import registry as backbones
+    from pipeline.backbones import runtime
+
+    runtime.check("openvino")
+    spec = backbones.get(fc["backbone"])
+    size = backbones.resolve_size(spec, fc.get("size"))
+    precision = fc.get("precision") or "float32"
+
+    def build():
+        return rebuild_extractor(fc, identity, where, precision="float32")[2]  # OpenVINO's precision, not Keras'
+
+    try:
+        if identity is None:
+            call = runtime.prepare(build(), size, "openvino", precision, fold=bool(fc.get("fold_batchnorm", True)))
+        else:
+            call = runtime.stored_call(os.path.dirname(os.path.abspath(cache_path)), identity, size, precision, build,
+                                       log)
+    except PipelineError as e:
+        if str(e).startswith(where):
+            raise
+        raise PipelineError(f"{where}: its OpenVINO features cannot be computed here: {e}") from None
+    return spec, size, call
+
+
 def open_head(rec_path, log, fold):
-    from pipeline.backbones.extractor import compiled_call
-    from pipeline.finetune.model import build_model
     from pipeline.heads import registry
 
     rec, _ = artifacts.check(rec_path)  # the file's sha256 and the versions, before anything is built or unpickled
@@ -87,42 +119,60 @@ def open_head(rec_path, log, fold):
     except (IndexError, TypeError, ValueError, KeyError):
         raise PipelineError(f"{rec_path}: its classes and class names disagree; retrain with make head") from None
     fc, identity, note = cache_config(rec, rec_path)
-    spec, size, extractor_model, base = rebuild_extractor(fc, identity, rec_path)
+    openvino = fc.get("runtime") == "openvino"
+    if openvino:  # the features as the cache holds them, for a dense head too
+        spec, size, features = openvino_features(fc, identity, rec.get("cache_path") or "", rec_path, log)
+        base, dim = None, features.dim
+    else:
+        from pipeline.backbones.extractor import compiled_call
+
+        spec, size, extractor_model, base = rebuild_extractor(fc, identity, rec_path)
+        dim = int(extractor_model.output_shape[-1])
     est, rec = artifacts.load(rec_path, expect_key=rec.get("cache_key"))
-    dim = int(extractor_model.output_shape[-1])
     wants = int(getattr(est, "n_features_in_", dim))
     if wants != dim:
-        raise PipelineError(f"{rec_path}: takes {wants} features, its rebuilt {spec.name} extractor gives {dim}; "
+        raise PipelineError(f"{rec_path}: takes {wants} features, its {spec.name} extractor gives {dim}; "
                             "retrain it with make head")
     fold = bool(fc.get("fold_batchnorm", True)) and fold
     src = {"name": rec.get("name"), "head": rec.get("head"), "backbone": spec.name, "cache_path": rec.get("cache_path"),
-           "cache_key": rec.get("cache_key"), "features": fc, "identity": identity, "sha256": rec["sha256"]}
+           "cache_key": rec.get("cache_key"), "features": fc, "identity": identity, "sha256": rec["sha256"],
+           "runtime": "openvino" if openvino else "tensorflow"}  # what computes the features
     common = dict(notes=[note] if note else [], source=src, max_pixels=int(fc.get("max_pixels") or images.MAX_PIXELS))
     interp = fc.get("interpolation") or "bilinear"
-    if rec["kind"] == "keras":
+    kind = "dense" if rec["kind"] == "keras" else "sklearn"
+
+    def base32():  # what export exports: float32 (the weights are float32)
+        if base is not None and (fc.get("precision") or "float32") == "float32":
+            return base
+        return rebuild_extractor(fc, identity, rec_path, precision="float32")[3]
+
+    if kind == "dense" and not openvino:
+        from pipeline.finetune.model import build_model
+
         model = build_model(spec, size, base, fc["pooling"], est.model_, augment=None)
 
         def keras_model():
             if (fc.get("precision") or "float32") == "float32":
                 return model
-            _, _, _, base32 = rebuild_extractor(fc, identity, rec_path, precision="float32")
-            return build_model(spec, size, base32, fc["pooling"], est.model_, augment=None)
+            return build_model(spec, size, base32(), fc["pooling"], est.model_, augment=None)
 
-        return Runner(rec_path, rec, "dense", classes, size, interp, "probability",
+        return Runner(rec_path, rec, kind, classes, size, interp, "probability",
                       compiled_call(model, size, fold=fold), keras_model=keras_model, **common)
-    features = compiled_call(extractor_model, size, fold=fold)
+    if not openvino:
+        features = compiled_call(extractor_model, size, fold=fold)
     dtype = fc.get("dtype") or "float32"
 
     def call(pixels):
         return registry.scores(est, np.asarray(features(pixels)).astype(dtype))  # as stored in the cache
 
     def keras_model():
-        base32 = base
-        if (fc.get("precision") or "float32") != "float32":  # exported in float32 (the weights are float32)
-            base32 = rebuild_extractor(fc, identity, rec_path, precision="float32")[3]
-        return linear_model(est, rec, spec, size, base32, fc["pooling"])
+        if kind == "dense":
+            from pipeline.finetune.model import build_model
 
-    return Runner(rec_path, rec, "sklearn", classes, size, interp,
+            return build_model(spec, size, base32(), fc["pooling"], est.model_, augment=None)
+        return linear_model(est, rec, spec, size, base32(), fc["pooling"])
+
+    return Runner(rec_path, rec, kind, classes, size, interp,
                   "probability" if hasattr(est, "predict_proba") else "score", call, keras_model=keras_model, **common)
 
 
