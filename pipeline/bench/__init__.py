@@ -1,9 +1,9 @@
 """``bench``: speed, memory and accuracy of the pipeline side by side, as ratios measured in one run.
 
 Sections (``SECTIONS=``, comma list), one module each: :mod:`.overhead`, :mod:`.caching`, :mod:`.ceiling`,
-:mod:`.memory`, :mod:`.noop`, :mod:`.quality`, :mod:`.headloop`, :mod:`.peer`; :mod:`.common` holds what they
-share and :mod:`.report` the table and the JSON/Markdown reports. Each timed figure is the median of REPEATS runs after WARMUP untimed
-ones; min and max are kept.
+:mod:`.memory`, :mod:`.noop`, :mod:`.quality`, :mod:`.headloop`, :mod:`.peer`, and only when named
+:mod:`.views`; :mod:`.common` holds what they share and :mod:`.report` the table and the JSON/Markdown
+reports. Each timed figure is the median of REPEATS runs after WARMUP untimed ones; min and max are kept.
 """
 
 from __future__ import annotations
@@ -20,12 +20,19 @@ from pipeline.configs import BenchConfig, asdict
 from pipeline.errors import PipelineError
 
 SECTION_MODULES = {"overhead": "overhead", "caching": "caching", "ceiling": "ceiling", "memory": "memory",
-                   "noop": "noop", "quality": "quality", "headloop": "headloop", "peer": "peer"}
+                   "noop": "noop", "quality": "quality", "headloop": "headloop", "peer": "peer", "views": "views"}
 
 
 def run(cfg: BenchConfig, log=print) -> dict:
     """Measure the chosen sections, print the table, write the JSON and Markdown reports."""
     ctx = Context(cfg, log)
+    modules = {name: importlib.import_module(f"pipeline.bench.{SECTION_MODULES[name]}") for name in ctx.sections}
+    try:
+        for module in modules.values():  # a section's own options: one line before any work
+            getattr(module, "check", lambda cfg: None)(cfg)
+    except PipelineError:
+        shutil.rmtree(ctx.work, ignore_errors=True)
+        raise
     when = benchreport.now()
     load_start = load_average()
     import tensorflow  # noqa: F401  imported before any timing
@@ -37,7 +44,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
             t0 = time.perf_counter()
             log(f"bench: {name} ...")
             try:
-                ctx.results[name] = importlib.import_module(f"pipeline.bench.{SECTION_MODULES[name]}").run(ctx)
+                ctx.results[name] = modules[name].run(ctx)
             except PipelineError as e:
                 ctx.results[name] = {"error": str(e)}
                 log(f"bench: {name} failed: {e}")

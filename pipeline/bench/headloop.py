@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-
 import sys
 
 from pipeline.bench.common import GOALS, features_args, features_config, quiet, run_child, run_command

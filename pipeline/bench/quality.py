@@ -38,20 +38,27 @@ def run(ctx):
     for label, fcfg in entries:
         row = {"label": label, "backbone": fcfg.backbone, "alpha": fcfg.alpha, "weights": fcfg.weights}
         try:
+            t0 = time.perf_counter()
             with quiet():
                 cache = store.load(features.run(fcfg, log=lambda s: None))
-            row.update(_fit_heads(ctx, cache, names))
+            n = sum(len(sp.labels) for sp in cache.splits.values())
+            row.update(_fit_heads(ctx, cache, names), dim=int(cache.splits["train"].features.shape[1]),
+                       features_seconds=time.perf_counter() - t0, images=n)
         except PipelineError as e:
             row["error"] = str(e)
             ctx.log(f"quality: {label}: {e}")
         rows.append(row)
     rows.append(_raw_pixels(ctx, names))
     if cfg.finetune:
-        rows.append(_finetune(ctx))
+        rows += _finetune(ctx)
     for i, row in enumerate(rows):
         key = f"q{i}"
         if "test" in row:
-            m[key] = (row["test"], f"test acc ({row['best']})")
+            more = f", {row['epochs']} epochs, {row['seconds']:.0f} s whole" if "epochs" in row else ""
+            if "dim" in row:  # a cache made here (not found current) shows its extraction rate
+                more += f", {row['dim']}-d" + (f", features {row['images'] / row['features_seconds']:.0f} img/s"
+                                               if row["features_seconds"] > 5 else "")
+            m[key] = (row["test"], f"test acc ({row['best']}){more}")
             m[key + "_val"] = row["val"]
         else:
             m[key] = (row.get("error", "not run")[:60], "")
@@ -88,40 +95,55 @@ def _raw_pixels(ctx, names):
     return row
 
 
-def _finetune(ctx):
-    """Fine-tuning's test accuracy through the ``finetune`` step, run as a whole command."""
+def _finetune(ctx) -> list[dict]:
+    """Fine-tuning through the ``finetune`` step, run as a whole command once per FINETUNE_COMPARE entry
+    (``label: NAME=value ...``; FINETUNE_ARGS added to each): test accuracy, epochs, wall time; and first the
+    cached dense head every run started from."""
     cfg = ctx.cfg
-    row = {"label": f"fine-tuned {cfg.backbone}"}
+    runs = [(p.partition(":")[0], p.partition(":")[2]) for p in map(str.strip, cfg.finetune_compare.split(";")) if p]
+    rows, start = [], None
+    for i, (name, extra) in enumerate(runs):
+        row = _finetune_run(ctx, f"fine-tuned {cfg.backbone}: {name.strip()}", f"finetune{i}", extra)
+        start = start or row.pop("head_only", None)
+        row.pop("head_only", None)
+        rows.append(row)
+    if start:
+        rows.insert(0, {"label": f"cached dense head of {cfg.backbone} (fine-tuning's start)", "best": "dense",
+                        "test": start["test"], "val": start["val"],
+                        "heads": [{"head": "dense", **start}]})
+    return rows
+
+
+def _finetune_run(ctx, label, folder, extra) -> dict:
+    cfg = ctx.cfg
+    row = {"label": label, "args": " ".join((extra + " " + cfg.finetune_args).split())}
     args = features_args(features_config(cfg))
-    out_dir = os.path.join(ctx.work, "finetune")
+    out_dir = os.path.join(ctx.work, folder)
     args += [f"MODELS_DIR={os.path.join(out_dir, 'models')}", f"REPORTS_DIR={os.path.join(out_dir, 'reports')}"]
     own = {f.upper() for f in fields(FinetuneConfig)}
-    args = [a for a in args if a.split("=", 1)[0] in own] + cfg.finetune_args.split()
+    args = [a for a in args if a.split("=", 1)[0] in own] + extra.split() + cfg.finetune_args.split()
     try:
         t0 = time.perf_counter()
-        run_child(["finetune", *args], os.path.join(ctx.work, "finetune.log"))
+        run_child(["finetune", *args], os.path.join(ctx.work, folder + ".log"))
         row["seconds"] = time.perf_counter() - t0
     except PipelineError as e:
         row["error"] = str(e)[:200]
         return row
-    found = []
-    for path in glob.glob(os.path.join(out_dir, "**", "*.json"), recursive=True):
-        try:
-            with open(path) as f:
-                rec = json.load(f)
-        except (OSError, ValueError):
-            continue
-        test = rec.get("test") if isinstance(rec, dict) else None
-        if isinstance(test, dict) and isinstance(test.get("accuracy"), (int, float)):
-            val = rec.get("val")
-            found.append((os.path.sep + "finetune" + os.path.sep in path, path, test["accuracy"],
-                          val.get("accuracy") if isinstance(val, dict) else None))
-    if not found:
-        row["error"] = "the finetune step wrote no test accuracy under its reports"
+    found = glob.glob(os.path.join(out_dir, "reports", "*", "finetune", "metrics.json"))
+    try:
+        with open(found[0]) as f:
+            m = json.load(f)
+        acc, val = m["test"]["accuracy"], m["val"]["accuracy"]
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        row["error"] = f"the finetune step wrote no test accuracy under {out_dir}/reports"
         return row
-    _, path, acc, val = max(found)  # the fine-tune's own metrics, not those of the head it started from
-    row.update(test=float(acc), val=val, best="finetune", heads=[{"head": "finetune", "val": val, "test": acc}],
-               report=path)
+    ho = m.get("head_only") or {}
+    row.update(test=float(acc), val=float(val), best="finetune", epochs=m.get("epochs"),
+               best_epoch=m.get("best_epoch"), fit_seconds=m.get("fit_seconds"),
+               heads=[{"head": "finetune", "val": val, "test": acc}], report=found[0])
+    if "test" in ho and "val" in ho:
+        row["head_only"] = {"val": float(ho["val"]["accuracy"]), "test": float(ho["test"]["accuracy"])}
+        row["gain_points"] = 100 * (float(acc) - row["head_only"]["test"])
     return row
 
 # -- the run
