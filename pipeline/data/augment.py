@@ -48,28 +48,61 @@ class Views:
 
     def __init__(self, flip="horizontal", rotation=0.1, zoom=0.1, contrast=0.1, seed=0):
         self.layers, self.seed = layers(flip, rotation, zoom, contrast, seed), seed
+        self._compiled = {}
 
-    def _draw(self, layer, k, shape, keys):
-        import keras
+    def _draws(self, shape, keys) -> list:
+        """Every layer's transformation of a batch of ``shape``: each image's drawn with its own seed, in
+        one compiled call per batch shape (the draws Keras makes with an integer seed, without their eager
+        cost)."""
+        from keras.src.random.seed_generator import draw_seed
 
-        one = keras.ops.zeros((1, *shape[1:]), "float32")
-        draws = [layer.get_random_transformation(one, training=True, seed=view_seed(sha, j, self.seed, k))
-                 for sha, j in keys]
-        if isinstance(draws[0], dict):
-            return {name: _stack([d[name] for d in draws], name, shape) for name in draws[0]}
-        return _stack(draws, "", shape)
+        seeds = np.asarray([[np.asarray(draw_seed(view_seed(sha, j, self.seed, k))) for sha, j in keys]
+                            for k in range(len(self.layers))])
+        fn = self._compiled.get(shape)
+        if fn is None:
+            fn = self._compiled[shape] = _compiled_draws(self.layers, shape)
+        return fn(seeds)
 
     def batch(self, pixels: np.ndarray, keys) -> np.ndarray:
         import keras
 
         x = keras.ops.convert_to_tensor(np.asarray(pixels, np.float32))
-        for k, layer in enumerate(self.layers):
-            x = layer.transform_images(x, self._draw(layer, k, tuple(x.shape), keys), training=True)
+        if self.layers:
+            for layer, draw in zip(self.layers, self._draws(tuple(x.shape), keys)):
+                x = layer.transform_images(x, draw, training=True)
         return np.clip(np.rint(keras.ops.convert_to_numpy(x)), 0, 255).astype(np.uint8)
 
     def view(self, pixels: np.ndarray, sha256: str, j: int) -> np.ndarray:
         """View j of one image (uint8 (H, W, 3))."""
         return self.batch(pixels[None], [(sha256, j)])[0]
+
+
+def _compiled_draws(layers, shape):
+    """A tf.function of (layers, N, 2) seeds: each layer's random transformation of each image of a batch
+    of ``shape`` drawn with that image's seed, stacked per layer as :func:`_stack` does."""
+    import keras
+    import tensorflow as tf
+
+    class Fixed(keras.random.SeedGenerator):  # what draw_seed(int) gives, for every draw of the call
+        def __init__(self, value):  # no state variable: nothing advances
+            self.value = value
+
+        def next(self, ordered=True):
+            return self.value
+
+    def one_layer(layer, seeds):
+        one = keras.ops.zeros((1, *shape[1:]), "float32")
+        draws = [layer.get_random_transformation(one, training=True, seed=Fixed(seeds[i]))
+                 for i in range(shape[0])]
+        if isinstance(draws[0], dict):
+            return {name: _stack([d[name] for d in draws], name, shape) for name in draws[0]}
+        return _stack(draws, "", shape)
+
+    @tf.function(autograph=False)
+    def draws(seeds):
+        return [one_layer(layer, seeds[k]) for k, layer in enumerate(layers)]
+
+    return draws
 
 
 def _stack(values, name, shape):
