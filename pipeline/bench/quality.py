@@ -38,12 +38,16 @@ def run(ctx):
     for label, fcfg in entries:
         row = {"label": label, "backbone": fcfg.backbone, "alpha": fcfg.alpha, "weights": fcfg.weights}
         try:
+            before = set(glob.glob(os.path.join(glob.escape(fcfg.cache_dir), "*.h5")))
             t0 = time.perf_counter()
             with quiet():
-                cache = store.load(features.run(fcfg, log=lambda s: None))
-            n = sum(len(sp.labels) for sp in cache.splits.values())
+                path = features.run(fcfg, log=lambda s: None)
+            secs = time.perf_counter() - t0
+            cache = store.load(path)
             row.update(_fit_heads(ctx, cache, names), dim=int(cache.splits["train"].features.shape[1]),
-                       features_seconds=time.perf_counter() - t0, images=n)
+                       images=sum(len(sp.labels) for sp in cache.splits.values()))
+            if path not in before:  # made here: its whole features run, scan and build included
+                row["features_seconds"] = secs
         except PipelineError as e:
             row["error"] = str(e)
             ctx.log(f"quality: {label}: {e}")
@@ -55,9 +59,9 @@ def run(ctx):
         key = f"q{i}"
         if "test" in row:
             more = f", {row['epochs']} epochs, {row['seconds']:.0f} s whole" if "epochs" in row else ""
-            if "dim" in row:  # a cache made here (not found current) shows its extraction rate
-                more += f", {row['dim']}-d" + (f", features {row['images'] / row['features_seconds']:.0f} img/s"
-                                               if row["features_seconds"] > 5 else "")
+            if "dim" in row:  # the feature size; and the extraction rate of a cache made here (not found current)
+                more += f", {row['dim']}-d" + (f", made at {row['images'] / row['features_seconds']:.0f} img/s"
+                                               if "features_seconds" in row else "")
             m[key] = (row["test"], f"test acc ({row['best']}){more}")
             m[key + "_val"] = row["val"]
         else:
