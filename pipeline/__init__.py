@@ -5,7 +5,9 @@ The Python API, for notebooks and scripts (the CLI is ``python -m pipeline``):
 - :func:`features` runs a dataset once through a frozen backbone into the HDF5 cache (the options of
   ``make features``) and returns the cache file's path;
 - :func:`load_cache` loads a cache file, after checking it, without TensorFlow: ``c.train.X``, ``c.train.y``,
-  ``c.train.paths``, ``c.val``, ``c.test``, ``c.class_names``, ``c.config``.
+  ``c.train.paths``, ``c.val``, ``c.test``, ``c.class_names``, ``c.config``; with ``VIEWS=K`` the augmented
+  views of the train images in ``c.views`` (``c.views.upto(k)``: the first k of each), with ``TTA=1`` the
+  mirrored val/test rows in ``c.tta["val"]``, ``c.tta["test"]`` (row for row with ``c.val``, ``c.test``).
 """
 
 __version__ = "0.1.0"
