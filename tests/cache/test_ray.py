@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 import h5py
+import numpy as np
 import pytest
 from conftest import ROOT, make_tree, write_image
 
@@ -39,13 +40,18 @@ def in_process(data, cache):
     return str(next(cache.glob("*.h5")))
 
 
-def assert_same(a_path, b_path):
+def assert_same(a_path, b_path, exact=True):
+    """The same cache: bit for bit; ``exact=False``: features to float rounding (rows computed at other places
+    in their batches, which changes the last bits on some CPUs, e.g. AVX2-only ones), the rest bit for bit."""
     a, b = store.load(a_path), store.load(b_path)
     assert a.key == b.key and a.class_names == b.class_names and set(a.splits) == set(b.splits)
     with h5py.File(a_path) as fa, h5py.File(b_path) as fb:
         for s in fb:
             for name in ("features", "labels", "skipped"):
-                assert fa[s][name][()].tobytes() == fb[s][name][()].tobytes(), (s, name)
+                if name == "features" and not exact:
+                    np.testing.assert_allclose(fa[s][name][()], fb[s][name][()], rtol=1e-5, atol=1e-6)
+                else:
+                    assert fa[s][name][()].tobytes() == fb[s][name][()].tobytes(), (s, name)
             assert fa[s]["paths"].asstr()[()].tolist() == fb[s]["paths"].asstr()[()].tolist()
 
 
@@ -180,4 +186,4 @@ def test_added_images_are_the_only_rows_the_actors_extract(cluster, tree, tmp_pa
     lines = shard_lines(msgs)
     assert sum(int(re.search(r": (\d+) images", m)[1]) for m in lines) == 3, msgs
     assert len(lines) < 4
-    assert_same(path, in_process(new, tmp_path / "scratch"))
+    assert_same(path, in_process(new, tmp_path / "scratch"), exact=False)  # reused rows sat elsewhere in batches
