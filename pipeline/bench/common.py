@@ -60,6 +60,13 @@ def quality_entries(text) -> list[tuple[str, float, str]]:
     return out
 
 
+def entry_label(backbone, alpha, weights) -> str:
+    """How a table names a :func:`quality_entries` entry: backbone, its alpha (the family's default when not
+    given), and the weights (``file`` for a path)."""
+    alpha = alpha or registry.get(backbone).alpha
+    return f"{backbone}{f' a{alpha}' if alpha else ''} ({'file' if os.path.sep in weights else weights})"
+
+
 def features_args(fcfg: FeaturesConfig) -> list[str]:
     """NAME=value arguments of ``python -m pipeline features`` for ``fcfg``."""
     return [f"{n.upper()}={getattr(fcfg, n)}" for n in fields(FeaturesConfig)]

@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pipeline.backbones import registry
-from pipeline.bench.common import features_args, features_config, quiet, run_child
+from pipeline.bench.common import entry_label, features_args, features_config, quiet, run_child
 from pipeline.configs import FinetuneConfig, fields
 from pipeline.data import sources
 from pipeline.data.loading import cores
@@ -28,11 +27,7 @@ def run(ctx):
     names = [h.strip() for h in cfg.quality_heads.split(",") if h.strip()]
     for n in names:
         heads.get(n)
-    def label(b, a, w):
-        alpha = a or registry.get(b).alpha
-        return f"{b}{f' a{alpha}' if alpha else ''} ({'file' if os.path.sep in w else w})"
-
-    entries = [(label(b, a, w), features_config(cfg, backbone=b, alpha=a, weights=w)) for b, a, w in ctx.quality]
+    entries = [(entry_label(b, a, w), features_config(cfg, backbone=b, alpha=a, weights=w)) for b, a, w in ctx.quality]
     entries.append((f"{cfg.backbone} random weights (baseline)", features_config(cfg, weights="none")))
     rows, m, show = [], {}, []
     for label, fcfg in entries:

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from pipeline.bench.common import features_args, features_config, quality_entries, quiet, run_child
+from pipeline.bench.common import entry_label, features_args, features_config, quality_entries, quiet, run_child
 from pipeline.configs import replace
 from pipeline.errors import PipelineError
 
@@ -49,7 +49,7 @@ def run(ctx):
     rows, m, show, verdicts, met = [], {}, [], [], []
     for i, (backbone, alpha, weights) in enumerate(entries):
         fcfg = features_config(cfg, backbone=backbone, alpha=alpha, weights=weights, views=0, tta=False)
-        label = f"{backbone}{f' a{alpha}' if alpha else ''} ({'file' if os.path.sep in weights else weights})"
+        label = entry_label(backbone, alpha, weights)
         try:
             row = _backbone(ctx, fcfg, ks, f"views-{i}")
         except PipelineError as e:
