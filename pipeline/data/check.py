@@ -80,13 +80,20 @@ class HashMemo:
         if not isinstance(self.memo, dict):
             self.memo = {}
 
+    def remembered(self, path, st=None) -> str | None:
+        """The remembered content hash of ``path`` when its size, mtime and inode are unchanged, else None."""
+        st = st or os.stat(path)
+        hit = self.memo.get(os.path.abspath(path))
+        if isinstance(hit, list) and len(hit) == 4 and hit[:3] == [st.st_size, st.st_mtime_ns, st.st_ino]:
+            return hit[3]
+        return None
+
     def digest(self, path) -> str:
         st = os.stat(path)
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         key = os.path.abspath(path)
-        hit = self.memo.get(key)
-        if isinstance(hit, list) and hit[:3] == stamp and len(hit) == 4:
-            return hit[3]
+        if (sha := self.remembered(path, st)) is not None:
+            return sha
         sha = file_digest(path)
         self.memo[key] = [*stamp, sha]
         self.dirty = True
@@ -114,6 +121,15 @@ def check_files(candidates, memo, progress):
         except OSError as e:
             return rel, path, "", f"unreadable: {e.strerror}"
 
+    def remembered(arg):
+        """A file whose hash the memo holds, in this thread: a stat, cheaper than a task for the pool."""
+        try:
+            st = os.stat(arg[1])
+        except OSError:
+            return None
+        sha = memo.hashes.remembered(arg[1], st) if st.st_size else None
+        return (*arg, sha, None) if sha is not None else None
+
     def check(arg):
         rel, path, sha = arg
         reason = images.check_header(path, memo.max_pixels)
@@ -125,7 +141,9 @@ def check_files(candidates, memo, progress):
 
     results, todo = {}, []
     with ThreadPoolExecutor(max_workers=min(8, cores() * 2)) as pool:
-        for rel, path, sha, why in pool.map(digest, candidates):
+        hits = [remembered(c) for c in candidates]
+        hashed = iter(pool.map(digest, [c for c, hit in zip(candidates, hits) if hit is None]))
+        for rel, path, sha, why in (hit or next(hashed) for hit in hits):
             known = memo.get(sha) if not why else why
             if known is not False:
                 results[rel] = (sha, known, None)
