@@ -12,7 +12,7 @@ from pipeline.configs import asdict
 from pipeline.finetune import artifact
 from pipeline.finetune.job import HEAD_NAME, NAME, Job
 from pipeline.finetune.train import identity, run_dir
-from pipeline.heads import artifacts, evaluate
+from pipeline.heads import artifacts, evaluate, plotter
 from pipeline.heads import train as head_train
 
 
@@ -81,6 +81,7 @@ def finish(job: Job, result: dict, log=None) -> dict:
         history={"phase2_start": n1, "combined": history, "phase1": job.head.history_, "phase2": rows},
         curves=history, curves_title=f"{NAME} on {stem}: dense head on the cache, then UNFREEZE={cfg.unfreeze}",
         phase_start=n1)
+    plotter.wait()
     spec, plan = job.plan.spec, job.plan
     config = {**asdict(cfg), "size": plan.size, "features": asdict(plan.cfg), "identity": plan.identity}
     paths["record"] = artifact.export(

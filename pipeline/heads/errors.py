@@ -15,7 +15,9 @@ from pipeline import records
 SHEET = 16  # photos on the contact sheet
 THUMB = 160  # their side in pixels
 LABEL = 36  # pixels above each for its two label lines
-DPI = 80
+TITLE = 40  # pixels above the grid for the title
+CELL_W, CELL_H = THUMB + 8, THUMB + LABEL
+DPI = 100  # the sheet is saved at this resolution: one figure pixel per image pixel
 
 
 def misclassified(labels, scores, class_names, paths, k=3) -> list[dict]:
@@ -41,10 +43,10 @@ def write_csv(path, rows, k=3) -> None:
 
 
 def plot_sheet(path, rows, root, title="") -> bool:
-    """The contact sheet of the first ``SHEET`` rows whose photo can be read under ``root``; False when none
-    can (an in-memory source, or files moved away). One image of thumbnails drawn once, the labels over it."""
+    """The contact sheet of the first ``SHEET`` rows whose photo can be read under ``root``, drawn by
+    :mod:`pipeline.heads.plotter`; False when none can (an in-memory source, or files moved away)."""
     from pipeline.data import images
-    from pipeline.heads.evaluate import _figure, _save
+    from pipeline.heads import plotter
 
     shown = []
     for r in rows:
@@ -54,27 +56,34 @@ def plot_sheet(path, rows, root, title="") -> bool:
             shown.append((r, images.load_resized(os.path.join(root, r["path"]), THUMB)))
         except images.BadImage:
             continue
-    if not shown:
-        return False
+    if shown:
+        plotter.draw(draw_sheet, path, shown, title)
+    return bool(shown)
+
+
+def draw_sheet(path, shown, title="") -> None:
+    """``shown``: [(row, thumbnail pixels)] pasted into one image placed pixel for pixel (no resampling), the
+    labels drawn over it."""
+    from pipeline.heads.evaluate import _figure, _save
+
     cols = min(4, len(shown))
-    n_rows = -(-len(shown) // cols)
-    cell_w, cell_h = THUMB + 8, THUMB + LABEL
-    grid = np.full((n_rows * cell_h, cols * cell_w, 3), 255, np.uint8)
-    head = 40  # pixels above the grid for the title
-    fig = _figure(figsize=(grid.shape[1] / DPI, (grid.shape[0] + head) / DPI), dpi=DPI)
-    ax = fig.add_axes((0, 0, 1, grid.shape[0] / (grid.shape[0] + head)))
-    ax.axis("off")
+    grid = np.full((TITLE + -(-len(shown) // cols) * CELL_H, cols * CELL_W, 3), 255, np.uint8)
+    h, w = grid.shape[:2]
+    fig = _figure(figsize=(w / DPI, h / DPI), dpi=DPI)
     for k, (r, pixels) in enumerate(shown):
-        y, x = (k // cols) * cell_h + LABEL, (k % cols) * cell_w + 4
+        y, x = thumb_origin(k, cols)
         grid[y:y + THUMB, x:x + THUMB] = pixels
-        ax.text(x + THUMB / 2, y - 4, f"true {r['true']}\npredicted {r['predicted']} {r['probability']:.2f}",
-                ha="center", va="bottom", fontsize=8, color="firebrick")
-    ax.imshow(grid, interpolation="nearest")
-    ax.set_xlim(0, grid.shape[1])
-    ax.set_ylim(grid.shape[0], 0)
-    fig.suptitle(title or "most confidently wrong test images", y=1 - 8 / (grid.shape[0] + head), va="top")
-    _save(fig, path, tight=False)
-    return True
+        fig.text((x + THUMB / 2) / w, 1 - (y - 4) / h,
+                 f"true {r['true']}\npredicted {r['predicted']} {r['probability']:.2f}",
+                 ha="center", va="bottom", fontsize=6.5, color="firebrick")
+    fig.figimage(grid, origin="upper")
+    fig.suptitle(title or "most confidently wrong test images", y=1 - 8 / h, va="top", fontsize=10)
+    _save(fig, path, tight=False, dpi=DPI)
+
+
+def thumb_origin(k, cols) -> tuple[int, int]:
+    """Top-left pixel (row, column) of the ``k``-th thumbnail on a contact sheet ``cols`` wide."""
+    return TITLE + (k // cols) * CELL_H + LABEL, (k % cols) * CELL_W + 4
 
 
 def near_duplicates(train, others, threshold=0.98, chunk=2048) -> list[dict]:

@@ -83,10 +83,12 @@ def write_json(path: str, m: dict) -> None:
     records.write_json(path, m)
 
 
-def _save(fig, path, tight=True):
-    """``fig`` as a PNG at ``path``, atomically; ``tight`` crops to what was drawn (a second draw)."""
+def _save(fig, path, tight=True, dpi=100):
+    """``fig`` as a PNG at ``path``, atomically; ``tight`` crops to what was drawn (a second draw). zlib's
+    fastest level: photos barely compress further, and the default level is most of a contact sheet's time."""
     with records.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight" if tight else None)
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight" if tight else None,
+                    pil_kwargs={"compress_level": 1})
 
 
 def _figure(**kw):
@@ -135,12 +137,16 @@ def plot_curves(path: str, history: dict, title: str = "", phase_start: int | No
 def write_reports(out: str, metrics: dict, title: str, history: dict | None = None, curves: dict | None = None,
                   curves_title: str = "", phase_start: int | None = None) -> dict:
     """``out``/metrics.json and confusion.png of ``metrics["test"]``; with ``history`` also history.json and
-    curves.png of ``curves`` (default: ``history``), split at ``phase_start``. Returns the paths written."""
+    curves.png of ``curves`` (default: ``history``), split at ``phase_start``. Returns the paths written; the
+    figures may still be drawing in :mod:`pipeline.heads.plotter`'s worker (its ``wait`` waits for them)."""
+    from pipeline.heads import plotter
+
     paths = {"metrics": os.path.join(out, "metrics.json"), "confusion": os.path.join(out, "confusion.png")}
     write_json(paths["metrics"], metrics)
-    plot_confusion(paths["confusion"], metrics["test"], f"{title}: test accuracy {metrics['test']['accuracy']:.3f}")
+    plotter.draw(plot_confusion, paths["confusion"], metrics["test"],
+                 f"{title}: test accuracy {metrics['test']['accuracy']:.3f}")
     if history:
         paths["history"], paths["curves"] = os.path.join(out, "history.json"), os.path.join(out, "curves.png")
         write_json(paths["history"], history)
-        plot_curves(paths["curves"], curves or history, curves_title or title, phase_start=phase_start)
+        plotter.draw(plot_curves, paths["curves"], curves or history, curves_title or title, phase_start)
     return paths

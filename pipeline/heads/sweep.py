@@ -12,7 +12,7 @@ from pipeline import records
 from pipeline.cache import store
 from pipeline.configs import SCORINGS, HeadConfig
 from pipeline.errors import PipelineError
-from pipeline.heads import artifacts, evaluate, registry
+from pipeline.heads import artifacts, evaluate, plotter, registry
 from pipeline.heads.train import check_outputs, check_splits, finish, fit, resolve_cache, views_of
 
 
@@ -150,7 +150,11 @@ def leaderboard(board, scoring) -> str:
 
 def step(cfg: HeadConfig, extra: dict | None = None) -> None:
     """The ``sweep`` step."""
-    sweep(cfg, extra)
+    plotter.start()
+    try:
+        sweep(cfg, extra)
+    finally:
+        plotter.stop()
 
 
 def write_csv(path, board, scoring) -> None:
