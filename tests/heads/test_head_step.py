@@ -262,6 +262,10 @@ def test_sklearn_head_on_a_current_cache_imports_no_tensorflow_and_a_changed_wei
 
     first = head()
     assert first.returncode == 0, first.stderr
+    # the command ends without the interpreter's teardown: its output was flushed, its figures drawn (by the
+    # forked worker) before it ended
+    assert first.stdout.splitlines()[-1].startswith("saved "), first.stdout
+    assert next((tmp_path / "reports").glob("*/logreg/confusion.png")).stat().st_size > 0
     metrics = lambda: json.loads(next((tmp_path / "reports").glob("*/logreg/metrics.json")).read_text())["test"]  # noqa: E731
     before = metrics()
     blocked = head(NO_TENSORFLOW)  # TensorFlow and Keras unimportable: the memo proves the cache current
