@@ -7,12 +7,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
+TEST_JOBS ?= 2
 export PIPELINE_SHARED := $(abspath $(SHARED))
 
 # command-line variables (other than the ones above) become NAME=value options of the step, each value
 # exactly as given: not expanded by make ($(value)), single-quoted for the shell (a ' inside becomes '\'')
-OWN := PYTHON VENV SHARED STEP TESTS
-ARGS = $(foreach v,$(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))),$(if $(filter $(v),$(OWN)),,'$(v)=$(subst ','\'',$(value $(v)))'))
+OWN := PYTHON VENV SHARED STEP TESTS TEST_JOBS
+ARGS = $(foreach v,$(filter-out $(OWN),$(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))),'$(v)=$(subst ','\'',$(value $(v)))')
 
 INSTALLED := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
@@ -61,9 +62,9 @@ backbones: $(INSTALLED)
 options: $(INSTALLED)
 	$(PY) -m pipeline $(or $(STEP),features) --help
 
-## run the test suite (TESTS=tests/test_x.py to pick)
+## run the test suite on TEST_JOBS processes, whole files each (TESTS=tests/test_x.py to pick, TEST_JOBS=0: one)
 test: $(INSTALLED)
-	$(PY) -m pytest $(or $(TESTS),tests)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile $(or $(TESTS),tests)
 
 ## delete the virtual environment (the cache stays)
 clean:

@@ -22,6 +22,8 @@ if MOBILENET_KERAS_FILE.exists():
     (KERAS_HOME / "models" / MOBILENET_KERAS_FILE.name).symlink_to(MOBILENET_KERAS_FILE)
 os.environ["KERAS_HOME"] = str(KERAS_HOME)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# `make test` runs test files in parallel processes: on a GPU each takes memory as it needs it, not all of it
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 
 def require_shared():
