@@ -17,7 +17,7 @@ THUMB = 160  # their side in pixels
 LABEL = 36  # pixels above each for its two label lines
 TITLE = 40  # pixels above the grid for the title
 CELL_W, CELL_H = THUMB + 8, THUMB + LABEL
-DPI = 100  # the sheet is saved at this resolution: one figure pixel per image pixel
+DPI = 100  # one figure pixel per image pixel
 
 
 def misclassified(labels, scores, class_names, paths, k=3) -> list[dict]:
@@ -62,23 +62,30 @@ def plot_sheet(path, rows, root, title="") -> bool:
 
 
 def draw_sheet(path, shown, title="") -> None:
-    """``shown``: [(row, thumbnail pixels)] pasted into one image placed pixel for pixel (no resampling), the
-    labels drawn over it."""
-    from pipeline.heads.evaluate import _figure, _save
+    """``shown``: [(row, thumbnail pixels)]. matplotlib draws the labels and the title; the thumbnails are then
+    copied into its pixels unchanged (no image resampling), and the sheet written as a PNG, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    from pipeline.heads.evaluate import PNG_LEVEL, _figure
 
     cols = min(4, len(shown))
-    grid = np.full((TITLE + -(-len(shown) // cols) * CELL_H, cols * CELL_W, 3), 255, np.uint8)
-    h, w = grid.shape[:2]
+    h, w = TITLE + -(-len(shown) // cols) * CELL_H, cols * CELL_W
     fig = _figure(figsize=(w / DPI, h / DPI), dpi=DPI)
-    for k, (r, pixels) in enumerate(shown):
+    canvas = FigureCanvasAgg(fig)
+    for k, (r, _) in enumerate(shown):
         y, x = thumb_origin(k, cols)
-        grid[y:y + THUMB, x:x + THUMB] = pixels
         fig.text((x + THUMB / 2) / w, 1 - (y - 4) / h,
                  f"true {r['true']}\npredicted {r['predicted']} {r['probability']:.2f}",
                  ha="center", va="bottom", fontsize=6.5, color="firebrick")
-    fig.figimage(grid, origin="upper")
     fig.suptitle(title or "most confidently wrong test images", y=1 - 8 / h, va="top", fontsize=10)
-    _save(fig, path, tight=False, dpi=DPI)
+    canvas.draw()
+    sheet = np.asarray(canvas.buffer_rgba())[:h, :w, :3].copy()
+    for k, (_, pixels) in enumerate(shown):
+        y, x = thumb_origin(k, cols)
+        sheet[y:y + THUMB, x:x + THUMB] = pixels
+    with records.atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(sheet).save(tmp, format="png", compress_level=PNG_LEVEL)
 
 
 def thumb_origin(k, cols) -> tuple[int, int]:

@@ -83,12 +83,14 @@ def write_json(path: str, m: dict) -> None:
     records.write_json(path, m)
 
 
-def _save(fig, path, tight=True, dpi=100):
-    """``fig`` as a PNG at ``path``, atomically; ``tight`` crops to what was drawn (a second draw). zlib's
-    fastest level: photos barely compress further, and the default level is most of a contact sheet's time."""
+PNG_LEVEL = 1  # zlib's fastest: photos and flat plots barely compress further, and encoding is a figure's cost
+
+
+def _save(fig, path, tight=True):
+    """``fig`` as a PNG at ``path``, atomically; ``tight`` crops to what was drawn (a second draw)."""
     with records.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight" if tight else None,
-                    pil_kwargs={"compress_level": 1})
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight" if tight else None,
+                    pil_kwargs={"compress_level": PNG_LEVEL})
 
 
 def _figure(**kw):

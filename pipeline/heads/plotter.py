@@ -15,8 +15,16 @@ _pending = []
 
 
 def _warm():
-    import matplotlib.figure  # noqa: F401
+    """What the first figure would pay for: the imports (pyplot: scikit-learn's displays import it), the font
+    manager and a first text drawn on the Agg canvas."""
+    import matplotlib.pyplot  # noqa: F401
     import sklearn.metrics  # noqa: F401
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1, 1))
+    fig.text(0.5, 0.5, "0.9 predicted", fontsize=6.5)
+    FigureCanvasAgg(fig).draw()
 
 
 def _forkable() -> bool:
