@@ -6,6 +6,7 @@ Either way :func:`wait` returns only when every figure is on disk, and raises wh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -74,12 +75,21 @@ def wait() -> None:
             fn(*args)
 
 
-def stop() -> None:
-    """Wait for the figures, then end the worker."""
-    global _pool
+@contextlib.contextmanager
+def running():
+    """The worker for the length of a command: started on entry; on a normal exit the figures are waited for;
+    on any exit the worker is ended (figures not yet drawn after a failure are dropped)."""
+    start()
     try:
+        yield
         wait()
     finally:
-        if _pool is not None:
-            _pool.shutdown()
-            _pool = None
+        _end()
+
+
+def _end() -> None:
+    global _pool
+    _pending.clear()
+    if _pool is not None:
+        _pool.shutdown(cancel_futures=True)
+        _pool = None

@@ -150,11 +150,8 @@ def leaderboard(board, scoring) -> str:
 
 def step(cfg: HeadConfig, extra: dict | None = None) -> None:
     """The ``sweep`` step."""
-    plotter.start()
-    try:
+    with plotter.running():
         sweep(cfg, extra)
-    finally:
-        plotter.stop()
 
 
 def write_csv(path, board, scoring) -> None:

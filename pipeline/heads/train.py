@@ -215,8 +215,5 @@ def train_head(cache: store.Cache, cfg: HeadConfig, name: str, params: dict, log
 
 def step(cfg: HeadConfig, extra: dict | None = None) -> None:
     """The ``head`` step."""
-    plotter.start()
-    try:
+    with plotter.running():
         run_head(cfg, extra)
-    finally:
-        plotter.stop()

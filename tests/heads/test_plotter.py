@@ -25,9 +25,10 @@ def _run(tmp_path, body):
 
 def test_worker_draws_the_same_png_as_this_process(tmp_path):
     out = _run(tmp_path, """
-assert plotter.start()
-plotter.draw(evaluate.plot_confusion, os.path.join(out, "worker.png"), m, "t")
-plotter.stop()
+with plotter.running():
+    assert plotter._pool is not None
+    plotter.draw(evaluate.plot_confusion, os.path.join(out, "worker.png"), m, "t")
+assert plotter._pool is None and os.path.exists(os.path.join(out, "worker.png"))  # waited for, then ended
 evaluate.plot_confusion(os.path.join(out, "here.png"), m, "t")
 """)
     assert out == ""
@@ -47,6 +48,18 @@ except OSError as e:
     assert out.startswith("raised ")
 
 
+def test_a_failed_command_ends_the_worker_without_waiting(tmp_path):
+    out = _run(tmp_path, """
+try:
+    with plotter.running():
+        pool = plotter._pool
+        raise RuntimeError("the step failed")
+except RuntimeError:
+    print(plotter._pool is None, pool._shutdown_thread)
+""")
+    assert out.split() == ["True", "True"]
+
+
 def test_a_dead_worker_is_replaced_by_drawing_here(tmp_path):
     _run(tmp_path, """
 import signal, time
@@ -56,7 +69,7 @@ for pid in list(plotter._pool._processes):
     os.kill(pid, signal.SIGKILL)
 time.sleep(0.5)
 plotter.draw(evaluate.plot_confusion, os.path.join(out, "c.png"), m, "t")
-plotter.stop()
+plotter.wait()
 """)
     assert (tmp_path / "c.png").stat().st_size > 0
 
