@@ -178,8 +178,9 @@ _fast_exit = False
 def run() -> None:
     """``python -m pipeline``: :func:`main`; after a step that allows it (a head's quick loop), exit without
     the interpreter's teardown, which after scikit-learn's and SciPy's imports costs a noticeable share of
-    such a command. Everything the step wrote is closed and in place by then; only stdio needs flushing. Not
-    with Ray loaded: its shutdown runs at exit."""
+    such a command. Everything the step wrote is closed and in place by then, and its child processes have
+    ended; only stdio needs flushing. Not with Ray loaded: its shutdown runs at exit (so do joblib's, which is
+    why the sweep, whose searches run in joblib's worker processes, does not end this way)."""
     code = main()
     if _fast_exit and "ray" not in sys.modules:
         sys.stdout.flush()

@@ -119,6 +119,20 @@ def test_sweep_picks_the_best_cv_score(capsys, tmp_path, dirs):
     assert (tmp_path / "reports" / "xor" / "best" / "confusion.png").exists()
 
 
+def test_the_sweep_command_leaves_no_process_behind(tmp_path, blob_cache):
+    """Its searches run in joblib's worker processes (JOBS=2) and its figures in the forked worker: all end
+    with the command."""
+    import sys
+
+    mark = f"TEST_MARK=sweep-{os.getpid()}-{id(tmp_path)}"
+    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", f"CACHE={blob_cache}", "HEADS=logreg,knn", "CV=2",
+                        "JOBS=2", f"MODELS_DIR={tmp_path / 'models'}", f"REPORTS_DIR={tmp_path / 'reports'}"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TEST_MARK": mark.split("=")[1]},
+                       timeout=120)  # a process left holding the output pipes would make this wait
+    assert r.returncode == 0, r.stderr
+    assert "leaderboard in " in r.stdout and not processes_with(mark)
+
+
 def test_sweep_includes_dense_and_every_head_by_default(capsys, tmp_path, dirs):
     path = write_cache(tmp_path / "tiny.h5", dim=8, sep=3.0, seed=2, counts={"train": 12, "val": 4, "test": 4})
     code, out, err = run(capsys, "sweep", f"CACHE={path}", "CV=2", "JOBS=1", "EPOCHS=5", "LEARNING_RATE=0.01",
@@ -238,6 +252,19 @@ def test_unwritable_models_or_reports_folder_is_one_line_before_any_work(tmp_pat
     assert code == 2 and err.startswith(f"error: {option}={tmp_path / 'f' / 'sub'}: ") and len(err.splitlines()) == 1
 
 
+def processes_with(env_entry) -> list[int]:
+    """The pids of live processes whose environment holds ``env_entry`` (NAME=value), from /proc."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if env_entry.encode() in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 NO_TENSORFLOW = ("import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
                  "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
 
@@ -256,16 +283,19 @@ def test_sklearn_head_on_a_current_cache_imports_no_tensorflow_and_a_changed_wei
             "SIZE=32", "VAL_FRACTION=0.25", "TEST_FRACTION=0.25", f"CACHE_DIR={tmp_path / 'cache'}",
             f"MODELS_DIR={tmp_path / 'models'}", f"REPORTS_DIR={tmp_path / 'reports'}"]
 
+    mark = f"pipeline-test-{os.getpid()}-{id(tmp_path)}"
+
     def head(code=None):
         cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "pipeline", *args]
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TEST_MARK": mark})
 
     first = head()
     assert first.returncode == 0, first.stderr
     # the command ends without the interpreter's teardown: its output was flushed, its figures drawn (by the
-    # forked worker) before it ended
+    # forked worker) before it ended, and no process it started outlives it
     assert first.stdout.splitlines()[-1].startswith("saved "), first.stdout
     assert next((tmp_path / "reports").glob("*/logreg/confusion.png")).stat().st_size > 0
+    assert not processes_with(f"TEST_MARK={mark}")
     metrics = lambda: json.loads(next((tmp_path / "reports").glob("*/logreg/metrics.json")).read_text())["test"]  # noqa: E731
     before = metrics()
     blocked = head(NO_TENSORFLOW)  # TensorFlow and Keras unimportable: the memo proves the cache current
