@@ -179,14 +179,29 @@ def run() -> None:
     """``python -m pipeline``: :func:`main`; after a step that allows it (a head's quick loop), exit without
     the interpreter's teardown, which after scikit-learn's and SciPy's imports costs a noticeable share of
     such a command. Everything the step wrote is closed and in place by then, and its child processes have
-    ended; only stdio needs flushing. Not with Ray loaded: its shutdown runs at exit (so do joblib's, which is
-    why the sweep, whose searches run in joblib's worker processes, does not end this way)."""
+    ended (checked: a child still running means a normal exit); only stdio needs flushing. Not with Ray loaded:
+    its shutdown runs at exit (so does joblib's, which is why the sweep, whose searches run in joblib's worker
+    processes, does not end this way)."""
     code = main()
-    if _fast_exit and "ray" not in sys.modules:
+    if _fast_exit and "ray" not in sys.modules and not _children_alive():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _children_alive() -> bool:
+    """Whether a child process of this one is still running (exited ones are reaped on the way); True where
+    that cannot be asked."""
+    if not hasattr(os, "WNOHANG"):
+        return True
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
 
 
 if __name__ == "__main__":
