@@ -3,9 +3,9 @@
 The driver plans the cache exactly as the in-process engine does (same key, manifest, order) and cuts each
 split into shards of rows [start, stop), ``SHARD`` rows rounded up to a multiple of CHUNK (itself a multiple
 of BATCH), so every batch holds the rows it holds in-process and the features are the same bytes. A
-``ray.util.ActorPool`` of :class:`Extractor` actors (``num_gpus=1`` each where the cluster has GPUs, else a
-share of its CPUs) writes each shard with :class:`pipeline.cache.writer.Writer` to
-``<stem>.shards/<split>-<start>-<stop>.h5`` (partial file, flushed per chunk, resumed after a kill,
+``ray.util.ActorPool`` of extractor actors (:mod:`pipeline.cache.ray_actor`; ``num_gpus=1`` each where the
+cluster has GPUs, else a share of its CPUs) writes each shard with :class:`pipeline.cache.writer.Writer` to
+``<stem>.shards/<split>-<start>-<stop>.h5`` (:mod:`pipeline.cache.shards`) (partial file, flushed per chunk, resumed after a kill,
 verified, renamed), recording the cache key, its row range and its paths. An actor that dies is restarted
 and its shard retried, resuming from its own partial file; the driver submits only shards without a file,
 then concatenates them (rows of images an earlier cache holds come from it: :mod:`pipeline.cache.reuse`)
@@ -17,194 +17,24 @@ project installed on every node: see README "Scale out"."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 
-import h5py
 import numpy as np
 
-from pipeline import records
-from pipeline.cache import reuse, store
+from pipeline.cache import reuse
+from pipeline.cache.ray_actor import EXIT_ONCE, Extractor, part
+from pipeline.cache.shards import SHARDS, read_shard, shard_rows, shards
 from pipeline.cache.writer import Writer
 from pipeline.errors import PipelineError
 
-SHARDS = ".shards"  # <stem>.shards/: the shard files of a cache being made
-EXIT_ONCE = "PIPELINE_RAY_EXIT_ONCE"  # tests: a marker file; the actor that removes it exits mid-shard, once
 PASSED_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_CPP_MIN_LOG_LEVEL", "PIPELINE_TF_LOGS",
               "TF_DETERMINISTIC_OPS", "KERAS_HOME", EXIT_ONCE)  # handed to the actors as they are in the driver
 CPUS_PER_ACTOR = 4  # WORKERS=0 on a cluster without GPUs: one actor per this many CPUs
 RESTARTS = 3  # an actor that dies is restarted this often, its shard retried on it
 LOCAL_OBJECT_STORE = 256 << 20  # a local cluster's object store: it carries the dataset's manifest, not pixels
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Rows [start, stop) of one split."""
-
-    split: str
-    start: int
-    stop: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.split}-{self.start:09d}-{self.stop:09d}"
-
-
-def shards(splits, rows) -> list[Shard]:
-    """The shards of the layout ``splits`` ({split: item indices}) of ``rows`` rows each (the last shorter)."""
-    return [Shard(s, a, min(a + rows, len(idx))) for s, idx in splits.items() for a in range(0, len(idx), rows)]
-
-
-def shard_rows(cfg, chunk) -> int:
-    """SHARD rounded up to a multiple of the chunk (a multiple of BATCH)."""
-    if cfg.shard < 1:
-        raise PipelineError(f"SHARD={cfg.shard}: must be at least 1 (rows per shard, rounded up to CHUNK)")
-    return math.ceil(cfg.shard / chunk) * chunk
-
-
-def shard_key(key, sh: Shard) -> str:
-    return records.digest({"cache": key, "split": sh.split, "start": sh.start, "stop": sh.stop})
-
-
-def _damaged(path, why) -> PipelineError:
-    return PipelineError(f"shard {path} is {why}: delete it and rerun make features (only that shard is "
-                         "extracted again)")
-
-
-def read_shard(path, key, sh: Shard, layout, dim, rows=True):
-    """(features, skipped) of a finished shard file, verified: made for this cache and range (key), every
-    row written, checksum, the layout's paths, labels and content hashes; ``rows=False`` checks its record
-    only (None). Anything else is a one-line error naming the file."""
-    labels, paths, columns = layout[sh.split]
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != store.FORMAT or f.attrs.get("key") != shard_key(key, sh):
-                raise _damaged(path, "made for another cache or row range")
-            g, n = f[sh.split], sh.stop - sh.start
-            if int(g.attrs["done"]) != n or g["features"].shape != (n, dim):
-                raise _damaged(path, f"incomplete ({int(g.attrs['done'])} of {n} rows)")
-            if not rows:
-                return None
-            feats, mask = g["features"][()], g["skipped"][()]
-            if hashlib.sha256(np.ascontiguousarray(feats).tobytes()).hexdigest() != g.attrs.get("sha256"):
-                raise _damaged(path, "changed since it was written (checksum mismatch)")
-            same = (list(g["paths"].asstr()[()]) == list(paths[sh.start:sh.stop])
-                    and g["labels"][()].tolist() == list(labels[sh.start:sh.stop])
-                    and g[reuse.HASHES][()].tolist() == columns[reuse.HASHES][sh.start:sh.stop].tolist())
-            if not same:
-                raise _damaged(path, "of other images than the manifest's")
-            return feats, mask
-    except PipelineError:
-        raise
-    except (OSError, KeyError, RuntimeError, ValueError) as e:
-        raise _damaged(path, f"damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-
-def _exit_once(marker):
-    """Tests: after a chunk is on disk (not the shard's last), the first actor to take the marker exits."""
-    def after(split, start, stop, length):
-        if marker and stop < length:
-            try:
-                os.remove(marker)
-            except FileNotFoundError:
-                return
-            os._exit(1)
-    return after
-
-
-def part(ds, idx):
-    """The dataset of items ``idx`` of ``ds`` only (what one shard's actor needs: paths or pixels, hashes)."""
-    from pipeline.data.sources import Dataset
-
-    items = [ds.items[i] for i in idx]
-    rels = {it.relpath for it in items}
-    return Dataset(ds.name, ds.root, ds.class_names, items, arrays=None if ds.arrays is None else ds.arrays[idx],
-                   max_pixels=ds.max_pixels, bad={r: why for r, why in ds.bad.items() if r in rels})
-
-
-class Extractor:
-    """A Ray actor: TensorFlow imported inside it (start-up noise held back, GPU memory growth on, thread
-    counts pinned), the backbone built and folded once, exactly as in-process; :meth:`extract` writes one
-    shard."""
-
-    def __init__(self, cfg, weights_sha, dim, size, chunk, threads):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from pipeline import quiet
-
-        records.use_keras_home(cfg.keras_home)
-        tf = quiet.tensorflow()
-        intra = int(os.environ.get("TF_NUM_INTRAOP_THREADS") or threads)
-        inter = int(os.environ.get("TF_NUM_INTEROP_THREADS") or max(2, threads))
-        tf.config.threading.set_intra_op_parallelism_threads(intra)
-        tf.config.threading.set_inter_op_parallelism_threads(inter)
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
-        from pipeline.backbones import extractor, registry, runtime
-
-        spec, engine = registry.get(cfg.backbone), getattr(cfg, "runtime", "tensorflow")
-        model, base = extractor.build(spec, size, cfg.weights, cfg.pooling, alpha=cfg.alpha or None, seed=cfg.seed,
-                                      precision=runtime.keras_precision(engine, cfg.precision),
-                                      keras_home=cfg.keras_home)
-        sha = registry.weights_digest(base)
-        if sha != weights_sha or int(model.output_shape[-1]) != dim:
-            raise PipelineError(f"the weights on node {_node()} ({cfg.weights}) differ from the driver's: "
-                                "every node needs the same WEIGHTS file (a shared file system)")
-        # the in-process engine's call (pipeline.cache.extract._prepare): the same bytes
-        self.call = reuse.padded(runtime.prepare(model, size, engine, cfg.precision, fold=cfg.fold_batchnorm),
-                                 cfg.batch)
-        self.cfg, self.dim, self.size, self.chunk, self.threads = cfg, dim, size, chunk, threads
-        self.lenders = {}
-        self.device = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
-
-    def extract(self, sh: Shard, rows, path, key, attrs, lender_path=None) -> dict:
-        """Write shard ``sh`` (its items: the dataset ``rows``) to ``path``, resuming its partial file; what was
-        done."""
-        t0 = time.perf_counter()
-        cfg = self.cfg
-        out = {"shard": sh, "pid": os.getpid(), "node": _node(), "device": self.device, "resumed": 0, "images": 0,
-               "reused": 0, "failed": {}}
-        if os.path.exists(path):  # a retry of a shard that was finished before its actor died
-            return out
-        splits = {sh.split: list(range(len(rows.items)))}
-        try:
-            attrs = {**attrs, "shard": {"cache_key": key, "split": sh.split, "start": sh.start, "stop": sh.stop}}
-            writer = Writer(path, shard_key(key, sh), attrs, reuse.layout_of(rows, splits), self.dim, cfg.dtype,
-                            self.chunk, log=lambda m: None)
-            try:
-                out["resumed"] = done = writer.done(sh.split)
-                lender = None
-                if lender_path:
-                    if lender_path not in self.lenders:
-                        self.lenders[lender_path] = reuse.Lender(lender_path, reuse.lender_rows(lender_path))
-                    lender = self.lenders[lender_path]
-                after = _exit_once(os.environ.get(EXIT_ONCE))
-                res = reuse.fill(rows, splits, [(sh.split, done, len(rows.items))], writer, size=self.size,
-                                 interpolation=cfg.interpolation, batch=cfg.batch, chunk=self.chunk, dtype=cfg.dtype,
-                                 call=lambda: self.call, lender=lender,
-                                 after_write=lambda s, a, b: after(s, a, b, len(rows.items)),
-                                 workers=self.threads)
-                writer.finish()
-            finally:
-                writer.close()
-        except PipelineError as e:
-            raise PipelineError(f"shard {sh.name} on node {_node()}: {e}") from None
-        failed = {rows.items[j].relpath: why for j, why in res["failed"].items()}
-        out.update(images=res["images"], reused=res["reused"], failed=failed, seconds=time.perf_counter() - t0)
-        return out
-
-
-def _node() -> str:
-    try:
-        import ray
-
-        return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - only a name for messages
-        return "?"
 
 
 def _ray():

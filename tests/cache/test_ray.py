@@ -17,7 +17,7 @@ from conftest import ROOT, make_tree, write_image
 ray = pytest.importorskip("ray")
 
 from pipeline.cache import extract as features  # noqa: E402
-from pipeline.cache import ray_engine, store  # noqa: E402
+from pipeline.cache import ray_actor, ray_engine, shards, store  # noqa: E402
 from pipeline.configs import FeaturesConfig  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
@@ -94,7 +94,7 @@ def test_two_actors_make_the_in_process_cache_bit_for_bit(cluster, tree, tmp_pat
     assert any(m.startswith("ray: 2 extractor actor(s)") for m in msgs), msgs
     lines = shard_lines(msgs)
     assert len(lines) == 4 and len({re.search(r"pid (\d+)", m)[1] for m in lines}) == 2, msgs
-    assert not os.path.exists(path[:-3] + ray_engine.SHARDS)  # the shard folder is removed after the merge
+    assert not os.path.exists(path[:-3] + shards.SHARDS)  # the shard folder is removed after the merge
     msgs = []
     assert features.run(cfg(data, tmp_path / "cache"), log=msgs.append) == path
     assert any(m.startswith("up to date") for m in msgs) and not any(m.startswith("ray:") for m in msgs)
@@ -104,7 +104,7 @@ def test_an_actor_killed_mid_shard_is_restarted_and_its_shard_resumes(cluster, t
     data, reference = tree
     marker = tmp_path / "exit-once"
     marker.write_text("")
-    monkeypatch.setenv(ray_engine.EXIT_ONCE, str(marker))  # the actor that takes it exits after a chunk
+    monkeypatch.setenv(ray_actor.EXIT_ONCE, str(marker))  # the actor that takes it exits after a chunk
     msgs = []
     path = features.run(cfg(data, tmp_path / "cache"), log=msgs.append)
     assert not marker.exists()
@@ -124,7 +124,7 @@ def test_only_shards_without_a_file_are_extracted_and_a_damaged_one_refuses(clus
     monkeypatch.setattr(ray_engine, "_merge", stop)
     with pytest.raises(KeyboardInterrupt):
         features.run(cfg(data, cache), log=lambda m: None)
-    folder = next(cache.glob("*" + ray_engine.SHARDS))
+    folder = next(cache.glob("*" + shards.SHARDS))
     files = sorted(p.name for p in folder.glob("*.h5"))
     assert files == ["test-000000000-000000008.h5", "train-000000000-000000016.h5",
                      "train-000000016-000000024.h5", "val-000000000-000000008.h5"]

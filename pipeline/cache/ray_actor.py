@@ -1,0 +1,118 @@
+"""The extractor actor of ``ENGINE=ray`` (:mod:`pipeline.cache.ray_engine`): TensorFlow and the backbone in
+the actor's own process, built exactly as in-process; each call writes one shard file
+(:mod:`pipeline.cache.shards`), resuming its partial file after the actor died."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pipeline import records
+from pipeline.cache import reuse
+from pipeline.cache.shards import Shard, shard_key
+from pipeline.cache.writer import Writer
+from pipeline.errors import PipelineError
+
+EXIT_ONCE = "PIPELINE_RAY_EXIT_ONCE"  # tests: a marker file; the actor that removes it exits mid-shard, once
+
+
+def _exit_once(marker):
+    """Tests: after a chunk is on disk (not the shard's last), the first actor to take the marker exits."""
+    def after(split, start, stop, length):
+        if marker and stop < length:
+            try:
+                os.remove(marker)
+            except FileNotFoundError:
+                return
+            os._exit(1)
+    return after
+
+
+def part(ds, idx):
+    """The dataset of items ``idx`` of ``ds`` only (what one shard's actor needs: paths or pixels, hashes)."""
+    from pipeline.data.sources import Dataset
+
+    items = [ds.items[i] for i in idx]
+    rels = {it.relpath for it in items}
+    return Dataset(ds.name, ds.root, ds.class_names, items, arrays=None if ds.arrays is None else ds.arrays[idx],
+                   max_pixels=ds.max_pixels, bad={r: why for r, why in ds.bad.items() if r in rels})
+
+
+class Extractor:
+    """A Ray actor: TensorFlow imported inside it (start-up noise held back, GPU memory growth on, thread
+    counts pinned), the backbone built and folded once, exactly as in-process; :meth:`extract` writes one
+    shard."""
+
+    def __init__(self, cfg, weights_sha, dim, size, chunk, threads):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from pipeline import quiet
+
+        records.use_keras_home(cfg.keras_home)
+        tf = quiet.tensorflow()
+        intra = int(os.environ.get("TF_NUM_INTRAOP_THREADS") or threads)
+        inter = int(os.environ.get("TF_NUM_INTEROP_THREADS") or max(2, threads))
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+        from pipeline.backbones import extractor, registry, runtime
+
+        spec, engine = registry.get(cfg.backbone), getattr(cfg, "runtime", "tensorflow")
+        model, base = extractor.build(spec, size, cfg.weights, cfg.pooling, alpha=cfg.alpha or None, seed=cfg.seed,
+                                      precision=runtime.keras_precision(engine, cfg.precision),
+                                      keras_home=cfg.keras_home)
+        sha = registry.weights_digest(base)
+        if sha != weights_sha or int(model.output_shape[-1]) != dim:
+            raise PipelineError(f"the weights on node {_node()} ({cfg.weights}) differ from the driver's: "
+                                "every node needs the same WEIGHTS file (a shared file system)")
+        # the in-process engine's call (pipeline.cache.extract._prepare): the same bytes
+        self.call = reuse.padded(runtime.prepare(model, size, engine, cfg.precision, fold=cfg.fold_batchnorm),
+                                 cfg.batch)
+        self.cfg, self.dim, self.size, self.chunk, self.threads = cfg, dim, size, chunk, threads
+        self.lenders = {}
+        self.device = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+
+    def extract(self, sh: Shard, rows, path, key, attrs, lender_path=None) -> dict:
+        """Write shard ``sh`` (its items: the dataset ``rows``) to ``path``, resuming its partial file; what was
+        done."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        out = {"shard": sh, "pid": os.getpid(), "node": _node(), "device": self.device, "resumed": 0, "images": 0,
+               "reused": 0, "failed": {}}
+        if os.path.exists(path):  # a retry of a shard that was finished before its actor died
+            return out
+        splits = {sh.split: list(range(len(rows.items)))}
+        try:
+            attrs = {**attrs, "shard": {"cache_key": key, "split": sh.split, "start": sh.start, "stop": sh.stop}}
+            writer = Writer(path, shard_key(key, sh), attrs, reuse.layout_of(rows, splits), self.dim, cfg.dtype,
+                            self.chunk, log=lambda m: None)
+            try:
+                out["resumed"] = done = writer.done(sh.split)
+                lender = None
+                if lender_path:
+                    if lender_path not in self.lenders:
+                        self.lenders[lender_path] = reuse.Lender(lender_path, reuse.lender_rows(lender_path))
+                    lender = self.lenders[lender_path]
+                after = _exit_once(os.environ.get(EXIT_ONCE))
+                res = reuse.fill(rows, splits, [(sh.split, done, len(rows.items))], writer, size=self.size,
+                                 interpolation=cfg.interpolation, batch=cfg.batch, chunk=self.chunk, dtype=cfg.dtype,
+                                 call=lambda: self.call, lender=lender,
+                                 after_write=lambda s, a, b: after(s, a, b, len(rows.items)),
+                                 workers=self.threads)
+                writer.finish()
+            finally:
+                writer.close()
+        except PipelineError as e:
+            raise PipelineError(f"shard {sh.name} on node {_node()}: {e}") from None
+        failed = {rows.items[j].relpath: why for j, why in res["failed"].items()}
+        out.update(images=res["images"], reused=res["reused"], failed=failed, seconds=time.perf_counter() - t0)
+        return out
+
+
+def _node() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - only a name for messages
+        return "?"
