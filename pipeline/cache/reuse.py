@@ -5,11 +5,13 @@ interpolation, preprocessing, pooling, dtype, precision, folding, extract versio
 and the same TensorFlow, Keras and NumPy versions holds, in each split's ``content_sha256`` column, the
 content hash of every row's image. The rows of images it holds (and that decoded there) are copied; only
 new or changed images go through the backbone. The new cache is complete, keyed by its own manifest, and
-bit-identical to a from-scratch one:
+equal to a from-scratch one: bit for bit where the CPU's kernels give a row the same bytes wherever it sits in
+its batch, to float rounding where its place changes the last bits (an AVX2-only CPU: oneDNN blocks the
+batch differently there).
 
-A row does not depend on its batch neighbours nor on its place in the batch (measured: the compiled call on
-the same images among other neighbours, shuffled, or beside blank padding gives the same bytes), but it can
-depend on the batch *size* (efficientnet_lite0 and ResNet50 give other last bits in a batch of one). So every
+A row does not depend on its batch neighbours (measured: the compiled call on the same images among other
+neighbours or beside blank padding gives the same bytes), but it can depend on the batch *size*
+(efficientnet_lite0 and ResNet50 give other last bits in a batch of one). So every
 call runs on exactly BATCH images (:func:`padded`: a split's last, shorter batch is padded with blank images,
 as are the new images packed together here), and only a cache made with the same BATCH lends its rows.
 
