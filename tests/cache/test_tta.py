@@ -101,37 +101,13 @@ def test_a_head_reports_test_accuracy_with_tta(flowers, tta_cache, head, capsys)
 
 
 def test_a_run_killed_among_the_tta_rows_resumes_to_the_same_cache(tmp_path):
-    import os
-    import signal
-    import time
-
-    from test_extract import run_cli
+    from interrupt import kill_when, resumed_and_clean
 
     make_tree(tmp_path / "data", per_class=60, size=(48, 48))
     args = ["features", f"DATA={tmp_path / 'data'}", "BACKBONE=mobilenet_v2", "WEIGHTS=none", "ALPHA=0.35",
             "SIZE=96", "BATCH=2", "CHUNK=4", "VAL_FRACTION=0.4", "TEST_FRACTION=0.4", "TTA=1"]
-    killed = tmp_path / "killed"
-    proc = run_cli([*args, f"CACHE_DIR={killed}"])
-    deadline, hit = time.time() + 240, False
-    while time.time() < deadline and proc.poll() is None and not hit:
-        partial = list(killed.glob("*.h5.partial")) if killed.exists() else []
-        if partial:
-            try:  # read while another process writes it: a read can fail, then look again
-                with store.h5py.File(partial[0], "r", locking=False) as f:
-                    hit = "val_tta" in f and int(f["val_tta"].attrs["done"]) >= 4
-            except (OSError, KeyError):
-                pass
-        time.sleep(0.02)
-    assert hit and proc.poll() is None, "extraction finished before it could be killed among the TTA rows"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    resumed = run_cli([*args, f"CACHE_DIR={killed}"])
-    out = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0 and "resuming" in out, out
-    clean = run_cli([*args, f"CACHE_DIR={tmp_path / 'clean'}"])
-    assert clean.wait(timeout=300) == 0
-    a = pipeline.load_cache(str(next(killed.glob("*.h5"))))
-    b = pipeline.load_cache(str(next((tmp_path / "clean").glob("*.h5"))))
+    kill_when(args, tmp_path / "killed", lambda f: "val_tta" in f and int(f["val_tta"].attrs["done"]) >= 4)
+    a, b = resumed_and_clean(args, tmp_path / "killed", tmp_path / "clean")
     for s in ("val", "test"):
         assert a.tta[s].X.tobytes() == b.tta[s].X.tobytes() and list(a.tta[s].paths) == list(b.tta[s].paths)
         assert getattr(a, s).X.tobytes() == getattr(b, s).X.tobytes()

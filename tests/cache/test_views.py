@@ -1,10 +1,6 @@
 """Augmented views cached once: K views of every train image beside its clean row, deterministic per (image
 content, view, SEED), resumable, in the key; heads train on them, evaluation stays on clean rows."""
 
-import os
-import signal
-import time
-
 import numpy as np
 import pytest
 from conftest import MOBILENET_V2_FILE, flowers_subset
@@ -70,33 +66,13 @@ def test_the_key_has_the_count_and_every_augmentation_option(flowers, change):
 
 
 def test_a_killed_view_extraction_resumes_to_the_same_rows(tmp_path):
-    from test_extract import run_cli
+    from interrupt import kill_when, resumed_and_clean
 
     flowers_subset(tmp_path / "data", per_class=20)
     args = ["features", f"DATA={tmp_path / 'data'}", "BACKBONE=mobilenet_v2", "ALPHA=0.35",
             f"WEIGHTS={MOBILENET_V2_FILE}", "SIZE=64", "VIEWS=4", "BATCH=4", "CHUNK=8"]
-    proc = run_cli([*args, f"CACHE_DIR={tmp_path / 'killed'}"])
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        partial = list((tmp_path / "killed").glob("*.h5.partial")) if (tmp_path / "killed").exists() else []
-        if partial:
-            try:  # read while another process writes it: a read can fail, then look again
-                with store.h5py.File(partial[0], "r", locking=False) as f:
-                    if store.VIEWS in f and int(f[store.VIEWS].attrs["done"]) >= 16:
-                        break
-            except (OSError, KeyError):
-                pass
-        time.sleep(0.05)
-    assert proc.poll() is None, "extraction finished before it could be killed mid-views"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    resumed = run_cli([*args, f"CACHE_DIR={tmp_path / 'killed'}"])
-    out = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0 and "resuming" in out, out
-    clean = run_cli([*args, f"CACHE_DIR={tmp_path / 'clean'}"])
-    assert clean.wait(timeout=300) == 0
-    a = pipeline.load_cache(str(next((tmp_path / "killed").glob("*.h5"))))
-    b = pipeline.load_cache(str(next((tmp_path / "clean").glob("*.h5"))))
+    kill_when(args, tmp_path / "killed", lambda f: store.VIEWS in f and int(f[store.VIEWS].attrs["done"]) >= 16)
+    a, b = resumed_and_clean(args, tmp_path / "killed", tmp_path / "clean")
     assert a.views.X.tobytes() == b.views.X.tobytes() and a.train.X.tobytes() == b.train.X.tobytes()
 
 
