@@ -9,58 +9,12 @@ import numpy as np
 
 from pipeline.cache import lock, reuse, store
 from pipeline.cache.plan import Plan, report_duplicates, report_skipped
-from pipeline.cache.writer import Writer
+from pipeline.cache.writer import Background, Writer
 from pipeline.configs import FeaturesConfig
-from pipeline.data import images, loading
+from pipeline.data import loading
 from pipeline.progress import progress
 
 PREFETCH_BYTES = 32 << 20  # decoded pixels kept ready ahead of the backbone (at least 2 batches)
-
-
-class _Background:
-    """Runs one callable at a time in a worker thread, in order (HDF5 writes and flushes off the critical
-    path); at most one call waits while the next is prepared; an error surfaces at the next call or at
-    ``wait``."""
-
-    def __init__(self, name):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
-        self.pending = None
-
-    def submit(self, fn, *args):
-        self.wait()
-        self.pending = self.pool.submit(fn, *args)
-
-    def wait(self):
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()
-
-    def close(self):
-        try:
-            self.wait()
-        finally:
-            self.pool.shutdown(wait=True)
-
-
-def _load(ds, i, size, interpolation, failed):
-    """Item i's pixels: validation and extraction share this one decode. An image that does not decode
-    gives blank pixels, its reason recorded in ``failed`` (its row is then marked skipped, never used)."""
-    rel = ds.items[i].relpath
-    if rel in ds.bad:  # known from an earlier run: not decoded again
-        failed[i] = ds.bad[rel]
-    else:
-        try:
-            return ds.load(i, size, interpolation)
-        except images.BadImage as e:
-            failed[i] = str(e)
-    return np.zeros((size, size, 3), np.uint8)
-
-
-def _prepare(plan):
-    """The extractor's compiled call for RUNTIME, ready (traced; or compiled by OpenVINO: :meth:`Plan.call`)."""
-    return reuse.padded(plan.call(), plan.cfg.batch)  # on BATCH images always: a row never depends on the batch size
 
 
 def extract(plan: Plan) -> str:
@@ -90,7 +44,7 @@ def extract(plan: Plan) -> str:
     total = sum(len(v) for v in splits.values())
     done = sum(starts.values())
     bar = progress(total, "image", log)
-    background = _Background("features-writer")
+    background = Background("features-writer")
     shape = (plan.size, plan.size, 3)
     ahead = max(2, PREFETCH_BYTES // (cfg.batch * int(np.prod(shape))))
     t0, n_new, startup = time.perf_counter(), 0, None
@@ -115,11 +69,11 @@ def extract(plan: Plan) -> str:
         return len(idx)
 
     try:
-        stream = loading.Batches(lambda i: _load(ds, i, plan.size, cfg.interpolation, failed), todo, shape, ahead)
+        stream = loading.Batches(lambda i: reuse.load_pixels(ds, i, plan.size, cfg.interpolation, failed), todo, shape, ahead)
         preparing, call = None, None
         if todo:  # fold and trace while the workers decode the first batches
             pool = ThreadPoolExecutor(1, thread_name_prefix="features-trace")
-            preparing = pool.submit(_prepare, plan)
+            preparing = pool.submit(reuse.prepare, plan)
             pool.shutdown(wait=False)
         split, pending, at = None, [], 0
         for (s, k), x in stream:

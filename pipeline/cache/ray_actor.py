@@ -65,7 +65,7 @@ class Extractor:
         if sha != weights_sha or int(model.output_shape[-1]) != dim:
             raise PipelineError(f"the weights on node {_node()} ({cfg.weights}) differ from the driver's: "
                                 "every node needs the same WEIGHTS file (a shared file system)")
-        # the in-process engine's call (pipeline.cache.extract._prepare): the same bytes
+        # the in-process engine's call (pipeline.cache.reuse.prepare): the same bytes
         self.call = reuse.padded(runtime.prepare(model, size, engine, cfg.precision, fold=cfg.fold_batchnorm),
                                  cfg.batch)
         self.cfg, self.dim, self.size, self.chunk, self.threads = cfg, dim, size, chunk, threads

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from pipeline.cache import store
+from pipeline.data import images
 from pipeline.data.split import SPLITS
 from pipeline.errors import PipelineError
 
@@ -199,6 +200,25 @@ def padded(call, batch):
     return run
 
 
+def load_pixels(ds, i, size, interpolation, failed):
+    """Item i's pixels: validation and extraction share this one decode. An image that does not decode
+    gives blank pixels, its reason recorded in ``failed`` (its row is then marked skipped, never used)."""
+    rel = ds.items[i].relpath
+    if rel in ds.bad:  # known from an earlier run: not decoded again
+        failed[i] = ds.bad[rel]
+    else:
+        try:
+            return ds.load(i, size, interpolation)
+        except images.BadImage as e:
+            failed[i] = str(e)
+    return np.zeros((size, size, 3), np.uint8)
+
+
+def prepare(plan):
+    """The extractor's compiled call for RUNTIME, ready (traced; or compiled by OpenVINO: :meth:`Plan.call`)."""
+    return padded(plan.call(), plan.cfg.batch)  # on BATCH images always: a row never depends on the batch size
+
+
 def fill(ds, splits, ranges, writer, *, size, interpolation, batch, chunk, dtype, call, lender=None,
          after_write=None, progress=None, workers=None, ahead_bytes=32 << 20) -> dict:
     """Write rows ``ranges`` ([(split, start, stop)], ``start`` on a chunk boundary) of the layout ``splits``
@@ -208,7 +228,7 @@ def fill(ds, splits, ranges, writer, *, size, interpolation, batch, chunk, dtype
     ``after_write(split, start, stop)`` runs after each chunk is on disk (in the writer thread).
     Returns {"images": computed, "reused": copied, "decoded": [item of every computed row], "failed": {item:
     why its pixels did not decode}, "startup": (seconds, images) at the first batch, "seconds"}."""
-    from pipeline.cache.extract import _Background, _load
+    from pipeline.cache.writer import Background
     from pipeline.data import loading
 
     have = lender.rows if lender is not None else {}
@@ -225,14 +245,14 @@ def fill(ds, splits, ranges, writer, *, size, interpolation, batch, chunk, dtype
     failed, shape = {}, (size, size, 3)
 
     def load(row):
-        return _load(ds, splits[row[0]][row[1]], size, interpolation, failed)
+        return load_pixels(ds, splits[row[0]][row[1]], size, interpolation, failed)
 
     todo = list(enumerate(packs))
     ahead = max(2, ahead_bytes // (batch * int(np.prod(shape))))
     computed, n_new, startup, fn = {}, 0, None, None
     t0 = time.perf_counter()
     stream = loading.Batches(load, todo, shape, ahead, workers=workers) if todo else None
-    background = _Background("features-writer")
+    background = Background("features-writer")
 
     def job(s, at, rows, mask):
         def run():
@@ -306,7 +326,6 @@ def extract(plan, lender: Lender) -> str:
     """Extract ``plan``'s cache in this process, copying the rows ``lender`` holds (resuming a partial file)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.cache.extract import _prepare
     from pipeline.cache.writer import Writer
     from pipeline.data.check import CheckMemo
     from pipeline.progress import progress
@@ -324,7 +343,7 @@ def extract(plan, lender: Lender) -> str:
         preparing = None
         if n_lent < len(left):  # fold and trace while the first images decode
             pool = ThreadPoolExecutor(1, thread_name_prefix="features-trace")
-            preparing = pool.submit(_prepare, plan)
+            preparing = pool.submit(prepare, plan)
             pool.shutdown(wait=False)
         bar = progress(len(left) - n_lent, "image", log) if n_lent < len(left) else None
         res = fill(ds, splits, ranges, writer, size=plan.size, interpolation=cfg.interpolation, batch=cfg.batch,

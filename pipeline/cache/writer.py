@@ -190,3 +190,30 @@ class Writer:
                 self.f.close()
         except (OSError, RuntimeError):
             pass  # a file whose write failed: its error is already reported
+
+
+class Background:
+    """Runs one callable at a time in a worker thread, in order (HDF5 writes and flushes off the critical
+    path); at most one call waits while the next is prepared; an error surfaces at the next call or at
+    ``wait``."""
+
+    def __init__(self, name):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.pending = None
+
+    def submit(self, fn, *args):
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def wait(self):
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self):
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)

@@ -140,7 +140,7 @@ def test_every_call_runs_on_a_full_batch_so_a_row_keeps_its_bytes_wherever_it_la
     assert any(m.endswith("extracting 3") for m in msgs), msgs
     assert_same(inc, features.run(cfg(root, "scratch", **c), log=lambda m: None))
     plan = features.Plan(cfg(root, "scratch", **c), log=lambda m: None)
-    call = features._prepare(plan)
+    call = reuse.prepare(plan)
     x = np.stack([plan.ds.load(i, plan.size) for i in range(4)])
     assert call(x[:1]).numpy()[0].tobytes() == call(x).numpy()[0].tobytes()
 
