@@ -13,12 +13,11 @@ from pipeline.bench.common import GOALS, features_args, features_config, quiet, 
 from pipeline.bench.report import stat
 
 HEADS = ("logreg", "dense")
-# what each head's command cannot avoid importing, ended as the command ends (without the interpreter's
-# teardown): the floor under its time beyond the fit on this machine. matplotlib is imported by the figure worker
-# beside it (pipeline.heads.plotter), so it is not on the command's path. The dense head's fit already pays for
-# much of TensorFlow's loading (Keras builds and traces lazily), so its floor leaves TensorFlow out
-FLOOR = {"logreg": "import numpy, h5py, sklearn.linear_model, os; os._exit(0)",
-         "dense": "import numpy, h5py, sklearn.linear_model, os; os._exit(0)"}
+# what a head's command cannot avoid importing, ended as the command ends (without the interpreter's teardown):
+# the floor under its time beyond the fit on this machine. matplotlib is imported by the figure worker beside it
+# (pipeline.heads.plotter), so it is not on the command's path. The dense head's fit already pays for much of
+# TensorFlow's loading (Keras builds and traces lazily), so its floor is the same: TensorFlow left out
+FLOOR = "import numpy, h5py, sklearn.linear_model, os; os._exit(0)"
 
 
 def run(ctx):
@@ -32,7 +31,7 @@ def run(ctx):
     for head in HEADS:
         walls, fits, floors = [], [], []
         for k in range(cfg.warmup + cfg.repeats):
-            floor = run_command([sys.executable, "-c", FLOOR[head]], os.path.join(ctx.work, f"floor-{head}.log"),
+            floor = run_command([sys.executable, "-c", FLOOR], os.path.join(ctx.work, f"floor-{head}.log"),
                                 f"the {head} import floor")
             out = os.path.join(ctx.work, f"headloop-{head}-{k}")
             r = run_child(["head", *features_args(fcfg), f"HEAD={head}", f"MODELS_DIR={out}/models",
@@ -50,7 +49,7 @@ def run(ctx):
         m[f"{head}_ratio"] = m[f"{head}_wall"]["median"] / max(m[f"{head}_fit"]["median"], 1e-9)
         show += [(f"make head HEAD={head}: whole command", f"{head}_wall"), ("  its fit alone", f"{head}_fit"),
                  (f"  beyond the fit (goal <= {GOALS['headloop']} s)", f"{head}_beyond_fit"),
-                 (f"  floor: python -c '{FLOOR[head]}'", f"{head}_floor"),
+                 (f"  floor: python -c '{FLOOR}'", f"{head}_floor"),
                  ("  beyond the fit and the floor", f"{head}_beyond_floor"),
                  ("  ratio command / fit", f"{head}_ratio")]
     out = os.path.join(ctx.work, "headloop-sweep")

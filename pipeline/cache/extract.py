@@ -69,7 +69,8 @@ def extract(plan: Plan) -> str:
         return len(idx)
 
     try:
-        stream = loading.Batches(lambda i: reuse.load_pixels(ds, i, plan.size, cfg.interpolation, failed), todo, shape, ahead)
+        stream = loading.Batches(lambda i: reuse.load_pixels(ds, i, plan.size, cfg.interpolation, failed), todo,
+                                 shape, ahead)
         preparing, call = None, None
         if todo:  # fold and trace while the workers decode the first batches
             pool = ThreadPoolExecutor(1, thread_name_prefix="features-trace")

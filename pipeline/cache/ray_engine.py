@@ -5,11 +5,11 @@ split into shards of rows [start, stop), ``SHARD`` rows rounded up to a multiple
 of BATCH), so every batch holds the rows it holds in-process and the features are the same bytes. A
 ``ray.util.ActorPool`` of extractor actors (:mod:`pipeline.cache.ray_actor`; ``num_gpus=1`` each where the
 cluster has GPUs, else a share of its CPUs) writes each shard with :class:`pipeline.cache.writer.Writer` to
-``<stem>.shards/<split>-<start>-<stop>.h5`` (:mod:`pipeline.cache.shards`) (partial file, flushed per chunk, resumed after a kill,
-verified, renamed), recording the cache key, its row range and its paths. An actor that dies is restarted
-and its shard retried, resuming from its own partial file; the driver submits only shards without a file,
-then concatenates them (rows of images an earlier cache holds come from it: :mod:`pipeline.cache.reuse`)
-into ``<stem>.h5.partial`` through the Writer, verifies, renames into place and removes the shard folder.
+``<stem>.shards/<split>-<start>-<stop>.h5`` (:mod:`pipeline.cache.shards`; partial file, flushed per chunk,
+resumed after a kill, verified, renamed), recording the cache key, its row range and its paths. An actor that
+dies is restarted and its shard retried, resuming from its own partial file; the driver submits only shards
+without a file, then concatenates them (rows of images an earlier cache holds come from it:
+:mod:`pipeline.cache.reuse`) into ``<stem>.h5.partial`` through the Writer, verifies, renames into place and removes the shard folder.
 A missing or damaged shard file makes the merge refuse in one line naming it.
 
 The shard folder must be on a file system every node sees (as DATA, CACHE_DIR and WEIGHTS must), and the

@@ -86,11 +86,10 @@ def write_json(path: str, m: dict) -> None:
 PNG_LEVEL = 1  # zlib's fastest: photos and flat plots barely compress further, and encoding is a figure's cost
 
 
-def _save(fig, path, tight=True):
-    """``fig`` as a PNG at ``path``, atomically; ``tight`` crops to what was drawn (a second draw)."""
+def _save(fig, path):
+    """``fig`` as a PNG at ``path``, atomically, cropped to what was drawn (a second draw)."""
     with records.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight" if tight else None,
-                    pil_kwargs={"compress_level": PNG_LEVEL})
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", pil_kwargs={"compress_level": PNG_LEVEL})
 
 
 def _figure(**kw):

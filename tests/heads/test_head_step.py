@@ -124,13 +124,13 @@ def test_the_sweep_command_leaves_no_process_behind(tmp_path, blob_cache):
     with the command."""
     import sys
 
-    mark = f"TEST_MARK=sweep-{os.getpid()}-{id(tmp_path)}"
+    mark = f"sweep-{os.getpid()}-{id(tmp_path)}"
     r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", f"CACHE={blob_cache}", "HEADS=logreg,knn", "CV=2",
                         "JOBS=2", f"MODELS_DIR={tmp_path / 'models'}", f"REPORTS_DIR={tmp_path / 'reports'}"],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TEST_MARK": mark.split("=")[1]},
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TEST_MARK": mark},
                        timeout=120)  # a process left holding the output pipes would make this wait
     assert r.returncode == 0, r.stderr
-    assert "leaderboard in " in r.stdout and not processes_with(mark)
+    assert "leaderboard in " in r.stdout and not processes_with(f"TEST_MARK={mark}")
 
 
 def test_sweep_includes_dense_and_every_head_by_default(capsys, tmp_path, dirs):
