@@ -90,9 +90,9 @@ STEPS = {
                      extra="dense head hyper-parameters: NAME=value as for `head` (e.g. HIDDEN=256); a saved "
                            "dense head with other ones is retrained first"),
     "predict": Step("label image files and folders with the fine-tuned model, any saved head or an export "
-                    "(top-k probabilities)", PredictConfig, "pipeline.predict:run", positional="images",
-                    tensorflow=False),  # imported by the model that needs it (pipeline.runners)
+                    "(top-k probabilities)", PredictConfig, "pipeline.serve.predict:run", positional="images",
+                    tensorflow=False),  # imported by the model that needs it (pipeline.serve)
     "export": Step("export the fine-tuned model or a dense/linear head end to end (keras, tf_saved_model, onnx, "
                    "litert, openvino), verified with its own runtime before it is reported done",
-                   ExportConfig, "pipeline.export:step"),
+                   ExportConfig, "pipeline.serve.export:step"),
 }

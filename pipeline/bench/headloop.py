@@ -15,7 +15,7 @@ from pipeline.bench.report import stat
 HEADS = ("logreg", "dense")
 # what a head's command cannot avoid importing, ended as the command ends (without the interpreter's teardown):
 # the floor under its time beyond the fit on this machine. matplotlib is imported by the figure worker beside it
-# (pipeline.heads.plotter), so it is not on the command's path. The dense head's fit already pays for much of
+# (pipeline.reports.figures), so it is not on the command's path. The dense head's fit already pays for much of
 # TensorFlow's loading (Keras builds and traces lazily), so its floor is the same: TensorFlow left out
 FLOOR = "import numpy, h5py, sklearn.linear_model, os; os._exit(0)"
 

@@ -12,7 +12,9 @@ from pipeline.configs import asdict
 from pipeline.finetune import artifact
 from pipeline.finetune.job import HEAD_NAME, NAME, Job
 from pipeline.finetune.train import identity, run_dir
-from pipeline.heads import artifacts, evaluate, plotter
+from pipeline.heads import artifacts
+from pipeline.reports import evaluate
+from pipeline.reports import figures as plotter
 from pipeline.heads import train as head_train
 
 

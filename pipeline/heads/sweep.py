@@ -12,7 +12,9 @@ from pipeline import records
 from pipeline.cache import store
 from pipeline.configs import SCORINGS, HeadConfig
 from pipeline.errors import PipelineError
-from pipeline.heads import artifacts, evaluate, plotter, registry
+from pipeline.heads import artifacts, registry
+from pipeline.reports import evaluate
+from pipeline.reports import figures as plotter
 from pipeline.heads.train import check_outputs, check_splits, finish, fit, resolve_cache, views_of
 
 

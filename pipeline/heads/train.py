@@ -14,7 +14,9 @@ from pipeline import records
 from pipeline.cache import lock, store
 from pipeline.configs import FeaturesConfig, HeadConfig, asdict, fields, narrow
 from pipeline.errors import PipelineError
-from pipeline.heads import artifacts, errors, evaluate, plotter, registry
+from pipeline.heads import artifacts, registry
+from pipeline.reports import errors, evaluate
+from pipeline.reports import figures as plotter
 
 
 def features_config(cfg: HeadConfig) -> FeaturesConfig:

@@ -4,7 +4,7 @@ import os
 
 from conftest import make_tree, write_image
 
-from pipeline.predict import image_paths
+from pipeline.serve.predict import image_paths
 
 
 def test_a_folder_with_a_loop_lists_each_real_file_once(tmp_path):

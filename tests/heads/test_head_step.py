@@ -13,7 +13,8 @@ from synthetic import write_arrays, write_cache, xor
 from pipeline import cli
 from pipeline.cache import store
 from pipeline.configs import FeaturesConfig
-from pipeline.heads import artifacts, evaluate
+from pipeline.heads import artifacts
+from pipeline.reports import evaluate
 from pipeline.heads import registry as heads
 from pipeline.heads import train as head_train
 

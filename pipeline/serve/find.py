@@ -11,9 +11,9 @@ from pipeline.data import images
 from pipeline.errors import PipelineError
 from pipeline.finetune import artifact
 from pipeline.heads import artifacts
-from pipeline.runners.base import EXPORT_FORMAT, FINETUNE_FORMAT, HEAD_FORMAT, SHA12, Runner
-from pipeline.runners.exports import open_export
-from pipeline.runners.heads import open_head
+from pipeline.serve.runner import EXPORT_FORMAT, FINETUNE_FORMAT, HEAD_FORMAT, SHA12, Runner
+from pipeline.serve.open_export import open_export
+from pipeline.serve.open_head import open_head
 
 
 def _record_format(path):

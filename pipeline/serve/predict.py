@@ -1,5 +1,5 @@
 """``predict``: label image files and folders with any model this program saves or exports (see
-:mod:`pipeline.runners`), the model loaded only after its record checks out."""
+:mod:`pipeline.serve`), the model loaded only after its record checks out."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pipeline.configs import PredictConfig
 from pipeline.data import images
 from pipeline.data.loading import cores
 from pipeline.errors import PipelineError
-from pipeline.runners.base import Runner
-from pipeline.runners.find import open_model
+from pipeline.serve.runner import Runner
+from pipeline.serve.find import open_model
 
 # --- labelling files ------------------------------------------------------------------------------------------
 

@@ -60,7 +60,7 @@ def _check(out, files, names, want):
 
 @pytest.mark.parametrize("head", list(HEADS))
 def test_predict_on_an_openvino_cache_equals_the_cached_feature_predictions(flowers_ov, head, tmp_path, capsys):
-    from pipeline.runners import find
+    from pipeline.serve import find
 
     cache_path, recs = flowers_ov
     runner = find.open_model(recs[head])

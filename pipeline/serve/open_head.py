@@ -14,7 +14,7 @@ from pipeline.configs import FeaturesConfig, asdict
 from pipeline.data import images
 from pipeline.errors import PipelineError
 from pipeline.heads import artifacts
-from pipeline.runners.base import LINEAR_HEADS, Runner
+from pipeline.serve.runner import LINEAR_HEADS, Runner
 
 # --- heads: the extractor of the cache, rebuilt and checked ----------------------------------------------------
 

@@ -13,7 +13,7 @@ import numpy as np
 from pipeline import records
 from pipeline.data.loading import cores
 from pipeline.errors import PipelineError
-from pipeline.runners.base import EXPORT_FORMAT, Runner
+from pipeline.serve.runner import EXPORT_FORMAT, Runner
 
 # --- exported artifacts: checked, then run by their own runtime ------------------------------------------------
 

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 from conftest import MOBILENET_V2_FILE, ROOT, flowers_subset, write_image
 
-from pipeline import cli, predict, records
+from pipeline import cli, records
+from pipeline.serve import predict
 from pipeline.backbones import registry as backbones
 from pipeline.data import images
 from pipeline.errors import PipelineError
 from pipeline.finetune import artifact
 from pipeline.finetune import model as ft_model
 from pipeline.heads import dense
-from pipeline.runners import find
+from pipeline.serve import find
 
 CLASSES = ["cat", "dog", "fox"]
 

@@ -139,8 +139,8 @@ def write_reports(out: str, metrics: dict, title: str, history: dict | None = No
                   curves_title: str = "", phase_start: int | None = None) -> dict:
     """``out``/metrics.json and confusion.png of ``metrics["test"]``; with ``history`` also history.json and
     curves.png of ``curves`` (default: ``history``), split at ``phase_start``. Returns the paths written; the
-    figures may still be drawing in :mod:`pipeline.heads.plotter`'s worker (its ``wait`` waits for them)."""
-    from pipeline.heads import plotter
+    figures may still be drawing in :mod:`pipeline.reports.figures`'s worker (its ``wait`` waits for them)."""
+    from pipeline.reports import figures as plotter
 
     paths = {"metrics": os.path.join(out, "metrics.json"), "confusion": os.path.join(out, "confusion.png")}
     write_json(paths["metrics"], metrics)

@@ -44,9 +44,9 @@ def write_csv(path, rows, k=3) -> None:
 
 def plot_sheet(path, rows, root, title="") -> bool:
     """The contact sheet of the first ``SHEET`` rows whose photo can be read under ``root``, drawn by
-    :mod:`pipeline.heads.plotter`; False when none can (an in-memory source, or files moved away)."""
+    :mod:`pipeline.reports.figures`; False when none can (an in-memory source, or files moved away)."""
     from pipeline.data import images
-    from pipeline.heads import plotter
+    from pipeline.reports import figures as plotter
 
     shown = []
     for r in rows:
@@ -67,7 +67,7 @@ def draw_sheet(path, shown, title="") -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
-    from pipeline.heads.evaluate import PNG_LEVEL, _figure
+    from pipeline.reports.evaluate import PNG_LEVEL, _figure
 
     cols = min(4, len(shown))
     h, w = TITLE + -(-len(shown) // cols) * CELL_H, cols * CELL_W

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.heads import evaluate
+from pipeline.reports import evaluate
 
 NAMES = ["daisy", "rose", "tulip"]
 Y = [0, 0, 1, 1, 2, 2]

@@ -5,7 +5,7 @@ from conftest import FLOWERS, require_shared
 from PIL import Image
 
 from pipeline.data import images
-from pipeline.heads import errors
+from pipeline.reports import errors
 
 
 def _rows(n):

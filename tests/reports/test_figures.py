@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PRELUDE = """
 import os, sys
-from pipeline.heads import evaluate, plotter
+from pipeline.reports import evaluate
+from pipeline.reports import figures as plotter
 m = {"class_names": ["a", "b", "c"], "confusion_matrix": [[5, 1, 0], [2, 7, 1], [0, 0, 9]], "accuracy": 0.84}
 out = sys.argv[1]
 """

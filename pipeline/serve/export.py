@@ -3,7 +3,7 @@
 openvino; or the native .keras file), verified before it is reported done.
 
 A dense head becomes the fine-tune model without augmentation; a linear scikit-learn head (logreg, linear
-SVM) one Dense layer holding its coefficients with the StandardScaler folded in (:func:`pipeline.predict.
+SVM) one Dense layer holding its coefficients with the StandardScaler folded in (:func:`pipeline.serve.predict.
 linear_model`); other scikit-learn heads have no Keras form and are refused.
 
 Verification: the artifact is loaded with its own runtime (Keras, TensorFlow, onnxruntime, ai-edge-litert,
@@ -26,13 +26,14 @@ import warnings
 
 import numpy as np
 
-from pipeline import predict, records
+from pipeline import records
+from pipeline.serve import predict
 from pipeline.configs import ExportConfig
 from pipeline.data import images
 from pipeline.errors import PipelineError, choose
-from pipeline.runners import base, exports, find
-from pipeline.runners.base import EXPORT_FORMAT, LINEAR_HEADS
-from pipeline.runners.exports import FORMATS, Format
+from pipeline.serve import find, open_export as exports, runner as base
+from pipeline.serve.runner import EXPORT_FORMAT, LINEAR_HEADS
+from pipeline.serve.open_export import FORMATS, Format
 
 RUNS = {  # how the record's user runs the artifact (x: float32 (N, size, size, 3) RGB pixels in 0..255)
     "keras": "keras.saving.load_model(file)(x)  (needs this package's layers: import pipeline.backbones.layers)",

@@ -15,7 +15,8 @@ import pytest
 from conftest import MOBILENET_V2_FILE, ROOT, write_image
 from test_predict import cached_scores, flowers_models
 
-from pipeline import cli, export, records
+from pipeline import cli, records
+from pipeline.serve import export
 from pipeline.backbones import registry as backbones
 from pipeline.configs import ExportConfig
 from pipeline.data import images
@@ -23,8 +24,8 @@ from pipeline.errors import PipelineError
 from pipeline.finetune import artifact
 from pipeline.finetune import model as ft_model
 from pipeline.heads import artifacts, dense
-from pipeline.runners import exports as formats
-from pipeline.runners import find
+from pipeline.serve import open_export as formats
+from pipeline.serve import find
 
 FORMATS = ["keras", "tf_saved_model", "onnx", "litert", "openvino"]
 HEADS = {"dense": {"HIDDEN": "8", "EPOCHS": "5"}, "logreg": {}, "linear_svm": {}, "knn": {}}
