@@ -110,7 +110,8 @@ class FinetuneConfig(HeadConfig):
                                       "baseline's, are then smoothed too)")
     finetune_patience: int = opt(3, "epochs without val-loss improvement before stopping (best weights kept)")
     resume: bool = opt(True, "resume an interrupted fine-tune from its backup (0: start over)")
-    verbose: int = opt(1, "Keras progress: 1 = progress bars, 2 = one line per epoch, 0 = off")
+    verbose: int = opt(1, "Keras progress: 1 = progress bars on a terminal (else as 2), 2 = one line per epoch, "
+                          "0 = off")
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,12 @@ callable holding the folded weights, a snapshot of the model's weights when it w
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 import numpy as np
 
+from pipeline.backbones import keras_internals as internals
 from pipeline.backbones.layers import InferenceMode
 
 _CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
@@ -26,30 +29,21 @@ def folded(model):
     plan.scan(model)
 
     def call(x):
-        return plan.run(model, x) if _functional(model) else model(x, training=False)
+        return plan.run(model, x) if internals.functional(model) else model(x, training=False)
 
     call.folds = len(plan.convs)
     return call
 
 
-def _functional(op) -> bool:
-    """A functional model whose graph can be walked (Keras 3's own executor of its nodes)."""
-    return isinstance(op, keras.Model) and hasattr(op, "_run_through_graph") and hasattr(op, "_nodes_by_depth")
-
-
 def _wrapped(op):
     """The functional model inside an :class:`InferenceMode` wrapper, else None."""
-    return op.layer if isinstance(op, InferenceMode) and _functional(op.layer) else None
-
-
-def _nodes(model):
-    return [n for nodes in model._nodes_by_depth.values() for n in nodes]
+    return op.layer if isinstance(op, InferenceMode) and internals.functional(op.layer) else None
 
 
 def _foldable(conv, bn) -> bool:
     """True when ``bn`` in inference is a per-output-channel affine map of ``conv``'s output alone."""
     return (isinstance(conv, _CONVS) and isinstance(bn, keras.layers.BatchNormalization)
-            and len(conv._inbound_nodes) == 1 and len(bn._inbound_nodes) == 1
+            and internals.call_count(conv) == 1 and internals.call_count(bn) == 1
             and conv.data_format == "channels_last" and bn.axis in (-1, conv.rank + 1)
             and conv.activation in (None, keras.activations.linear) and not bn.renorm
             and conv.dtype_policy.compute_dtype == "float32" and bn.dtype_policy.compute_dtype == "float32")
@@ -79,9 +73,9 @@ class _Plan:
         self.skipped = set()  # id(bn) of folded BatchNorms: identity
 
     def scan(self, model):
-        if not _functional(model):
+        if not internals.functional(model):
             return
-        nodes = _nodes(model)
+        nodes = internals.graph_nodes(model)
         uses = {}
         for node in nodes:
             for t in node.input_tensors:
@@ -90,11 +84,11 @@ class _Plan:
             uses[id(t)] = uses.get(id(t), 0) + 1
         for node in nodes:
             op = node.operation
-            if _functional(op) or _wrapped(op) is not None:
+            if internals.functional(op) or _wrapped(op) is not None:
                 self.scan(_wrapped(op) or op)
             elif isinstance(op, keras.layers.BatchNormalization) and len(node.input_tensors) == 1:
-                x = node.input_tensors[0]
-                conv = x._keras_history.operation
+                x, parents = node.input_tensors[0], node.parent_nodes
+                conv = parents[0].operation if len(parents) == 1 else None
                 if uses.get(id(x)) == 1 and _foldable(conv, op):
                     kernel, bias = _folded_weights(conv, op)
                     self.convs[id(conv)] = (conv, keras.ops.convert_to_tensor(kernel),
@@ -102,7 +96,7 @@ class _Plan:
                     self.skipped.add(id(op))
 
     def run(self, model, x):
-        return model._run_through_graph(x, operation_fn=self._op)
+        return internals.run_graph(model, x, self._op)
 
     def _op(self, op):
         if id(op) in self.convs:
@@ -110,10 +104,10 @@ class _Plan:
             return lambda x, **_: _conv(conv, x, kernel, bias)
         if id(op) in self.skipped:
             return lambda x, **_: x
-        if _functional(op) or _wrapped(op) is not None:
+        if internals.functional(op) or _wrapped(op) is not None:
             inner = _wrapped(op) or op
             return lambda x, **_: self.run(inner, x)
-        if getattr(op, "_call_has_training_arg", False):
+        if "training" in inspect.signature(op.call).parameters:  # what Keras passes ``training`` to
             return lambda *a, **kw: op(*a, **{**kw, "training": False})
         return op
 

@@ -27,6 +27,7 @@ import os
 
 import numpy as np
 
+from pipeline.backbones import keras_internals
 from pipeline.errors import PipelineError, choose
 
 RUNTIMES = ("tensorflow", "openvino")
@@ -152,11 +153,10 @@ def _read(core, concrete):
     import tempfile
 
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     folder = tempfile.mkdtemp(prefix="pipeline-openvino-")
     try:
-        graph = convert_variables_to_constants_v2(concrete).graph.as_graph_def()
+        graph = keras_internals.frozen_graph_def(concrete)
         tf.io.write_graph(graph, folder, "model.pb", as_text=False)
         return core.read_model(os.path.join(folder, "model.pb"))
     finally:

@@ -8,6 +8,7 @@ import hashlib
 
 import numpy as np
 
+from pipeline.backbones import keras_internals
 from pipeline.configs import FLIPS
 from pipeline.errors import PipelineError, choose
 
@@ -54,9 +55,8 @@ class Views:
         """Every layer's transformation of a batch of ``shape``: each image's drawn with its own seed, in
         one compiled call per batch shape (the draws Keras makes with an integer seed, without their eager
         cost)."""
-        from keras.src.random.seed_generator import draw_seed
-
-        seeds = np.asarray([[np.asarray(draw_seed(view_seed(sha, j, self.seed, k))) for sha, j in keys]
+        seed = keras_internals.int_seed
+        seeds = np.asarray([[np.asarray(seed(view_seed(sha, j, self.seed, k))) for sha, j in keys]
                             for k in range(len(self.layers))])
         fn = self._compiled.get(shape)
         if fn is None:
@@ -83,17 +83,10 @@ def _compiled_draws(layers, shape):
     import keras
     import tensorflow as tf
 
-    class Fixed(keras.random.SeedGenerator):  # what draw_seed(int) gives, for every draw of the call
-        def __init__(self, value):  # no state variable: nothing advances
-            self.value = value
-
-        def next(self, ordered=True):
-            return self.value
-
     def one_layer(layer, seeds):
         one = keras.ops.zeros((1, *shape[1:]), "float32")
-        draws = [layer.get_random_transformation(one, training=True, seed=Fixed(seeds[i]))
-                 for i in range(shape[0])]
+        fixed = keras_internals.fixed_seed_generator  # every draw of the call with this image's seed
+        draws = [layer.get_random_transformation(one, training=True, seed=fixed(seeds[i])) for i in range(shape[0])]
         if isinstance(draws[0], dict):
             return {name: _stack([d[name] for d in draws], name, shape) for name in draws[0]}
         return _stack(draws, "", shape)

@@ -19,7 +19,7 @@ from pipeline import records
 from pipeline.errors import PipelineError
 from pipeline.finetune.job import NAME, Job
 from pipeline.heads import artifacts
-from pipeline.heads.dense import keras_class_weight
+from pipeline.heads.dense import fit_verbose, keras_class_weight
 
 LOG = "epochs.csv"  # one row per finished epoch, resumed runs included
 
@@ -248,7 +248,7 @@ def train(job: Job, callbacks=(), log=None) -> dict:
             n = len(job.cache.class_names)
             train_data, val_data = _one_hot(train_data, n), _one_hot(val_data, n)
         job.model.fit(train_data, validation_data=val_data, epochs=cfg.finetune_epochs, callbacks=cbs,
-                      class_weight=class_weight, verbose=cfg.verbose,
+                      class_weight=class_weight, verbose=fit_verbose(cfg.verbose),
                       shuffle=False)  # the dataset reshuffles itself every epoch
     else:
         shutil.rmtree(os.path.join(folder, "backup"), ignore_errors=True)

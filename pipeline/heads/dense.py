@@ -3,6 +3,8 @@ the fine-tune step reuses to put exactly this head on the backbone."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
@@ -86,6 +88,13 @@ def early_stopping(patience, monitor="val_loss"):
     return keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True)
 
 
+def fit_verbose(verbose: int, stream=None) -> int:
+    """Keras' ``fit(verbose=)`` for a wish of ``verbose``: its progress bars (1) only when ``stream`` (stdout) is
+    a terminal, else one line per epoch (2), which a log file keeps readable; 0 and 2 as they are."""
+    stream = sys.stdout if stream is None else stream
+    return 2 if verbose == 1 and not (stream is not None and stream.isatty()) else verbose
+
+
 def keras_class_weight(class_weight, y_encoded, n_classes):
     """Keras' ``class_weight`` dict from ``"balanced"`` (scikit-learn's formula) or None."""
     if class_weight is None:
@@ -163,7 +172,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         train = (batches(X, yi, self.batch_size, self.seed if self.shuffle else None) if stacked is None else
                  batches(stacked, yi, self.batch_size, self.seed, choices=stacked.shape[1]))
         hist = model.fit(train,
-                         epochs=self.epochs, verbose=self.verbose, shuffle=False,  # the pipeline shuffles
+                         epochs=self.epochs, verbose=fit_verbose(self.verbose), shuffle=False,  # the pipeline shuffles
                          validation_data=None if val is None else batches(*val, self.batch_size),
                          class_weight=keras_class_weight(self.class_weight, yi, len(self.classes_)),
                          callbacks=[early_stopping(self.patience, monitor)])

@@ -27,6 +27,7 @@ import warnings
 import numpy as np
 
 from pipeline import records
+from pipeline.backbones import keras_internals
 from pipeline.serve import predict
 from pipeline.configs import ExportConfig
 from pipeline.data import images
@@ -122,13 +123,26 @@ def without_augmentation(model):
         return model
     inputs = keras.Input(model.input_shape[1:], name="pixels")
     x = inputs
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer) or layer.name == "augment":
-            continue
-        if len(layer._inbound_nodes) != 1:
-            raise PipelineError(f"{model.name}: not a chain of layers; cannot take its augmentation out")
-        x = layer(x)
+    for layer in _chain(model):
+        if layer.name != "augment":
+            x = layer(x)
     return keras.Model(inputs, x, name=model.name)
+
+
+def _chain(model) -> list:
+    """The operations of ``model``'s graph in order when it is a chain (each called on the one before's output
+    alone, from the model's one input to its one output), else a PipelineError."""
+    nodes = [n for n in keras_internals.graph_nodes(model) if not n.is_input]
+    x, chain = model.inputs[0], []
+    while len(chain) < len(nodes):
+        after = [n for n in nodes if len(n.input_tensors) == 1 and n.input_tensors[0] is x and len(n.outputs) == 1]
+        if len(after) != 1:
+            break
+        chain.append(after[0].operation)
+        x = after[0].outputs[0]
+    if len(chain) != len(nodes) or len(model.inputs) != 1 or len(model.outputs) != 1 or model.outputs[0] is not x:
+        raise PipelineError(f"{model.name}: not a chain of layers; cannot take its augmentation out")
+    return chain
 
 
 def _batched(call, x, batch):

@@ -297,6 +297,14 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_zero_read_from_the_opt
             ft_model.compile_model(model, "adam", peak, **bad)
 
 
+def test_progress_bars_only_on_a_terminal(tmp_path):
+    main, follower = os.openpty()
+    with open(follower, "w") as tty, open(tmp_path / "log", "w") as log:
+        assert [dense.fit_verbose(v, tty) for v in (0, 1, 2)] == [0, 1, 2]
+        assert [dense.fit_verbose(v, log) for v in (0, 1, 2)] == [0, 2, 2]
+    os.close(main)
+
+
 def test_optimizers_adamw_decays_weights_but_not_biases():
     assert type(ft_model.make_optimizer("adam", 1e-3)) is keras.optimizers.Adam
     assert type(ft_model.make_optimizer("sgd", 1e-3, momentum=0.5)) is keras.optimizers.SGD
@@ -310,16 +318,19 @@ def test_optimizers_adamw_decays_weights_but_not_biases():
     np.testing.assert_array_equal(model.layers[0].bias.numpy(), 1.0)
 
 
-def test_phase2_schedule_steps_label_smoothing_and_the_resume_identity(flowers):
+def test_phase2_schedule_steps_label_smoothing_plain_progress_lines_and_the_resume_identity(flowers, capsys):
     root, cfg, extra = flowers
     smooth = dataclasses.replace(cfg, label_smoothing=0.2, warmup=0.3, resume=False, finetune_epochs=2,
-                                 weight_decay=0.01)
+                                 weight_decay=0.01, verbose=1)
     job = ft_job.prepare(smooth, extra, log=lambda m: None)
     n_train = len(job.split("train"))
     assert ft_train.steps_per_epoch(job) == -(-n_train // cfg.batch) and ft_train.total_steps(job) == 2 * (
         -(-n_train // cfg.batch))
     log, msgs = RateLog(), []
+    capsys.readouterr()
     result = ft_train.train(job, callbacks=[log], log=msgs.append)
+    out = capsys.readouterr().out  # VERBOSE=1 into what is not a terminal: one plain line per epoch, no bars
+    assert out.count("Epoch ") == 2 and "val_loss" in out and not any(c in out for c in "\x1b\x08\r")
     assert len(log.rates) == ft_train.total_steps(job)  # the whole schedule ran: one rate per step
     warm = round(0.3 * ft_train.total_steps(job))
     assert log.rates[0] == 0.0 and np.isclose(max(log.rates), cfg.finetune_lr) and np.argmax(log.rates) == warm

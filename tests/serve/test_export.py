@@ -179,6 +179,22 @@ def test_a_fine_tuned_model_exports_and_a_non_linear_head_is_refused(flowers, tm
     assert "already an export" in capsys.readouterr().err
 
 
+def test_augmentation_is_taken_out_of_a_chain_and_a_branched_model_is_refused():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3), name="pixels")
+    dense_ = keras.layers.Dense(2, name="d")
+    x = dense_(keras.layers.RandomFlip(name="augment")(inputs))
+    chain = keras.Model(inputs, keras.layers.Flatten()(x), name="chain")
+    out = export.without_augmentation(chain)
+    assert [layer.name for layer in out.layers][1:] == ["d", "flatten"] and out.layers[1] is dense_
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(out(pixels), chain(pixels, training=False), atol=1e-6)
+    a = keras.layers.RandomFlip(name="augment")(inputs)
+    branched = keras.Model(inputs, keras.layers.Add()([keras.layers.Dense(3)(a), a]), name="branched")
+    with pytest.raises(PipelineError, match="branched: not a chain of layers"):
+        export.without_augmentation(branched)
+
+
 def test_a_missing_runtime_or_a_failed_verification_is_one_line_and_nothing_is_saved(flowers, tmp_path,
                                                                                      monkeypatch, capsys):
     _, recs, _ = flowers
