@@ -15,7 +15,7 @@ import inspect
 import keras
 import numpy as np
 
-from pipeline.backbones import keras_internals as internals
+from pipeline import keras_internals as internals
 from pipeline.backbones.layers import InferenceMode
 
 _CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)

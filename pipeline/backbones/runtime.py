@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from pipeline.backbones import keras_internals
+from pipeline import keras_internals
 from pipeline.errors import PipelineError, choose
 
 RUNTIMES = ("tensorflow", "openvino")

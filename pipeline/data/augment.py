@@ -8,7 +8,7 @@ import hashlib
 
 import numpy as np
 
-from pipeline.backbones import keras_internals
+from pipeline import keras_internals
 from pipeline.configs import FLIPS
 from pipeline.errors import PipelineError, choose
 

@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 
 from pipeline import records
-from pipeline.backbones import keras_internals
+from pipeline import keras_internals
 from pipeline.serve import predict
 from pipeline.configs import ExportConfig
 from pipeline.data import images

@@ -1,6 +1,6 @@
 """Every private Keras/TensorFlow name the pipeline uses, each behind one small function whose comment says
 why no public API serves. Nothing else in ``pipeline`` touches a private name; when Keras or TensorFlow moves
-one, tests/backbones/test_keras_internals.py names it. Keras and TensorFlow are imported lazily, inside the
+one, tests/test_keras_internals.py names it. Keras and TensorFlow are imported lazily, inside the
 functions: importing this module must not load them (the head loop imports its callers)."""
 
 from __future__ import annotations

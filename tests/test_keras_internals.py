@@ -1,4 +1,4 @@
-"""Each private Keras/TensorFlow name the pipeline relies on (pipeline/backbones/keras_internals.py), exercised
+"""Each private Keras/TensorFlow name the pipeline relies on (pipeline/keras_internals.py), exercised
 against the installed Keras and TensorFlow on tiny models: a failure names the internal and the versions."""
 
 import contextlib
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.backbones import keras_internals
+from pipeline import keras_internals
 
 EXERCISED = {"functional", "graph_nodes", "call_count", "run_graph", "int_seed", "fixed_seed_generator",
              "frozen_graph_def"}
@@ -24,7 +24,7 @@ def internal(name):
         yield
     except Exception as e:  # noqa: BLE001 - whatever broke, the message names the internal
         pytest.fail(f"keras_internals.{name} no longer works with Keras {keras.__version__} / TensorFlow "
-                    f"{tf.__version__} (update pipeline/backbones/keras_internals.py): {type(e).__name__}: {e}",
+                    f"{tf.__version__} (update pipeline/keras_internals.py): {type(e).__name__}: {e}",
                     pytrace=False)
 
 
@@ -114,6 +114,6 @@ def test_frozen_graph_def_makes_variables_constants():
 
 
 def test_importing_the_module_loads_neither_keras_nor_tensorflow():
-    code = "import sys, pipeline.backbones.keras_internals; print('keras' in sys.modules, 'tensorflow' in sys.modules)"
+    code = "import sys, pipeline.keras_internals; print('keras' in sys.modules, 'tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
