@@ -262,7 +262,7 @@ def _refuse_early(rec_path):
 
 def run(cfg: ExportConfig, extra=None, log=print) -> str:
     """The ``export`` step: returns the record's path."""
-    from pipeline.cache import lock
+    from pipeline import lock
 
     fmt = choose(cfg.format, FORMATS, "export format")
     exports.need(fmt, (*fmt.export_needs, fmt.runtime))  # before anything is built
