@@ -77,7 +77,9 @@ class Table:
 
 
 def copy(src: str, dst: str) -> None:
-    """Copy the memo file ``src`` to ``dst`` (consistent even while another run writes it)."""
+    """Copy the memo file ``src`` to ``dst`` (consistent even while another run writes it); none: nothing."""
+    if not os.path.exists(src):
+        return
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     with contextlib.closing(sqlite3.connect(src, timeout=TIMEOUT)) as a, \
             contextlib.closing(sqlite3.connect(dst, timeout=TIMEOUT)) as b:

@@ -85,3 +85,14 @@ def test_a_memo_that_cannot_be_written_only_costs_a_recheck(tmp_path):
     table.put("k", 1)
     assert table.save() is False and table.get("k") == 1
     assert memo.Table(str(blocker / memo.NAME), "checks").values == {}
+
+
+def test_a_copy_holds_what_was_saved_and_a_missing_memo_copies_nothing(tmp_path):
+    src, dst = str(tmp_path / "a" / memo.NAME), str(tmp_path / "b" / memo.NAME)
+    memo.copy(src, dst)
+    assert not os.path.exists(src) and not os.path.exists(dst)
+    table = memo.Table(src, "checks")
+    table.put("k", "refused")
+    assert table.save()
+    memo.copy(src, dst)
+    assert memo.Table(dst, "checks").values == {"k": "refused"}

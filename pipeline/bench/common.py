@@ -162,8 +162,7 @@ class Images:
     def fcfg(self, cfg: BenchConfig, cache_dir: str) -> FeaturesConfig:
         """The features config of these images into ``cache_dir`` (memo copied in: already validated)."""
         os.makedirs(cache_dir, exist_ok=True)
-        if os.path.exists(self.memo):
-            memo.copy(self.memo, os.path.join(cache_dir, memo.NAME))
+        memo.copy(self.memo, os.path.join(cache_dir, memo.NAME))
         return features_config(cfg, data=self.root, cache_dir=cache_dir, val_fraction=0.0, test_fraction=0.0,
                                per_class=0)
 
