@@ -4,23 +4,22 @@ builds the extractor in TensorFlow nor converts it again.
 
 ``<cache_dir>/openvino/<id>.json`` is the record: ``<id>`` is a digest of everything the model is made from
 (:func:`made_from`); it names the IR files ``<id>-<sha12>.xml`` and ``<id>-<sha12>.bin`` (sha12 of their
-contents) and holds their sha256. The files are written under temporary names and renamed, the record last:
-a record names complete files only, and a crash leaves at worst files no record names (removed by the next
-save of that id). A model is read only after its record matches and the bytes read hash to the record's;
-anything else is a one-line warning, and the model is converted again. Weights are stored in float32
-(``compress_to_fp16=False``): the stored model computes what the converted one does, bit for bit.
+contents) and holds their sha256. They are saved as :mod:`pipeline.artifacts` saves: written in a temporary
+folder and renamed, the record last: a record names complete files only, and a crash leaves at worst files no
+record names (removed by the next save of that id). A model is read only after its record matches and the
+bytes read hash to the record's; anything else is a one-line warning, and the model is converted again.
+Weights are stored in float32 (``compress_to_fp16=False``): the stored model computes what the converted one
+does, bit for bit.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import glob
 import hashlib
 import os
-import shutil
-import tempfile
+import re
 
-from pipeline import records
+from pipeline import artifacts, records
 from pipeline.errors import PipelineError
 
 FORMAT = "pipeline-openvino-ir/1"  # bump when the conversion changes what it makes
@@ -95,41 +94,22 @@ def save(cache_dir: str, source: dict, model, log=print) -> str | None:
 
     path = record_path(cache_dir, source)
     folder, ident = os.path.dirname(path), os.path.basename(path)[:-len(".json")]
-    tmp = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{ident[:12]}.", suffix=".tmp", dir=folder)
-        ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
-        sha = {ext: records.file_digest(os.path.join(tmp, "model." + ext)) for ext in ("xml", "bin")}
-        tag = records.digest(sha)[:12]
-        files = {ext: f"{ident}-{tag}.{ext}" for ext in ("xml", "bin")}
-        for ext in ("xml", "bin"):  # content-named: a rename over an existing file puts the same bytes there
-            os.replace(os.path.join(tmp, "model." + ext), os.path.join(folder, files[ext]))
-        records.write_json(path, {"format": FORMAT, "made_from": source, "files": files, "sha256": sha,
-                                  "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+        with artifacts.staging(folder, ident) as work:
+            ov.save_model(model, os.path.join(work, "model.xml"), compress_to_fp16=False)
+            sha = {ext: records.file_digest(os.path.join(work, "model." + ext)) for ext in ("xml", "bin")}
+            tag = records.digest(sha)[:12]
+            files = {ext: f"{ident}-{tag}.{ext}" for ext in ("xml", "bin")}
+            for ext in ("xml", "bin"):
+                artifacts.put(os.path.join(work, "model." + ext), os.path.join(folder, files[ext]))
+        record = {"format": FORMAT, "made_from": source, "files": files, "sha256": sha,
+                  "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        artifacts.switch(path, record, re.compile(re.escape(ident) + "-.*"), files.values())
     except (OSError, RuntimeError) as e:
         log(f"warning: the OpenVINO model could not be stored in {folder} ({str(e).splitlines()[0][:200]}); "
             "the next run converts it again")
         return None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    _remove_stale(path, ident)
     return path
-
-
-def _remove_stale(path: str, ident: str) -> None:
-    """Remove this id's files that the record on disk does not name (an earlier save's, a crashed one's)."""
-    try:
-        keep = set((records.read_json(path).get("files") or {}).values())
-    except (PipelineError, AttributeError):
-        return
-    for f in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), glob.escape(ident) + "-*")):
-        if os.path.basename(f) not in keep:
-            try:
-                os.remove(f)
-            except OSError:
-                pass
 
 
 def get(cache_dir: str, source: dict, convert, core, log=print):

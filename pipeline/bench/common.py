@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import records
+from pipeline import memo, records
 from pipeline.backbones import registry
 from pipeline.configs import BENCH_OPT_IN, BenchConfig, FeaturesConfig, fields, narrow, replace
 from pipeline.configs import BENCH_SECTIONS as SECTIONS
@@ -152,7 +151,7 @@ class Images:
                 Image.fromarray(src.arrays[i]).save(os.path.splitext(dest)[0] + ".png")
             else:
                 os.symlink(os.path.abspath(src.source(i)), dest)
-        self.memo = os.path.join(work, f"{name}-checked.json")
+        self.memo = os.path.join(work, f"{name}-memo.sqlite")
         t0 = time.perf_counter()
         self.ds = sources.open_source(self.root, 0.0, 0.0, 0, 0, cfg.max_pixels, self.memo, progress=False,
                                         dedupe=False)  # repeats of an image are links to one file
@@ -163,8 +162,7 @@ class Images:
     def fcfg(self, cfg: BenchConfig, cache_dir: str) -> FeaturesConfig:
         """The features config of these images into ``cache_dir`` (memo copied in: already validated)."""
         os.makedirs(cache_dir, exist_ok=True)
-        if os.path.exists(self.memo):
-            shutil.copy(self.memo, os.path.join(cache_dir, "checked-images.json"))
+        memo.copy(self.memo, os.path.join(cache_dir, memo.NAME))
         return features_config(cfg, data=self.root, cache_dir=cache_dir, val_fraction=0.0, test_fraction=0.0,
                                per_class=0)
 

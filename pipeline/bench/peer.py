@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import sys
 
 import numpy as np
 
+from pipeline import memo
 from pipeline.bench import common
 from pipeline.bench.common import features_args, features_config
 from pipeline.bench.report import stat
@@ -69,8 +69,7 @@ def run(ctx):
                                        os.path.join(ctx.work, f"peer-cold-{k}.log")))
         warm = os.path.join(ctx.work, f"peer-warm-{k}")  # the first run's memos, not its cache
         os.makedirs(warm)
-        for memo in glob.glob(os.path.join(cold, "*.json")):
-            shutil.copy(memo, warm)
+        memo.copy(os.path.join(cold, memo.NAME), os.path.join(warm, memo.NAME))
         wcfg = features_config(cfg, data=imgs.root, cache_dir=warm, val_fraction=0.0, test_fraction=0.0,
                                per_class=0)
         out["warm"].append(run_command([sys.executable, "-m", "pipeline", "features", *features_args(wcfg)],

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from pipeline.cache import lock
+from pipeline import lock
 from pipeline.errors import PipelineError
 
 FORMAT = "pipeline-features/1"

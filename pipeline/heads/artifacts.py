@@ -2,25 +2,23 @@
 JSON record ``<name>.json``: config, head and parameters, the cache key and path it was trained on, class names,
 metrics, versions, the file's name and sha256 and (dense) the training history.
 
-Every write goes to a temporary file renamed into place. The model file's name comes from its content, so a
-new save never replaces the file the current record names: the switch is the record's rename, and only then
-are the files no record names (older saves, temporary files of killed ones) removed. Loading checks the record
-first — the file's sha256, the cache key when one is expected, the versions — and only then unpickles
-(joblib) or loads the Keras model, always with ``safe_mode=True``.
+Saved as :mod:`pipeline.artifacts` saves: the model file written in a temporary folder and renamed to a name of
+its content, so a new save never replaces the file the current record names; the switch is the record's rename,
+and only then are the files no record names (older saves, temporary files of killed ones) removed. Loading
+checks the record first — the file's sha256, the cache key when one is expected, the versions — and only then
+unpickles (joblib) or loads the Keras model, always with ``safe_mode=True``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import glob
 import os
 import re
-import tempfile
 
 import numpy as np
 
-from pipeline import records
+from pipeline import artifacts as saved, records
 from pipeline.errors import PipelineError
 
 FORMAT = "pipeline-head/1"
@@ -42,33 +40,23 @@ def record_path(models_dir: str, cache_path: str, name: str) -> str:
 
 
 def write_content_named(folder: str, name: str, ext: str, write) -> tuple[str, str]:
-    """(path, sha256) of a model file written by ``write(tmp)`` and renamed into place as
-    ``<folder>/<name>-<sha12><ext>``, a name no record of an earlier save uses unless the content is the same."""
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}{ext}.", suffix=f".tmp{ext}", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        sha = records.file_digest(tmp)
-        path = os.path.join(folder, f"{name}-{sha[:12]}{ext}")
-        with records.atomic_path(path, suffix=ext) as final_tmp:  # it sets the permissions and renames
-            os.replace(tmp, final_tmp)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path, sha
+    """(path, sha256) of a model file written by ``write(tmp)`` and put in place as ``<folder>/<name>-<sha12><ext>``
+    (:func:`pipeline.artifacts.save`), a name no record of an earlier save uses unless the content is the same."""
+    return saved.save(folder, name, ext, write)[:2]
+
+
+def stale(name: str, exts):
+    """What the record of ``name`` no longer names once it is switched: its model files (``<name>-<sha12><ext>``,
+    a legacy ``<name><ext>``) and what killed saves left (staging folders, temporary records and files)."""
+    stem = rf"{re.escape(name)}(-[0-9a-f]{{12}})?"
+    model = stem + "(" + "|".join(map(re.escape, exts)) + ")"
+    temp = rf"\.{stem}\.((json|joblib|keras)\.)?\w+\.tmp(\.joblib|\.keras)?"
+    return re.compile(f"{model}|{temp}")
 
 
 def remove_stale(folder: str, name: str, keep: str, exts) -> None:
-    """Remove what the record of ``name`` no longer names: its other model files (``<name>-<sha12><ext>``, a
-    legacy ``<name><ext>``) and temporary files of earlier saves that were killed. Other names are left alone."""
-    stem = rf"{re.escape(name)}(-[0-9a-f]{{12}})?"
-    model = re.compile(stem + "(" + "|".join(map(re.escape, exts)) + ")")
-    temp = re.compile(rf"\.{stem}\.(json|joblib|keras)\.\w+\.tmp(\.joblib|\.keras)?")  # records.atomic_path's
-    for f in os.listdir(folder):
-        if f != keep and (model.fullmatch(f) or temp.fullmatch(f)) and os.path.isfile(os.path.join(folder, f)):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, f))
+    """Remove what the record of ``name`` no longer names (:func:`stale`) but ``keep``; other names are left."""
+    saved.remove_stale(folder, stale(name, exts), {keep})
 
 
 def record_of(model_path: str) -> str:
@@ -119,8 +107,7 @@ def save(estimator, *, name, head, params, cache, config, metrics, models_dir, h
         "history": history,
         **(extra or {}),
     }
-    records.write_json(rec_path, record)  # the switch: until here the previous record and its file stand
-    remove_stale(os.path.dirname(rec_path), name, os.path.basename(path), tuple(SUFFIX.values()))
+    saved.switch(rec_path, record, stale(name, tuple(SUFFIX.values())), {os.path.basename(path)})
     return rec_path
 
 

@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-from pipeline import records
-from pipeline.cache import lock, store
+from pipeline import lock, records
+from pipeline.cache import store
 from pipeline.configs import FeaturesConfig, HeadConfig, asdict, fields, narrow
 from pipeline.errors import PipelineError
 from pipeline.heads import artifacts, registry

@@ -19,15 +19,12 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import shutil
-import tempfile
 import time
 import warnings
 
 import numpy as np
 
-from pipeline import records
-from pipeline import keras_internals
+from pipeline import artifacts as saved, keras_internals, records
 from pipeline.serve import predict
 from pipeline.configs import ExportConfig
 from pipeline.data import images
@@ -178,8 +175,7 @@ def write_verified(model, fmt: Format, folder: str, name: str, pixels: np.ndarra
     from pipeline.backbones.extractor import compiled_call
 
     reference = _batched(compiled_call(reference_model or model, size, fold=False), pixels, batch)  # as built
-    work = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
+    with saved.staging(folder, name) as work:
         target = os.path.join(work, "artifact" + fmt.ext)
         t0 = time.perf_counter()
         signature = [tf.TensorSpec((None, size, size, 3), tf.float32, name="pixels")]
@@ -207,19 +203,9 @@ def write_verified(model, fmt: Format, folder: str, name: str, pixels: np.ndarra
         if output != "score" and not diff <= tolerance:
             raise PipelineError(f"FORMAT={fmt.name}: the artifact's outputs differ from the Keras model's by up to "
                                 f"{diff:.3g} on {len(pixels)} images (TOLERANCE={tolerance:g}); not saved")
-        sha, files = exports.tree_digest(target)
+        sha, files = saved.tree_digest(target)
         final = os.path.join(folder, f"{name}-{sha[:12]}{fmt.ext}")
-        if os.path.exists(final) and exports.tree_digest(final)[0] == sha:
-            pass  # the same content is in place already
-        else:
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            if fmt.folder:
-                os.rename(target, final)  # one step: the folder appears whole
-            else:
-                os.replace(target, final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        saved.put(target, final, sha)  # one step: a folder appears whole
     verification = {"images": int(len(pixels)), "max_abs_diff": diff,
                     **({"max_relative_diff": relative, "score_tolerance": score_tolerance} if output == "score"
                        else {"tolerance": tolerance}),
@@ -228,29 +214,10 @@ def write_verified(model, fmt: Format, folder: str, name: str, pixels: np.ndarra
     return final, sha, files, verification
 
 
-def remove_stale(folder: str, name: str, keep: str) -> None:
-    """Remove the artifacts of ``name`` (in any format) the record no longer names and the temporary files of
-    killed exports."""
+def stale(name: str):
+    """The artifacts of ``name`` in any format and what killed exports left (staging folders, temporary records)."""
     exts = "|".join(re.escape(f.ext) for f in FORMATS.values() if f.ext)
-    model = re.compile(rf"{re.escape(name)}-[0-9a-f]{{12}}({exts})?")
-    temp = re.compile(rf"\.{re.escape(name)}\.[^/]*\.tmp")
-    for f in os.listdir(folder):
-        if f == keep or not (model.fullmatch(f) or temp.fullmatch(f)):
-            continue
-        path = os.path.join(folder, f)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-
-
-def _bytes(path):
-    if not os.path.isdir(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return re.compile(rf"{re.escape(name)}-[0-9a-f]{{12}}({exts})?|\.{re.escape(name)}\.[^/]*\.tmp")
 
 
 def _refuse(head, path):
@@ -276,7 +243,7 @@ def _refuse_early(rec_path):
 
 def run(cfg: ExportConfig, extra=None, log=print) -> str:
     """The ``export`` step: returns the record's path."""
-    from pipeline.cache import lock
+    from pipeline import lock
 
     fmt = choose(cfg.format, FORMATS, "export format")
     exports.need(fmt, (*fmt.export_needs, fmt.runtime))  # before anything is built
@@ -308,7 +275,7 @@ def run(cfg: ExportConfig, extra=None, log=print) -> str:
         ver = records.versions((*records.VERSIONED, *EXPORT_PACKAGES))
         record = {
             "format": EXPORT_FORMAT, "export_format": fmt.name, "file": os.path.basename(path), "sha256": sha,
-            **({"files": files} if fmt.folder else {}), "bytes": _bytes(path),
+            **({"files": files} if fmt.folder else {}), "bytes": saved.tree_bytes(path),
             "classes": list(runner.classes), "input_size": runner.size,
             "input": {"name": "pixels", "shape": [None, runner.size, runner.size, 3], "dtype": "float32",
                       "pixels": "RGB, 0..255 (uint8 values as float32)",
@@ -329,8 +296,7 @@ def run(cfg: ExportConfig, extra=None, log=print) -> str:
             "verification": verification, "versions": ver,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        records.write_json(rec_path, record)  # the switch: until here the previous record and its artifact stand
-        remove_stale(folder, name, os.path.basename(path))
+        saved.switch(rec_path, record, stale(name), {os.path.basename(path)})  # until here the previous one stands
     log(f"exported {runner.path} as {fmt.name}: {path} ({record['bytes'] / 2**20:.1f} MiB); verified with "
         f"{fmt.runtime} on {where}: max abs difference {verification['max_abs_diff']:.2e} from the Keras model"
         + (f" ({verification['max_relative_diff']:.2e} of the largest decision value; SCORE_TOLERANCE "

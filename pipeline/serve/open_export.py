@@ -3,7 +3,6 @@ runtime."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import records
+from pipeline.artifacts import tree_digest
 from pipeline.data.loading import cores
 from pipeline.errors import PipelineError
 from pipeline.serve.runner import EXPORT_FORMAT, Runner
@@ -47,22 +47,6 @@ def need(fmt: Format, modules) -> None:
         raise PipelineError(f"FORMAT={fmt.name} needs {', '.join(missing)}, not installed: pip install "
                             f"'pipeline[{fmt.extra}]' (in this checkout: .venv/bin/pip install -e '.[{fmt.extra}]', "
                             f"or pip install {pips})")
-
-
-def tree_digest(path: str) -> tuple[str, dict]:
-    """(sha256, {relative path: sha256}) of a file, or of every file under a folder (names and contents)."""
-    if not os.path.isdir(path):
-        return records.file_digest(path), {}
-    files = {}
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            files[os.path.relpath(full, path).replace(os.sep, "/")] = records.file_digest(full)
-    h = hashlib.sha256()
-    for rel in sorted(files):
-        h.update(f"{rel}\0{files[rel]}\n".encode())
-    return h.hexdigest(), files
 
 
 def check_export(rec_path: str) -> tuple[dict, str]:

@@ -4,7 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.cache import lock, store
+from pipeline import lock
+from pipeline.cache import store
 from pipeline.cache.writer import Writer
 from pipeline.errors import PipelineError
 

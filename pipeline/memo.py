@@ -1,0 +1,86 @@
+"""What a cache folder remembers between runs (checked images, content hashes of files, weights digests), in one
+SQLite file ``<folder>/memo.sqlite`` in WAL mode. A memo is a cache of checks: a table of key -> JSON value,
+read whole when opened; :meth:`Table.save` writes only the entries this run changed, in one transaction, so
+runs writing at once lose nothing. A memo that cannot be read or written only costs the next run its checks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+
+NAME = "memo.sqlite"
+TABLES = ("checks", "hashes", "weights")
+TIMEOUT = 60.0  # seconds a write waits for another run's write to end
+
+
+def at(path: str) -> str:
+    """The memo file for ``path``: ``path`` itself when it ends in .sqlite, else ``memo.sqlite`` in its folder
+    (callers may name any file there, e.g. the former ``checked-images.json``)."""
+    return path if path.endswith(".sqlite") else os.path.join(os.path.dirname(os.path.abspath(path)), NAME)
+
+
+def _connect(db: str) -> sqlite3.Connection:
+    con = sqlite3.connect(db, timeout=TIMEOUT)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        for t in TABLES:
+            con.execute(f"CREATE TABLE IF NOT EXISTS {t} (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        con.commit()
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+class Table:
+    """One table of the memo file ``db`` (None: nothing is kept): key -> JSON value."""
+
+    def __init__(self, db: str | None, table: str):
+        if table not in TABLES:
+            raise ValueError(f"unknown memo table {table!r}")
+        self.db, self.table, self.values, self.changed = db, table, {}, {}
+        if db and os.path.exists(db):
+            with contextlib.suppress(sqlite3.Error, OSError):
+                with contextlib.closing(_connect(db)) as con:
+                    for key, value in con.execute(f"SELECT key, value FROM {table}"):
+                        with contextlib.suppress(ValueError):
+                            self.values[key] = json.loads(value)
+
+    def get(self, key: str, default=None):
+        return self.values.get(key, default)
+
+    def put(self, key: str, value) -> None:
+        """Remember ``value`` (JSON-able) for ``key``; written by :meth:`save`."""
+        if key in self.values and self.values[key] == value:
+            return
+        self.values[key] = value
+        self.changed[key] = value
+
+    def save(self) -> bool:
+        """Write this run's changes; False when the memo cannot be written (left for the next run to redo)."""
+        if not self.changed or not self.db:
+            return True
+        changed = dict(self.changed)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.db)), exist_ok=True)
+            with contextlib.closing(_connect(self.db)) as con, con:
+                con.executemany(f"INSERT OR REPLACE INTO {self.table} (key, value) VALUES (?, ?)",
+                                [(k, json.dumps(v)) for k, v in changed.items()])
+        except (sqlite3.Error, OSError):
+            return False
+        for k, v in changed.items():
+            if self.changed.get(k) is v:  # not put again meanwhile
+                del self.changed[k]
+        return True
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy the memo file ``src`` to ``dst`` (consistent even while another run writes it); none: nothing."""
+    if not os.path.exists(src):
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    with contextlib.closing(sqlite3.connect(src, timeout=TIMEOUT)) as a, \
+            contextlib.closing(sqlite3.connect(dst, timeout=TIMEOUT)) as b:
+        a.backup(b)
