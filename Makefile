@@ -63,14 +63,23 @@ options: $(INSTALLED)
 	$(PY) -m pipeline $(or $(STEP),features) --help
 
 ## run the test suite on TEST_JOBS processes, whole files each (TESTS=tests/test_x.py to pick, TEST_JOBS=0: one)
-test: $(INSTALLED)
+test: $(INSTALLED) browser
 	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile $(or $(TESTS),tests)
+
+## the quick subset of the suite: every package, no slow, Ray or browser tests
+test-fast: $(INSTALLED)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile -m "not slow and not ray and not browser" $(or $(TESTS),tests)
+
+## headless Chromium for the test that renders the HTML report (Debian's package, installed when missing)
+browser:
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 || { echo "make browser: chromium is missing; install Debian's chromium package (needs root)" >&2; exit 2; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 ## delete the virtual environment (the cache stays)
 clean:
 	rm -rf $(VENV) *.egg-info
 
-.PHONY: help install run features head sweep heads cache backbones options test clean
+.PHONY: help install run features head sweep heads cache backbones options test test-fast browser clean
 
 ## measure speed, memory and accuracy side by side (N, REPEATS, SECTIONS=overhead,caching,...): reports/bench-*
 bench: $(INSTALLED)
