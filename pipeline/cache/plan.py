@@ -46,7 +46,7 @@ class Plan:
         if cfg.runtime != "tensorflow" and cfg.engine != "inprocess":
             raise PipelineError(f"RUNTIME={cfg.runtime} runs in this process only (ENGINE=inprocess): the "
                                 f"ENGINE={cfg.engine} workers run TensorFlow")
-        self.size = registry.resolve_size(self.spec, cfg.size)
+        self.size = registry.check_options(self.spec, cfg.size, cfg.weights, cfg.alpha or None)  # before the scan
         if cfg.batch < 1 or cfg.chunk < 1:
             raise PipelineError("BATCH and CHUNK must be positive")
         if cfg.views < 0:
