@@ -1,5 +1,6 @@
 """The command line and the Makefile: help, option parsing, one-line errors."""
 
+import errno
 import shlex
 import subprocess
 import sys
@@ -7,9 +8,10 @@ from pathlib import Path
 
 import pytest
 from conftest import MOBILENET_V2_FILE, ROOT, flowers_subset
+from mounts import full_disk
 
 from pipeline import cli
-from pipeline.configs import FeaturesConfig
+from pipeline.configs import FeaturesConfig, HeadConfig
 
 
 def test_make_alone_prints_help_for_every_target():
@@ -123,3 +125,21 @@ def test_a_bad_backbone_option_is_one_line_on_stderr_and_writes_no_cache(tmp_pat
     assert p.returncode == 2 and p.stderr.startswith(f"error: {said}"), p.stderr
     assert len(p.stderr.splitlines()) == 1, p.stderr
     assert (tmp_path / "cache").exists() == scanned and not list(tmp_path.glob("cache/*.h5*"))
+
+
+def test_a_disk_full_when_the_run_starts_is_one_line_naming_the_file_and_its_option(tmp_path, capsys):
+    data = flowers_subset(tmp_path / "data", per_class=3)
+    with full_disk(tmp_path / "disk") as disk:
+        cache = disk / "cache"
+        assert cli.main(["features", f"DATA={data}", f"CACHE_DIR={cache}", "BACKBONE=mobilenet_v2", "WEIGHTS=none",
+                         "ALPHA=0.35", "SIZE=32"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {cache / 'checked-images.json'}: No space left on device (CACHE_DIR={cache})\n"
+        # an OSError without a file (a write cut short): the output folders that have no room left
+        cfg = HeadConfig(models_dir=str(disk / "models"), reports_dir=str(tmp_path / "reports"))
+        (disk / "models").mkdir()
+        (tmp_path / "reports").mkdir()
+        said = cli.os_error(OSError(errno.ENOSPC, "No space left on device"), cfg)
+        assert said == (f"No space left on device: no room left in MODELS_DIR={disk / 'models'}; free space there or "
+                        "name another folder")
+    assert cli.os_error(OSError(errno.EIO, "Input/output error")) == "Input/output error"

@@ -31,8 +31,11 @@ def locked(path, wait=True, log=print):
                 raise PipelineError(f"{who}; rerun when it is done (or without WAIT=0 to wait for it)") from None
             log(f"{who}; waiting")
             fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError:
+            pass  # the pid only names the holder in a message (a full disk: the work's own writes say so)
         yield
     finally:
         os.close(fd)
