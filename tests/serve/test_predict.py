@@ -273,4 +273,3 @@ def test_an_extractor_with_other_weights_than_the_cache_is_refused(flowers, monk
     monkeypatch.setattr(backbones, "weights_digest", lambda model: "0" * 64)
     with pytest.raises(PipelineError, match="other weights .* than the cache was made with"):
         find.open_model(recs["dense"])
-
