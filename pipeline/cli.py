@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import re
 import shlex
+import shutil
 import sys
 
 from pipeline.errors import PipelineError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+OUTPUTS = ("cache_dir", "models_dir", "reports_dir", "output", "out")  # options naming what a step writes
+PATH_OPTIONS = OUTPUTS + ("cache", "model", "data", "weights", "keras_home")  # what an OSError is traced to
 ASSIGN = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)=(.*)$", re.S)
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
@@ -133,10 +137,41 @@ def _help(steps):
     return "\n".join(lines)
 
 
+def _inside(path, folder) -> bool:
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def os_error(e: OSError, cfg=None) -> str:
+    """One line for an OSError: the file or folder it is about and the option that named it (the option whose
+    path holds it; without a file, on a full disk, the output folders that have no room left), and why."""
+    named = [(f.name.upper(), getattr(cfg, f.name)) for f in (dataclasses.fields(cfg) if cfg else ())
+             if f.name in PATH_OPTIONS and isinstance(getattr(cfg, f.name), str) and getattr(cfg, f.name)]
+    named.sort(key=lambda nv: PATH_OPTIONS.index(nv[0].lower()))
+    why = e.strerror or str(e)
+    if e.filename:
+        option = next((f" ({n}={v})" for n, v in named if _inside(str(e.filename), v)), "")
+        return f"{e.filename}: {why}{option}"
+    if e.errno == errno.ENOSPC:
+        full = [f"{n}={v}" for n, v in named if n.lower() in OUTPUTS
+                and _free(v if n.endswith("_DIR") else os.path.dirname(os.path.abspath(v))) < (1 << 20)]
+        if full:
+            return f"{why}: no room left in {', '.join(full)}; free space there or name another folder"
+    return why
+
+
+def _free(folder) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62
+
+
 def main(argv=None) -> int:
     global _fast_exit
     argv = list(sys.argv[1:] if argv is None else argv)
     steps = _steps()
+    cfg = None
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_help(steps))
         return 0
@@ -164,8 +199,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {os_error(e, cfg)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""What a cache folder remembers between runs (checked images, content hashes of files, weights digests), in one
+"""What a cache folder remembers between runs (checked images, content hashes of files, weights digests, cache files verified), in one
 SQLite file ``<folder>/memo.sqlite`` in WAL mode. A memo is a cache of checks: a table of key -> JSON value,
 read whole when opened; :meth:`Table.save` writes only the entries this run changed, in one transaction, so
 runs writing at once lose nothing. A memo that cannot be read or written only costs the next run its checks."""
@@ -11,7 +11,7 @@ import os
 import sqlite3
 
 NAME = "memo.sqlite"
-TABLES = ("checks", "hashes", "weights")
+TABLES = ("checks", "hashes", "weights", "verified")
 TIMEOUT = 60.0  # seconds a write waits for another run's write to end
 
 

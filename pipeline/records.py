@@ -47,14 +47,19 @@ def atomic_path(path: str, suffix: str = ""):
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=folder)
+        os.close(fd)
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
+    except OSError as e:  # named by the file asked for, not its hidden temporary one (nor by none: a failed write)
+        if e.filename is None or str(e.filename).startswith(os.path.join(folder, f".{os.path.basename(path)}.")):
+            e.filename, e.filename2 = path, None
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -127,10 +132,20 @@ def use_keras_home(folder: str) -> None:
     os.environ["KERAS_HOME"] = folder
 
 
-def writable_dir(path: str, option: str) -> str:
+def writable_file(path: str, option: str) -> str:
+    """``path`` as a file this process can write (its folder made when missing, the folder checked as by
+    :func:`writable_dir`), before long work starts; otherwise a one-line error naming the option."""
+    if os.path.isdir(path):
+        raise PipelineError(f"{option}={path}: is a folder; name a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    writable_dir(folder, option, shown=f"{option}={path}: its folder {folder}")
+    return path
+
+
+def writable_dir(path: str, option: str, shown: str = "") -> str:
     """``path`` as a folder this process can write into (made when missing), checked before long work
-    starts; otherwise a one-line error naming the option, the path and the reason."""
-    shown = f"{option}={path}"
+    starts; otherwise a one-line error naming the option (as ``shown``), the path and the reason."""
+    shown = shown or f"{option}={path}"
     probe = os.path.abspath(path)
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)

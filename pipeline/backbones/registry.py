@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import os
 import re
 import warnings
@@ -29,6 +30,8 @@ class Backbone:
     min_size: int
     features: int  # channels of the last feature map == pooled feature size
     alpha: float | None = None  # default alpha, for families that have one
+    imagenet_alphas: tuple = ()  # the alphas Keras has ImageNet weights for
+    min_alpha: float = 0.0  # below it a layer of the family would have no channels
     blocks: str = r"^(block\d+|conv\d+|mixed\d+|stage\d+|stem|top)"  # unfreeze-by-name prefixes
 
 
@@ -47,14 +50,14 @@ def _entries():
         Backbone("inception_v3", "InceptionV3", tf_, 299, 75, 2048, blocks=r"^mixed\d+"),
         Backbone("inception_resnet_v2", "InceptionResNetV2", tf_, 299, 75, 1536,
                  blocks=r"^(block35_\d+|block17_\d+|block8_\d+|mixed_\w+|conv_7b)"),
-        Backbone("mobilenet", "MobileNet", tf_, 224, 32, 1024, alpha=1.0,
-                 blocks=r"^conv_(dw_|pw_)?\d+"),
+        Backbone("mobilenet", "MobileNet", tf_, 224, 32, 1024, alpha=1.0, imagenet_alphas=(0.25, 0.5, 0.75, 1.0),
+                 min_alpha=1 / 32, blocks=r"^conv_(dw_|pw_)?\d+"),  # its first layer has 32 * alpha channels
         Backbone("mobilenet_v2", "MobileNetV2", tf_, 224, 32, 1280, alpha=1.0,
-                 blocks=r"^(block_\d+|expanded_conv|Conv_1|Conv1)"),
+                 imagenet_alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4), blocks=r"^(block_\d+|expanded_conv|Conv_1|Conv1)"),
         Backbone("mobilenet_v3_small", "MobileNetV3Small", inside, 224, 32, 576, alpha=1.0,
-                 blocks=r"^(expanded_conv(_\d+)?|conv(_\d+)?)"),
+                 imagenet_alphas=(0.75, 1.0), blocks=r"^(expanded_conv(_\d+)?|conv(_\d+)?)"),
         Backbone("mobilenet_v3_large", "MobileNetV3Large", inside, 224, 32, 960, alpha=1.0,
-                 blocks=r"^(expanded_conv(_\d+)?|conv(_\d+)?)"),
+                 imagenet_alphas=(0.75, 1.0), blocks=r"^(expanded_conv(_\d+)?|conv(_\d+)?)"),
         Backbone("efficientnet_b0", "EfficientNetB0", inside, 224, 32, 1280, blocks=r"^(block\d+[a-z]?|stem|top)"),
         Backbone("efficientnet_b1", "EfficientNetB1", inside, 240, 32, 1280, blocks=r"^(block\d+[a-z]?|stem|top)"),
         Backbone("efficientnet_b2", "EfficientNetB2", inside, 260, 32, 1408, blocks=r"^(block\d+[a-z]?|stem|top)"),
@@ -90,21 +93,73 @@ def resolve_size(spec: Backbone, size: int | None) -> int:
     return size
 
 
+def _alphas(values) -> str:
+    return ", ".join(str(a) for a in values)
+
+
+def check_options(spec: Backbone, size: int | None, weights: str, alpha: float | None = None) -> int:
+    """The input size to use, after checking SIZE, ALPHA and WEIGHTS against the registry before any work:
+    ALPHA only for families with it, finite and above 0 (and the family's minimum), one Keras has ImageNet
+    weights for with WEIGHTS=imagenet; WEIGHTS imagenet, none or an existing file. Any other is one line."""
+    size = resolve_size(spec, size)
+    if alpha is not None:
+        if spec.alpha is None:
+            raise PipelineError(f"ALPHA is not an option of {spec.name}; families with alpha: "
+                                + ", ".join(n for n, b in BACKBONES.items() if b.alpha is not None))
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise PipelineError(f"ALPHA={alpha:g}: the width multiplier must be above 0 "
+                                f"(0 = {spec.name}'s default, {spec.alpha})")
+        if alpha < spec.min_alpha:
+            raise PipelineError(f"ALPHA={alpha:g}: too narrow for {spec.name} (a layer would have no channels); "
+                                f"use ALPHA>={spec.min_alpha:g}")
+        if weights == "imagenet" and spec.imagenet_alphas and alpha not in spec.imagenet_alphas:
+            raise PipelineError(f"ALPHA={alpha:g}: {spec.name} has ImageNet weights for ALPHA="
+                                f"{_alphas(spec.imagenet_alphas)} only; use one of them, or WEIGHTS=none or a "
+                                f"weights file made for ALPHA={alpha:g}")
+    if weights not in ("imagenet", "none") and not os.path.isfile(weights):
+        raise PipelineError(f"WEIGHTS={weights}: no such file; use imagenet, none or a weights file path")
+    return size
+
+
+def valid_values(spec: Backbone, weights: str) -> str:
+    """The option values ``spec`` accepts, in words."""
+    out = [f"SIZE>={spec.min_size}"]
+    if spec.alpha is not None:
+        out.append(f"ALPHA={_alphas(spec.imagenet_alphas)}" if weights == "imagenet" and spec.imagenet_alphas
+                   else f"ALPHA>={spec.min_alpha:g}" if spec.min_alpha else "ALPHA>0")
+    return ", ".join(out) + "; WEIGHTS=imagenet, none or a weights file"
+
+
+NOISE = (  # Keras' warnings that say nothing to act on: dropped
+    r"`input_shape` is undefined or non-square",  # ImageNet weights of another size: the same weights (see below)
+)
+
+
+def _construct(constructor, weights: str, kwargs: dict):
+    """``constructor(weights=..., **kwargs)`` with its printing and warnings held: when it fails they are
+    dropped (its error says what matters), when it builds its warnings are re-emitted, less :data:`NOISE`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with contextlib.redirect_stdout(io.StringIO()):  # "Downloading data from ..." before an offline failure
+            model = constructor(weights=None if weights == "none" else weights, **kwargs)
+    for w in caught:
+        if not any(re.search(p, str(w.message)) for p in NOISE):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return model
+
+
 def build_base(spec: Backbone, size: int, weights: str, alpha: float | None = None, seed: int = 0,
                keras_home: str = ""):
     """The headless keras.applications model with its weights loaded (or seeded random ones); ImageNet
-    weights come from ``keras_home`` (default: Keras' own cache folder, see :func:`records.use_keras_home`)."""
+    weights come from ``keras_home`` (default: Keras' own cache folder, see :func:`records.use_keras_home`).
+    Option values are checked first (:func:`check_options`); one Keras still refuses is one line too."""
     import keras
 
+    size = check_options(spec, size, weights, alpha)
     kwargs = {"include_top": False, "input_shape": (size, size, 3)}
     if spec.alpha is not None:
         kwargs["alpha"] = spec.alpha if alpha is None else alpha
-    elif alpha is not None:
-        raise PipelineError(f"ALPHA is not an option of {spec.name}; families with alpha: "
-                            + ", ".join(n for n, b in BACKBONES.items() if b.alpha is not None))
     local_file = weights not in ("imagenet", "none")
-    if local_file and not os.path.isfile(weights):
-        raise PipelineError(f"WEIGHTS={weights}: no such file; use imagenet, none or a weights file path")
     keras.utils.set_random_seed(seed)  # weights=none must be the same random network every time
     if spec.constructor in LITE:
         from pipeline.backbones import lite
@@ -115,14 +170,19 @@ def build_base(spec: Backbone, size: int, weights: str, alpha: float | None = No
         kwargs["include_preprocessing"] = True
     constructor = getattr(keras.applications, spec.constructor)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # "Downloading data from ..." before an offline failure
-            return constructor(weights=None if weights == "none" else weights, **kwargs)
+        return _construct(constructor, weights, kwargs)
     except Exception as e:  # keras raises a bare Exception when the download fails
         url = re.search(r"URL fetch failure on (\S+): ", str(e))
         if not url:
+            shown = f"SIZE={size}" + (f", ALPHA={kwargs['alpha']:g}" if "alpha" in kwargs else "")
+            said = str(e).splitlines()[0].split(" Example error message")[0]  # weights: "N objects could not..."
             if local_file:
-                raise PipelineError(f"WEIGHTS={weights} does not fit {spec.name} "
-                                    f"(size {size}, alpha {kwargs.get('alpha')}): {e}".splitlines()[0]) from None
+                raise PipelineError(f"WEIGHTS={weights} does not fit {spec.name} with {shown} (Keras: "
+                                    f"{said}); give the BACKBONE, ALPHA and SIZE the file was "
+                                    "made for") from None
+            if isinstance(e, ValueError):  # Keras refusing an option value that check_options let through
+                raise PipelineError(f"{spec.name} refuses {shown}, WEIGHTS={weights} (Keras: {said}); "
+                                    f"valid: {valid_values(spec, weights)}") from None
             raise
         fname = url.group(1).rsplit("/", 1)[-1]
         if size != spec.default_size:
@@ -134,7 +194,7 @@ def build_base(spec: Backbone, size: int, weights: str, alpha: float | None = No
                 pass
             else:
                 keras.utils.set_random_seed(seed)
-                model = constructor(weights=None, **kwargs)
+                model = _construct(constructor, "none", kwargs)
                 model.set_weights(ref.get_weights())
                 warnings.warn(f"{fname} is not cached: using the {spec.default_size}x{spec.default_size} "
                               f"ImageNet weights of {spec.name} at size {size}", stacklevel=2)

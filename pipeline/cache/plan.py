@@ -5,6 +5,7 @@ the cache with more views that serves a plan asking for fewer."""
 
 from __future__ import annotations
 
+import datetime as dt
 import glob
 import json
 import math
@@ -46,7 +47,7 @@ class Plan:
         if cfg.runtime != "tensorflow" and cfg.engine != "inprocess":
             raise PipelineError(f"RUNTIME={cfg.runtime} runs in this process only (ENGINE=inprocess): the "
                                 f"ENGINE={cfg.engine} workers run TensorFlow")
-        self.size = registry.resolve_size(self.spec, cfg.size)
+        self.size = registry.check_options(self.spec, cfg.size, cfg.weights, cfg.alpha or None)  # before the scan
         if cfg.batch < 1 or cfg.chunk < 1:
             raise PipelineError("BATCH and CHUNK must be positive")
         if cfg.views < 0:
@@ -177,10 +178,22 @@ class Plan:
         }
 
     def up_to_date(self) -> bool:
-        """True when the complete cache of this key exists (its record is read, not its rows)."""
-        if not os.path.exists(self.path):
+        """True when the complete cache of this key exists and its rows are as written: verified against their
+        checksums unless verified before and unchanged since (:func:`store.verified`). A damaged file is moved
+        aside, said in one line, so that it is extracted again."""
+        before = store.state(self.path)
+        if before is None:
             return False
-        store.check_header(self.path, expect_key=self.key)
+        try:
+            store.check_header(self.path, expect_key=self.key)
+            if not store.verified(self.path):
+                store.verify(self.path)
+                store.remember(self.path, before)
+        except store.Damaged as e:
+            aside = set_aside(self.path, before)
+            if aside is not None:
+                self.log(f"{e.path}: {e.reason}: moved aside to {os.path.basename(aside)}; extracting again")
+            return False
         return True
 
     def served_by(self) -> str | None:
@@ -214,6 +227,19 @@ class Plan:
             self.log(f"VIEWS={self.cfg.views}: served by {path}, a cache of this configuration with more views "
                      f"(its first {self.cfg.views} views of every image are used)")
         return path
+
+
+def set_aside(path, before) -> str | None:
+    """Rename damaged cache file ``path`` to ``<name>.damaged-<UTC time>`` beside it (no longer ``*.h5``: never
+    read as a cache again), if it is still the file of :func:`store.state` ``before``; its new name, else None."""
+    if store.state(path) != before:
+        return None  # another run replaced it meanwhile
+    aside = f"{path}.damaged-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return None
+    return aside
 
 
 def report_skipped(plan):

@@ -8,7 +8,8 @@ Layout: root attributes ``format``, ``key``, ``config`` (JSON), ``class_names`` 
 of all its feature bytes (checked on every load). Views of the train images are the group ``train_views``
 (columns ``image``, ``view``); TTA rows the groups ``val_tta`` and ``test_tta``, row for row their split. A
 resumed partial file is re-verified chunk by chunk before it is trusted.
-Writers of one file hold an exclusive lock on ``<file>.lock`` (:func:`locked`).
+Writers of one file hold an exclusive lock on ``<file>.lock`` (:func:`locked`). ``features`` verifies a complete
+file's chunk checksums (:func:`verify`) once per state of the file on disk (:func:`verified`, :func:`remember`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from pipeline import lock
+from pipeline import lock, memo
 from pipeline.errors import PipelineError
 
 FORMAT = "pipeline-features/1"
@@ -94,12 +95,19 @@ class Cache:
         return self._split("test")
 
 
+class Damaged(PipelineError):
+    """A cache file that cannot be read back as written: its ``reason``, after its path."""
+
+    def __init__(self, path, reason, remedy="rerun make features (it moves the file aside and extracts again)"):
+        super().__init__(f"{path}: {reason}; {remedy}")
+        self.path, self.reason = path, reason
+
+
 def _open(path, mode):
     try:
         return h5py.File(path, mode, rdcc_nbytes=CHUNK_CACHE_BYTES)
     except OSError as e:
-        raise PipelineError(f"{path}: not a readable HDF5 cache file ({str(e).splitlines()[0]}); "
-                            "delete it and rerun make features") from None
+        raise Damaged(path, f"not a readable HDF5 cache file ({str(e).splitlines()[0]})") from None
 
 
 def _attrs(f, path):
@@ -120,8 +128,12 @@ def _check_key(f, path, expect_key):
 
 
 def _incomplete(path, s, g):
-    return PipelineError(f"{path}: split {s} has {int(g.attrs['done'])} of {g['labels'].shape[0]} rows; "
-                         "the file is incomplete: rerun make features")
+    return Damaged(path, f"split {s} has {int(g.attrs['done'])} of {g['labels'].shape[0]} rows: the file is "
+                         "incomplete")
+
+
+def _corrupt(path, e):
+    return Damaged(path, f"corrupt or truncated cache ({str(e).splitlines()[0]})")
 
 
 def _nonfinite(path, s):
@@ -145,8 +157,7 @@ def check_header(path, expect_key=None, check_finite=False) -> dict:
                 if check_finite and g.attrs.get("nonfinite", False):
                     raise _nonfinite(path, s)
         except (OSError, KeyError, RuntimeError) as e:
-            raise PipelineError(f"{path}: corrupt or truncated cache ({str(e).splitlines()[0]}); "
-                                "delete it and rerun make features") from None
+            raise _corrupt(path, e) from None
     return meta
 
 
@@ -167,13 +178,12 @@ def load(path, expect_key=None, check_complete=True, check_finite=True) -> Cache
                 feats = np.empty(g["features"].shape, g["features"].dtype)
                 if n:
                     g["features"].read_direct(feats)
+                sha = g.attrs.get("sha256")  # before the NaN test: changed bytes are said as such
+                if check_complete and sha is not None and hashlib.sha256(feats.tobytes()).hexdigest() != sha:
+                    raise Damaged(path, f"split {s} has changed since it was written (checksum mismatch)")
                 keep = ~g["skipped"][()] if "skipped" in g else np.ones(n, bool)  # images that did not decode
                 if check_finite and not np.isfinite(feats[keep]).all():
                     raise _nonfinite(path, s)
-                sha = g.attrs.get("sha256")
-                if check_complete and sha is not None and hashlib.sha256(feats.tobytes()).hexdigest() != sha:
-                    raise PipelineError(f"{path}: split {s} has changed since it was written (checksum "
-                                        "mismatch); delete the file and rerun make features")
                 labels, paths = g["labels"][()], g["paths"].asstr()[()]
                 if s == VIEWS:
                     image, view = g["image"][()], g["view"][()]
@@ -184,8 +194,7 @@ def load(path, expect_key=None, check_complete=True, check_finite=True) -> Cache
                     feats, labels, paths = feats[keep], labels[keep], paths[keep]
                 splits[s] = Split(feats, labels, paths)
         except (OSError, KeyError, RuntimeError) as e:
-            raise PipelineError(f"{path}: corrupt or truncated cache ({str(e).splitlines()[0]}); "
-                                "delete it and rerun make features") from None
+            raise _corrupt(path, e) from None
     views = splits.pop(VIEWS, None)
     tta = {s: splits.pop(group) for s, group in TTA.items() if group in splits}
     for s, flipped in tta.items():
@@ -195,6 +204,67 @@ def load(path, expect_key=None, check_complete=True, check_finite=True) -> Cache
     if views is not None and "train" in kept:  # clean rows left out: views point at the rows that stay
         views.image = (np.cumsum(kept["train"]) - 1)[views.image]
     return Cache(path, key, meta["config"], meta["class_names"], meta["versions"], created, splits, views, tta)
+
+
+def verify(path) -> None:
+    """Every split's rows of a complete file against the checksums recorded as they were written: each chunk's
+    (its rows and skipped flags, read one at a time) and the split's (what :func:`load` checks). A mismatch, or
+    a part that cannot be read, is :class:`Damaged` naming the rows."""
+    with _open(path, "r") as f:
+        try:
+            chunk = int(f.attrs.get("chunk", 0))
+            for s in f:
+                g = f[s]
+                n, total = g["labels"].shape[0], hashlib.sha256()
+                entries = g["chunks"][()] if "chunks" in g and chunk else []
+                at = 0
+                while at < n and len(entries):
+                    stop, _, sha = entries[at // chunk].decode().partition(":") if at % chunk == 0 else ("", "", "")
+                    if not stop.isdigit() or not at < int(stop) <= n:
+                        raise Damaged(path, f"split {s}: the checksum record of rows from {at} is damaged")
+                    rows, mask = (np.ascontiguousarray(g[c][at:int(stop)]) for c in ("features", "skipped"))
+                    if hashlib.sha256(rows.tobytes() + mask.tobytes()).hexdigest() != sha:
+                        raise Damaged(path, f"rows {at}-{stop} of split {s} have changed since they were written "
+                                            "(checksum mismatch)")
+                    total.update(rows.tobytes())
+                    at = int(stop)
+                if not len(entries) and n:  # a file without chunk checksums: the split's only
+                    total.update(np.ascontiguousarray(g["features"][()]).tobytes())
+                if g.attrs.get("sha256") not in (None, total.hexdigest()):
+                    raise Damaged(path, f"split {s} has changed since it was written (checksum mismatch)")
+        except (OSError, KeyError, RuntimeError, ValueError) as e:
+            raise _corrupt(path, e) from None
+
+
+def state(path) -> list | None:
+    """What identifies a file's bytes unchanged: size, mtime, inode, ctime, device (None when it is gone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev]
+
+
+def _verified_memo(path) -> memo.Table:
+    """The cache folder's memo of files verified: {abspath: their :func:`state` then}."""
+    return memo.Table(os.path.join(os.path.dirname(os.path.abspath(path)), memo.NAME), "verified")
+
+
+def verified(path) -> bool:
+    """Whether ``path`` passed :func:`verify` and is as it was then (size, mtime, inode, ctime, device)."""
+    now = state(path)
+    return now is not None and _verified_memo(path).get(os.path.abspath(path)) == now
+
+
+def remember(path, before=None) -> None:
+    """Record that ``path`` passed :func:`verify` (as it was in ``before``, its :func:`state` before verifying,
+    when given: a file changed meanwhile is not remembered). A memo that cannot be written costs a verification."""
+    now = state(path)
+    if now is None or before not in (None, now):
+        return
+    table = _verified_memo(path)
+    table.put(os.path.abspath(path), now)
+    table.save()
 
 
 def listing(cache_dir) -> list[dict]:

@@ -124,6 +124,9 @@ def open_head(rec_path, log, fold):
         spec, size, features = openvino_features(fc, identity, rec.get("cache_path") or "", rec_path, log)
         base, dim = None, features.dim
     else:
+        from pipeline import quiet
+
+        quiet.tensorflow()  # before the extractor module imports Keras, hence TensorFlow
         from pipeline.backbones.extractor import compiled_call
 
         spec, size, extractor_model, base = rebuild_extractor(fc, identity, rec_path)

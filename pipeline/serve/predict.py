@@ -160,6 +160,8 @@ def run(cfg: PredictConfig, extra=None, log=print, err=None) -> int:
                             "python -m pipeline predict PATH...")
     if cfg.top_k < 1 or cfg.batch < 1:
         raise PipelineError("TOP_K and BATCH must be positive")
+    if cfg.output:
+        records.writable_file(cfg.output, "OUTPUT")  # before any image is labelled
     files, problems, ignored = image_paths(specs)
     if not files:
         for p, why in problems:

@@ -1,7 +1,11 @@
 """The backbone registry and the frozen extractor built from it (weights=None: pure shape tests)."""
 
+import dataclasses
+import warnings
+
 import numpy as np
 import pytest
+from conftest import MOBILENET_V2_FILE
 
 from pipeline.backbones import extractor, layers
 from pipeline.backbones import registry as backbones
@@ -115,3 +119,62 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
 def test_alpha_on_a_family_without_it_is_an_error():
     with pytest.raises(PipelineError, match="ALPHA is not an option of vgg16"):
         backbones.build_base(backbones.get("vgg16"), 32, "none", alpha=0.5)
+
+
+# --- option values checked against the registry; Keras' refusals and warnings as one line ------------------
+
+@pytest.mark.parametrize("name, imagenet", [("mobilenet", "0.25, 0.5, 0.75, 1.0"),
+                                            ("mobilenet_v2", "0.35, 0.5, 0.75, 1.0, 1.3, 1.4"),
+                                            ("mobilenet_v3_small", "0.75, 1.0"), ("mobilenet_v3_large", "0.75, 1.0")])
+def test_alpha_is_checked_against_the_family_before_anything_is_built(name, imagenet):
+    spec = backbones.get(name)
+    with pytest.raises(PipelineError, match=f"^ALPHA=0.33: {name} has ImageNet weights for ALPHA={imagenet} only"):
+        backbones.check_options(spec, 0, "imagenet", 0.33)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(PipelineError, match=r"^ALPHA=-?(1|nan|inf): the width multiplier must be above 0"):
+            backbones.check_options(spec, 0, "none", bad)
+    assert backbones.check_options(spec, 0, "none", 0.33) == 224  # random weights: any width above the minimum
+
+
+def test_mobilenet_narrower_than_one_channel_is_refused_before_keras_is_asked():
+    with pytest.raises(PipelineError, match=r"^ALPHA=0.01: too narrow for mobilenet .* use ALPHA>=0.03125"):
+        backbones.build_base(backbones.get("mobilenet"), 32, "none", alpha=0.01)
+    assert backbones.build_base(backbones.get("mobilenet"), 32, "none", alpha=1 / 32).output_shape[-1] == 32
+
+
+def test_a_value_keras_refuses_is_one_line_naming_the_options_and_the_valid_values():
+    spec = dataclasses.replace(backbones.get("mobilenet"), min_alpha=0.0)  # the registry's guard left out
+    with pytest.raises(PipelineError) as e:
+        backbones.build_base(spec, 32, "none", alpha=0.01)  # Keras: a Conv2D with 0 filters
+    msg = str(e.value)
+    assert msg.startswith("mobilenet refuses SIZE=32, ALPHA=0.01, WEIGHTS=none (Keras: ") and "filters" in msg
+    assert msg.endswith("valid: SIZE>=32, ALPHA>0; WEIGHTS=imagenet, none or a weights file") and "\n" not in msg
+
+
+def test_an_error_that_is_not_a_refused_value_keeps_its_traceback():
+    spec = dataclasses.replace(backbones.get("vgg16"), alpha=1.0)  # a registry bug: VGG16 takes no alpha
+    with pytest.raises(TypeError, match="alpha"):
+        backbones.build_base(spec, 32, "none")
+
+
+def test_a_failed_build_drops_keras_warnings_and_says_one_line():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(PipelineError) as e:  # a 0.35 file for alpha 0.33: "Skipping nested container"
+            backbones.build_base(backbones.get("mobilenet_v2"), 224, str(MOBILENET_V2_FILE), alpha=0.33)
+        assert str(e.value).startswith(f"WEIGHTS={MOBILENET_V2_FILE} does not fit mobilenet_v2 with SIZE=224, "
+                                       "ALPHA=0.33 (Keras: ") and "\n" not in str(e.value)
+        with pytest.raises(PipelineError, match="not in the Keras cache"):  # offline, at a size Keras warns about
+            backbones.build_base(backbones.get("mobilenet_v3_small"), 96, "imagenet")
+    assert [str(w.message) for w in caught] == []
+
+
+def test_a_build_at_a_size_without_its_own_file_is_quiet_and_loads_the_default_sizes_weights():
+    spec = backbones.get("mobilenet")  # 96: Keras loads the cached 224 file itself, warning "input_shape ..."
+    reference = backbones.build_base(spec, 224, "imagenet", alpha=0.25)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = backbones.build_base(spec, 96, "imagenet", alpha=0.25)
+    assert [str(w.message) for w in caught] == []
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -1,11 +1,16 @@
 """The HDF5 cache file: partial writes, resume, verification, atomic rename, damage detection, listing."""
 
+import hashlib
+import os
+
 import h5py
 import numpy as np
 import pytest
+from conftest import flowers_subset
 
 from pipeline import lock
-from pipeline.cache import store
+from pipeline.cache import extract, store
+from pipeline.configs import FeaturesConfig
 from pipeline.cache.writer import Writer
 from pipeline.errors import PipelineError
 
@@ -95,6 +100,10 @@ def test_wrong_key_and_nan_are_refused(tmp_path):
         store.load(path, expect_key="other")
     with h5py.File(path, "r+") as f:
         f["train"]["features"][0, 0] = np.nan
+    with pytest.raises(store.Damaged, match="split train has changed since it was written"):  # the checksum first
+        store.load(path)
+    with h5py.File(path, "r+") as f:  # as if its checksum covered the NaN (a file of an older writer)
+        f["train"].attrs["sha256"] = hashlib.sha256(f["train"]["features"][()].tobytes()).hexdigest()
     with pytest.raises(PipelineError, match="NaN/inf features"):
         store.load(path)
 
@@ -198,3 +207,59 @@ def test_a_second_writer_waits_or_fails_in_one_line_and_a_locked_partial_is_busy
     t.join(10)
     assert got.is_set() and said and said[0].endswith("; waiting")
     w.close()
+
+
+def flip(path, split="train", value=np.nan, keep_mtime=True):
+    """Overwrite the first feature of ``split`` in the file's bytes on disk (not through HDF5), keeping its size
+    and, with ``keep_mtime``, its modification time."""
+    st = os.stat(path)
+    with h5py.File(path, "r") as f:
+        ds = f[split]["features"]
+        offset, raw = ds.id.get_chunk_info(0).byte_offset, np.asarray([value], ds.dtype).tobytes()
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(raw)
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.path.getsize(path) == st.st_size
+
+
+def test_verify_names_the_rows_whose_bytes_changed(tmp_path):
+    path = complete(tmp_path / "c.h5")
+    store.verify(path)
+    flip(path, "val", 99.0)
+    with pytest.raises(store.Damaged, match=r"c\.h5: rows 0-2 of split val have changed since they were written"):
+        store.verify(path)
+    path = complete(tmp_path / "d.h5")
+    with h5py.File(path, "r+") as f:
+        f["train"]["chunks"][0] = b"x:y"  # one write of 5 rows: one record
+    with pytest.raises(store.Damaged, match="split train: the checksum record of rows from 0 is damaged"):
+        store.verify(path)
+
+
+def test_features_verifies_a_finished_cache_moves_a_damaged_one_aside_and_extracts_again(tmp_path):
+    data = flowers_subset(tmp_path / "data", per_class=3)
+    cfg = FeaturesConfig(data=str(data), backbone="mobilenet_v2", alpha=0.35, weights="none", size=32,
+                         val_fraction=0.34, test_fraction=0.34, cache_dir=str(tmp_path / "cache"))
+    said = []
+    path = extract.run(cfg, log=said.append)
+    first = store.load(path)
+    assert not store.verified(path)  # verified by the first run that calls it current
+    assert extract.run(cfg, log=said.append) == path and said[-1] == f"up to date: {path}"
+    assert store.verified(path)
+    flip(path)  # NaN in the first train row; same size and mtime: the inode's ctime tells
+    assert not store.verified(path)
+    with pytest.raises(store.Damaged, match="split train has changed since it was written .checksum mismatch.; "
+                                            "rerun make features"):
+        store.load(path)  # not "NaN/inf features ... the backbone or weights"
+    said.clear()
+    assert extract.run(cfg, log=said.append) == path
+    aside = [f for f in os.listdir(tmp_path / "cache") if ".h5.damaged-" in f]
+    assert len(aside) == 1 and said[0] == (f"{path}: rows 0-{first.train.features.shape[0]} of split train have "
+                                           f"changed since they were written (checksum mismatch): moved aside to "
+                                           f"{aside[0]}; extracting again")
+    assert any(m.startswith(f"wrote {path}") for m in said)
+    again = store.load(path)
+    for s in first.splits:
+        assert again.splits[s].features.tobytes() == first.splits[s].features.tobytes()
+    assert extract.run(cfg, log=said.append) == path and said[-1] == f"up to date: {path}" and store.verified(path)

@@ -187,11 +187,18 @@ def test_class_absent_from_a_split(capsys, tmp_path):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_features_name_the_cache(capsys, tmp_path, bad):
+    import hashlib
+
     import h5py
 
     path = write_cache(tmp_path / "bad.h5", counts={"train": 8, "val": 3, "test": 3})
     with h5py.File(path, "r+") as f:  # damaged after it was written (the writer itself refuses NaN)
         f["val"]["features"][4, 2] = bad
+    for step in ("head", "sweep"):  # the checksum first: what happened is that the file changed
+        code, _, err = run(capsys, step, f"CACHE={path}", "CV=2")
+        assert code == 2 and err.startswith(f"error: {path}: split val has changed since it was written")
+    with h5py.File(path, "r+") as f:  # as if its checksum covered the NaN (a file of an older writer)
+        f["val"].attrs["sha256"] = hashlib.sha256(f["val"]["features"][()].tobytes()).hexdigest()
     for step in ("head", "sweep"):
         code, _, err = run(capsys, step, f"CACHE={path}", "CV=2")
         assert code == 2 and err.startswith(f"error: {path}: split val has NaN/inf features")
