@@ -32,7 +32,7 @@ def choose_threshold(scores, recall=0.95) -> float:
     s = np.sort(np.asarray(scores, np.float64))
     if not len(s):
         raise ValueError("no scores to choose a threshold on")
-    return float(s[int(np.floor((1 - recall) * len(s) + 1e-9))])
+    return float(s[min(int(np.floor((1 - recall) * len(s) + 1e-9)), len(s) - 1)])
 
 
 def rejected(scores, threshold: float) -> np.ndarray:
