@@ -86,19 +86,19 @@ def near_pairs(ctx, sec, hashes) -> dict:
         return {"near": "skipped"}
     th = leaks.threshold(train.features, cfg.near_quantile, cfg.near_fraction)
     pairs = leaks.near(train, others, th["distance"])
-    if hashes is not None:
-        index = {s: dict(zip(map(str, ctx.cache.splits[s].paths), hashes[s])) for s in hashes}
-        for p in pairs:
-            p["exact"] = index[p["split"]].get(p["path"]) == index["train"].get(p["train_path"])
+    index = {s: dict(zip(map(str, ctx.cache.splits[s].paths), h)) for s, h in (hashes or {}).items()}
+    for p in pairs:  # the same file content too: yes, no, or unknown (no hashes)
+        p["exact"] = ("yes" if index[p["split"]].get(p["path"]) == index["train"].get(p["train_path"]) else "no") \
+            if index else ""
     path = os.path.join(ctx.out, "near_duplicates.csv")
-    write_csv(path, ("split", "path", "train_path", "distance"), pairs)
+    write_csv(path, ("split", "path", "train_path", "distance", "exact"), pairs)
     sec.text(f"Near-duplicates across splits: {len(pairs)} val/test image(s) closer to a train image than "
              f"cosine distance {th['distance']:.4f} ({cfg.near_fraction:g} x the {cfg.near_quantile:g} quantile "
              f"of train images' nearest-train distances, {th['base']:.4f}; median {th['median']:.4f}). "
              "List: near_duplicates.csv.")
-    sec.table(("val/test", "train", "split", "path", "train path", "distance"),
+    sec.table(("val/test", "train", "split", "path", "train path", "distance", "exact copy"),
               [(ctx.thumb(p["path"]), ctx.thumb(p["train_path"]), p["split"], p["path"], p["train_path"],
-                p["distance"]) for p in pairs[:ctx.cfg.show]])
+                p["distance"], p["exact"]) for p in pairs[:ctx.cfg.show]])
     ctx.log(f"near-duplicates: {len(pairs)} val/test image(s) within cosine distance {th['distance']:.4f} of a "
             f"train image ({path})")
     return {"near": len(pairs), "near_distance": th["distance"], "near_csv": path}
