@@ -1,10 +1,11 @@
-"""Cosine nearest neighbours in feature space, block by block: memory stays bounded by ``block`` x the base."""
+"""Cosine nearest neighbours in feature space, block by block: at most ``CELLS`` similarities at a time."""
 
 from __future__ import annotations
 
 import numpy as np
 
-BLOCK = 1024  # query rows per matrix product
+BLOCK = 1024  # query rows per matrix product, at most
+CELLS = 1 << 25  # similarities held at once, at most (128 MiB of float32): fewer rows per block on a large base
 
 
 def unit(x) -> np.ndarray:
@@ -21,6 +22,7 @@ def nearest(queries, base, k=1, same=False, block=BLOCK) -> tuple[np.ndarray, np
     if k <= 0 or not len(q):
         return np.zeros((len(q), max(k, 0)), np.float32), np.zeros((len(q), max(k, 0)), np.int64)
     sims, idx = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
+    block = max(1, min(block, CELLS // len(b)))
     for start in range(0, len(q), block):
         s = q[start:start + block] @ b.T
         if same:
