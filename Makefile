@@ -42,6 +42,10 @@ features: $(INSTALLED)
 head: $(INSTALLED)
 	$(PY) -m pipeline head $(ARGS)
 
+## look at the data through the cache (made first if missing): label issues, duplicates, outliers, balance, calibration, unknown images -> reports/<cache>/audit/index.html
+audit: $(INSTALLED)
+	$(PY) -m pipeline audit $(ARGS)
+
 ## cross-validate every head (HEADS=all, CV=5, JOBS=-1), print the leaderboard, save the best
 sweep: $(INSTALLED)
 	$(PY) -m pipeline sweep $(ARGS)
@@ -79,7 +83,7 @@ browser:
 clean:
 	rm -rf $(VENV) *.egg-info
 
-.PHONY: help install run features head sweep heads cache backbones options test test-fast browser clean
+.PHONY: help install run features head audit sweep heads cache backbones options test test-fast browser clean
 
 ## measure speed, memory and accuracy side by side (N, REPEATS, SECTIONS=overhead,caching,...): reports/bench-*
 bench: $(INSTALLED)

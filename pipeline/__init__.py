@@ -7,11 +7,13 @@ The Python API, for notebooks and scripts (the CLI is ``python -m pipeline``):
 - :func:`load_cache` loads a cache file, after checking it, without TensorFlow: ``c.train.X``, ``c.train.y``,
   ``c.train.paths``, ``c.val``, ``c.test``, ``c.class_names``, ``c.config``; with ``VIEWS=K`` the augmented
   views of the train images in ``c.views`` (``c.views.upto(k)``: the first k of each), with ``TTA=1`` the
-  mirrored val/test rows in ``c.tta["val"]``, ``c.tta["test"]`` (row for row with ``c.val``, ``c.test``).
+  mirrored val/test rows in ``c.tta["val"]``, ``c.tta["test"]`` (row for row with ``c.val``, ``c.test``);
+- :func:`audit` looks at the data through the cache (the options of ``make audit``) and writes
+  ``<reports>/<cache>/audit/index.html``; returns its summary.
 """
 
 __version__ = "0.1.0"
-__all__ = ["features", "load_cache"]
+__all__ = ["audit", "features", "load_cache"]
 
 
 def load_cache(path: str, key: str | None = None):
@@ -35,3 +37,19 @@ def features(**options) -> str:
     if unknown:
         raise PipelineError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     return extract.run(FeaturesConfig(**options))
+
+
+def audit(**options) -> dict:
+    """Audit the cache of ``options`` (the names of ``make audit``'s options, lower-case: ``data``, ``backbone``,
+    ..., ``cache``, ``folds``, ``reject_recall``), made first when missing; returns the summary (each section's
+    findings, the paths of ``index.html``, ``summary.json`` and the CSVs). Imports no TensorFlow when the
+    cache is current."""
+    from pipeline.configs import AuditConfig, fields
+    from pipeline.errors import PipelineError
+    from pipeline.reports.audit import step
+
+    valid = fields(AuditConfig)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise PipelineError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return step.run(AuditConfig(**options))

@@ -87,8 +87,29 @@ class HeadConfig(FeaturesConfig):
     cv: int = opt(5, "sweep: stratified folds over train+val")
     scoring: str = opt("accuracy", "sweep: " + " | ".join(SCORINGS))
     jobs: int = opt(-1, "sweep: parallel fits through joblib (-1 = every core)")
-    dup_threshold: float = opt(0.95, "report val/test images whose features have a cosine similarity to a train "
-                                     "image at least this (near-duplicates: leaks); 0 = off")
+
+
+def _like(cls, name):
+    """A field of ``cls`` again, with its default and help (an option shared by two steps' configs)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return opt(f.default, f.metadata["help"])
+
+
+@dataclass(frozen=True)
+class AuditConfig(FeaturesConfig):
+    """Options of ``audit``: the features options select the cache (as for ``head``); the rest the checks."""
+
+    cache: str = _like(HeadConfig, "cache")
+    extract: bool = _like(HeadConfig, "extract")
+    head_seed: int = _like(HeadConfig, "head_seed")
+    reports_dir: str = opt("reports", "where the audit goes (<reports>/<cache>/audit/)")
+    folds: int = opt(5, "label issues: stratified folds of the out-of-fold probabilities over train+val")
+    neighbours: int = opt(10, "outliers and unknown-image scores: nearest neighbours in feature space (cosine)")
+    near_quantile: float = opt(0.01, "near-duplicates: a val/test image is one when it is closer to a train image "
+                                     "than this quantile of the train images' nearest-neighbour distances ...")
+    near_fraction: float = opt(0.5, "... times this fraction (0 = no near-duplicate check)")
+    reject_recall: float = opt(0.95, "unknown-image rejection: the share of known val images kept by the threshold")
+    show: int = opt(24, "images shown per table on the page")
 
 
 @dataclass(frozen=True)

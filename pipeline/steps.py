@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from pipeline.configs import BenchConfig, ExportConfig, FeaturesConfig, FinetuneConfig, HeadConfig, PredictConfig
+from pipeline.configs import AuditConfig, BenchConfig, ExportConfig, FeaturesConfig, FinetuneConfig, HeadConfig, PredictConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,9 @@ STEPS = {
                         "(e.g. EPOCHS=30; one named in a head's grid replaces that grid)"),
     "heads": Step("list the head registry with hyper-parameters, defaults and sweep grids", None,
                   "pipeline.steps:head_listing", tensorflow=False),
+    "audit": Step("look at the data through the cache (made first if missing): label issues, duplicates and leaks, "
+                  "outliers, class balance, calibration, unknown-image rejection; one HTML page",
+                  AuditConfig, "pipeline.reports.audit.step:step", tensorflow=False),  # only to make a cache
     "bench": Step("measure speed, memory and accuracy side by side; table + reports/bench-<date>.json/.md",
                   BenchConfig, "pipeline.bench:step"),
     "finetune": Step("fine-tune end to end: augmentation -> backbone (top unfrozen, BatchNorm frozen) -> the "

@@ -45,10 +45,12 @@ def test_load_cache_needs_no_tensorflow_and_names_what_is_wrong(tmp_path):
 
 
 def test_public_names_and_unknown_options():
-    assert sorted(pipeline.__all__) == ["features", "load_cache"]
+    assert sorted(pipeline.__all__) == ["audit", "features", "load_cache"]
     import pytest
 
     from pipeline.errors import PipelineError
 
     with pytest.raises(PipelineError, match="unknown option.*colour; valid: data, backbone"):
         pipeline.features(colour="red")
+    with pytest.raises(PipelineError, match="unknown option.*colour; valid: data, backbone.*reject_recall"):
+        pipeline.audit(colour="red")

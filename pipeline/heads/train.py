@@ -17,6 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.heads import artifacts, registry
 from pipeline.reports import errors, evaluate
 from pipeline.reports import figures as plotter
+from pipeline.reports.audit import leaks
 
 
 def features_config(cfg: HeadConfig) -> FeaturesConfig:
@@ -159,7 +160,8 @@ def finish(est, cache, cfg, name, head, params, extra, log=print, on_val=True) -
 
 
 def _analyse(est, cache, cfg, out, label, m, log) -> dict:
-    """errors.csv and errors.png of the test split; near_duplicates.csv of val/test against train."""
+    """errors.csv and errors.png of the test split; a one-line pointer to ``make audit`` when exact copies of
+    an image stand in more than one split."""
     sp = cache.splits["test"]
     k = min(3, len(cache.class_names))
     wrong = errors.misclassified(sp.labels, registry.scores(est, sp.features), cache.class_names, sp.paths, k)
@@ -174,18 +176,19 @@ def _analyse(est, cache, cfg, out, label, m, log) -> dict:
         os.remove(sheet)  # of an earlier head that erred
     log(f"{len(wrong)} misclassified test image(s): {paths['errors']}"
         + (f" and {sheet}" if "errors_sheet" in paths else ""))
-    near_path = os.path.join(out, "near_duplicates.csv")
-    near = (errors.near_duplicates(cache.splits["train"], {s: cache.splits[s] for s in ("val", "test")},
-                                   cfg.dup_threshold) if cfg.dup_threshold > 0 else [])
-    m["near_duplicates"] = len(near)
-    if near:
-        errors.write_near_csv(near_path, near)
-        paths["near_duplicates"] = near_path
-        log(f"warning: {len(near)} val/test image(s) nearly duplicate a train image (feature cosine similarity >= "
-            f"{cfg.dup_threshold}): their scores may flatter the head; list in {near_path}")
-    elif os.path.exists(near_path):
-        os.remove(near_path)
+    across = audit_pointer(cache)
+    m["exact_duplicates_across_splits"] = across
+    if across:
+        log(f"note: {across} image(s) stand in more than one split (exact copies); see make audit")
     return paths
+
+
+def audit_pointer(cache) -> int:
+    """How many images stand, as exact copies, in more than one split (0 when the cache has no content hashes)."""
+    hashes = leaks.stored_hashes(cache)
+    if hashes is None:
+        return 0
+    return sum(g["across"] for g in leaks.exact(hashes, {s: sp.paths for s, sp in cache.splits.items()}))
 
 
 def run_head(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:

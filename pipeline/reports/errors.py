@@ -1,7 +1,7 @@
 """Error analysis a person can look at: every misclassified test image in ``errors.csv`` (path, true class,
 predicted class, its probability, the top k), and ``errors.png``, a contact sheet of the most confidently
-wrong test photos with their true and predicted labels; and near-duplicates between train and val/test
-(cosine similarity of the cached features), the leaks that flatter a test score."""
+wrong test photos with their true and predicted labels. Duplicates and leaks between splits are the audit's
+(:mod:`pipeline.reports.audit.leaks`)."""
 
 from __future__ import annotations
 
@@ -91,32 +91,3 @@ def draw_sheet(path, shown, title="") -> None:
 def thumb_origin(k, cols) -> tuple[int, int]:
     """Top-left pixel (row, column) of the ``k``-th thumbnail on a contact sheet ``cols`` wide."""
     return TITLE + (k // cols) * CELL_H + LABEL, (k % cols) * CELL_W + 4
-
-
-def near_duplicates(train, others, threshold=0.98, chunk=2048) -> list[dict]:
-    """Rows of the ``others`` splits ({name: Split}) whose features' cosine similarity to some train row is
-    at least ``threshold``, the most similar first: split, path, the train path, the similarity."""
-    def unit(x):
-        x = np.asarray(x, np.float32)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    t = unit(train.features)
-    out = []
-    for name, sp in others.items():
-        u = unit(sp.features)
-        for start in range(0, len(u), chunk):
-            sim = u[start:start + chunk] @ t.T
-            best = sim.argmax(axis=1)
-            top = sim[np.arange(len(best)), best]
-            for i in np.flatnonzero(top >= threshold):
-                out.append({"split": name, "path": str(sp.paths[start + i]), "train_path": str(train.paths[best[i]]),
-                            "similarity": float(top[i])})
-    return sorted(out, key=lambda r: -r["similarity"])
-
-
-def write_near_csv(path, rows) -> None:
-    with records.atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["split", "path", "train_path", "cosine_similarity"])
-            w.writerows([r["split"], r["path"], r["train_path"], f"{r['similarity']:.6f}"] for r in rows)

@@ -41,8 +41,7 @@ def test_head_trains_reports_and_saves(capsys, tmp_path, dirs, blob_cache):
     assert "svm C=10.0 GAMMA=scale" in out and "svm: test split (30 images)" in out
     rec_path = tmp_path / "models" / "blobs" / "svm.json"
     rep = tmp_path / "reports" / "blobs" / "svm"
-    near = ["near_duplicates.csv"] if json.loads((rep / "metrics.json").read_text())["near_duplicates"] else []
-    assert sorted(os.listdir(rep)) == ["confusion.png", "errors.csv", "metrics.json", *near]  # no photos: no sheet
+    assert sorted(os.listdir(rep)) == ["confusion.png", "errors.csv", "metrics.json"]  # no photos: no sheet
     est, rec = artifacts.load(str(rec_path), expect_key=store.load(blob_cache).key)
     assert est.get_params()["clf__C"] == 10.0 and rec["params"]["c"] == 10.0 and rec["config"]["head"] == "svm"
     cache = store.load(blob_cache)
@@ -64,9 +63,7 @@ def test_dense_head_keeps_its_curves_and_history(capsys, tmp_path, dirs, blob_ca
     assert code == 0, err
     assert "fitted in" in out and "(6 epochs)" in out
     rep = tmp_path / "reports" / "blobs" / "dense"
-    near = ["near_duplicates.csv"] if json.loads((rep / "metrics.json").read_text())["near_duplicates"] else []
-    assert sorted(os.listdir(rep)) == ["confusion.png", "curves.png", "errors.csv", "history.json", "metrics.json",
-                                       *near]
+    assert sorted(os.listdir(rep)) == ["confusion.png", "curves.png", "errors.csv", "history.json", "metrics.json"]
     history = json.loads((rep / "history.json").read_text())
     assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy"} and len(history["loss"]) == 6
     est = artifacts.load_head(str(tmp_path / "models" / "blobs" / "dense.json"))
@@ -342,7 +339,9 @@ def test_errors_csv_lists_exactly_the_misclassified_test_images(capsys, tmp_path
     assert not (report / "errors.png").exists()  # no photos to show for a synthetic cache
 
 
-def test_near_duplicates_between_train_and_test_are_reported_by_head(tmp_path, capsys):
+def test_head_points_to_the_audit_when_an_exact_copy_stands_in_two_splits(tmp_path, capsys):
+    import shutil
+
     from conftest import FLOWERS, MOBILENET_V2_FILE, require_shared
     from PIL import Image
 
@@ -353,17 +352,22 @@ def test_near_duplicates_between_train_and_test_are_reported_by_head(tmp_path, c
             dest.mkdir(parents=True)
             for name in sorted(os.listdir(FLOWERS / cls))[{"train": 0, "val": 4, "test": 6}[split]:][:n]:
                 (dest / name).symlink_to(FLOWERS / cls / name)
-    original = sorted((tmp_path / "data" / "train" / "daisy").iterdir())[0]
-    with Image.open(original) as im:  # the same photo, resized and re-encoded, in the test split
-        im.resize((200, 200)).save(tmp_path / "data" / "test" / "daisy" / "copy.jpg", quality=70)
-    code, out, err = run(capsys, "head", f"DATA={tmp_path / 'data'}", "BACKBONE=mobilenet_v2", "ALPHA=0.35",
-                         f"WEIGHTS={MOBILENET_V2_FILE}", "SIZE=224", f"CACHE_DIR={tmp_path / 'cache'}",
-                         f"MODELS_DIR={tmp_path / 'models'}", f"REPORTS_DIR={tmp_path / 'reports'}")
+    argv = ["head", f"DATA={tmp_path / 'data'}", "BACKBONE=mobilenet_v2", "ALPHA=0.35", f"WEIGHTS={MOBILENET_V2_FILE}",
+            "SIZE=96", f"CACHE_DIR={tmp_path / 'cache'}", f"MODELS_DIR={tmp_path / 'models'}",
+            f"REPORTS_DIR={tmp_path / 'reports'}"]
+    originals = sorted((tmp_path / "data" / "train" / "daisy").iterdir())
+    with Image.open(originals[1]) as im:  # a resized copy: the audit's business, no note here
+        im.resize((200, 200)).save(tmp_path / "data" / "test" / "daisy" / "resized.jpg", quality=70)
+    code, out, err = run(capsys, *argv)
     assert code == 0, err
-    assert "nearly duplicate a train image" in out
-    near = next((tmp_path / "reports").glob("*/logreg/near_duplicates.csv")).read_text().splitlines()
-    assert near[0] == "split,path,train_path,cosine_similarity"
-    assert any(line.startswith(f"test,test/daisy/copy.jpg,train/daisy/{original.name},") for line in near[1:]), near
+    assert "make audit" not in out and "duplicate" not in out
+    shutil.copyfile(originals[0], tmp_path / "data" / "test" / "daisy" / "copy.jpg")  # the same bytes in test
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if "make audit" in line]
+    assert notes == ["note: 1 image(s) stand in more than one split (exact copies); see make audit"], out
+    m = json.loads(next((tmp_path / "reports").glob("*/logreg/metrics.json")).read_text())
+    assert m["exact_duplicates_across_splits"] == 1 and not list((tmp_path / "reports").glob("*/*/near_dup*"))
 
 
 def test_sweep_runs_keras_heads_beside_the_others_with_the_same_scores(capsys, tmp_path, dirs):

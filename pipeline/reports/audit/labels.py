@@ -1,0 +1,65 @@
+"""Label issues: out-of-fold probabilities of a cross-validated logistic regression on the cached features
+(train+val, stratified folds, seeded, features standardised), then cleanlab's confident learning
+(``find_label_issues``) and its label quality score (``get_label_quality_scores``, lowest = most suspect)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from pipeline.reports.audit import Skipped
+
+COLUMNS = ("path", "split", "given", "suggested", "quality", "p_given", "p_suggested")
+
+
+def logistic(seed=0):
+    """The audit's linear head: standardised features, multinomial logistic regression."""
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+
+
+def check_folds(y, n_classes, folds, names) -> None:
+    """Skipped (with why) when the labels cannot be cross-validated in ``folds`` stratified folds."""
+    counts = np.bincount(y, minlength=n_classes)
+    if (counts > 0).sum() < 2:
+        raise Skipped("needs at least two classes in train+val; this cache has "
+                      f"{(counts > 0).sum()}")
+    if folds < 2:
+        raise Skipped(f"FOLDS={folds}: needs at least 2 folds")
+    few = [f"{names[c]} ({counts[c]})" for c in range(n_classes) if 0 < counts[c] < folds]
+    if few:
+        raise Skipped(f"class {', '.join(few)} has fewer train+val images than FOLDS={folds}; add images "
+                      "or lower FOLDS")
+
+
+def out_of_fold(X, y, folds=5, seed=0) -> np.ndarray:
+    """Out-of-fold predicted probabilities (N, classes present, in label order)."""
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    with threadpool_limits(1, user_api="blas"):
+        return cross_val_predict(logistic(seed), X, y, cv=cv, method="predict_proba")
+
+
+def find(X, y, names, paths, splits, folds=5, seed=0) -> dict:
+    """Label issues of the rows (X, y): {"rows": the flagged, worst first, "quality": every row's score,
+    "flagged": mask, "probs": out-of-fold probabilities (N, len(names))}."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    check_folds(y, len(names), folds, names)
+    present = np.unique(y)
+    remap = np.searchsorted(present, y)  # cleanlab wants labels 0..K-1 of the classes present
+    probs_present = out_of_fold(X, remap, folds, seed)
+    flagged = find_label_issues(remap, probs_present)
+    quality = get_label_quality_scores(remap, probs_present)
+    probs = np.zeros((len(y), len(names)))
+    probs[:, present] = probs_present
+    suggested = np.argmax(probs, axis=1)
+    rows = [{"path": str(paths[i]), "split": str(splits[i]), "given": names[y[i]], "suggested": names[suggested[i]],
+             "quality": float(quality[i]), "p_given": float(probs[i, y[i]]),
+             "p_suggested": float(probs[i, suggested[i]])}
+            for i in np.flatnonzero(flagged)]
+    rows.sort(key=lambda r: r["quality"])
+    return {"rows": rows, "quality": quality, "flagged": flagged, "probs": probs}

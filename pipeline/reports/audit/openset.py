@@ -1,0 +1,40 @@
+"""Unknown-image rejection: per-image scores of how known an image looks (the maximum calibrated
+probability, the mean cosine similarity to its nearest train images), combined into one by standardising each
+on the known val images; a threshold chosen on val to keep a target share of known images. Pure functions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.reports.audit import knn
+
+SCORES = ("max_probability", "train_similarity")
+
+
+def raw_scores(probs, features, train_features, k=10) -> dict:
+    """{"max_probability", "train_similarity"} of each row (higher = more like the known classes)."""
+    sims, _ = knn.nearest(features, train_features, k)
+    return {"max_probability": np.asarray(probs).max(axis=1), "train_similarity": sims.astype(np.float64).mean(axis=1)}
+
+
+def standardiser(val_scores: dict) -> dict:
+    """{score name: (mean, std)} on the known val images: what :func:`combined` needs to score any image."""
+    return {n: (float(np.mean(val_scores[n])), float(np.std(val_scores[n]) or 1.0)) for n in SCORES}
+
+
+def combined(scores: dict, stats: dict) -> np.ndarray:
+    """The default score: the mean of the scores, each standardised with ``stats`` (:func:`standardiser`)."""
+    return np.mean([(np.asarray(scores[n]) - stats[n][0]) / stats[n][1] for n in SCORES], axis=0)
+
+
+def choose_threshold(scores, recall=0.95) -> float:
+    """The largest threshold t such that at least ``recall`` of ``scores`` (known images) are >= t."""
+    s = np.sort(np.asarray(scores, np.float64))
+    if not len(s):
+        raise ValueError("no scores to choose a threshold on")
+    return float(s[min(int(np.floor((1 - recall) * len(s) + 1e-9)), len(s) - 1)])
+
+
+def rejected(scores, threshold: float) -> np.ndarray:
+    """The rows an image classifier would label "unknown": score below the threshold."""
+    return np.asarray(scores) < threshold

@@ -1,0 +1,76 @@
+"""Label issues: planted label flips among real flowers5 photos rank above the clean ones; bad input skips the
+section with its reason."""
+
+import csv
+
+import numpy as np
+import pytest
+from audit_data import planted
+from sklearn.metrics import roc_auc_score
+from synthetic import blobs, write_arrays
+
+from pipeline.cache import store
+from pipeline.reports.audit import Skipped, labels
+
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory):
+    return planted(tmp_path_factory, size=160)
+
+
+def rows_of(cache):
+    tr, va = cache.train, cache.val
+    return (np.concatenate([tr.X, va.X]), np.concatenate([tr.y, va.y]), np.concatenate([tr.paths, va.paths]),
+            np.array(["train"] * len(tr.y) + ["val"] * len(va.y)))
+
+
+def test_planted_flips_rank_above_clean_images(flowers):
+    path, plants = flowers
+    cache = store.load(path)
+    X, y, paths, splits = rows_of(cache)
+    found = labels.find(X, y, cache.class_names, paths, splits, folds=5, seed=0)
+    flipped = np.isin(paths, plants["flips"])
+    assert flipped.sum() == len(plants["flips"]) == 5
+    assert roc_auc_score(flipped, -found["quality"]) >= 0.95
+    worst = set(paths[np.argsort(found["quality"])[:10]])
+    assert len(worst & set(plants["flips"])) >= 4, "the flips are not among the ten lowest label qualities"
+    flagged = {r["path"] for r in found["rows"]}
+    assert len(flagged & set(plants["flips"])) >= 3 and len(flagged) < len(y) / 3
+    qualities = [r["quality"] for r in found["rows"]]
+    assert qualities == sorted(qualities)  # worst first
+    suggested = {r["path"]: (r["given"], r["suggested"]) for r in found["rows"] if r["path"] in plants["true"]}
+    assert sum(s == plants["true"][p] for p, (_, s) in suggested.items()) >= 3  # the suggestion: its true class
+    assert all(g == p.split("/")[1] for p, (g, _) in suggested.items())
+    assert np.allclose(found["probs"].sum(axis=1), 1)
+
+
+def test_the_same_seed_gives_the_same_ranking(flowers):
+    cache = store.load(flowers[0])
+    X, y, paths, splits = rows_of(cache)
+    a = labels.find(X, y, cache.class_names, paths, splits, folds=3, seed=1)
+    b = labels.find(X, y, cache.class_names, paths, splits, folds=3, seed=1)
+    assert np.array_equal(a["quality"], b["quality"]) and a["rows"] == b["rows"]
+
+
+def test_a_class_with_fewer_images_than_folds_or_one_class_is_skipped_with_its_reason(tmp_path):
+    data = blobs(("cat", "dog", "fox"), {"train": [10, 10, 2], "val": [3, 3, 1], "test": 2}, dim=8)
+    cache = store.load(write_arrays(tmp_path / "few.h5", ("cat", "dog", "fox"), data))
+    X, y, paths, splits = rows_of(cache)
+    with pytest.raises(Skipped, match=r"^class fox \(3\) has fewer train\+val images than FOLDS=5; add images "
+                                      "or lower FOLDS$"):
+        labels.find(X, y, cache.class_names, paths, splits, folds=5)
+    assert len(labels.find(X, y, cache.class_names, paths, splits, folds=3)["quality"]) == len(y)
+    one = blobs(("cat",), {"train": 12, "val": 4, "test": 4}, dim=8)
+    cache = store.load(write_arrays(tmp_path / "one.h5", ("cat",), one))
+    X, y, paths, splits = rows_of(cache)
+    with pytest.raises(Skipped, match="needs at least two classes"):
+        labels.find(X, y, cache.class_names, paths, splits)
+
+
+def test_a_class_absent_from_train_and_val_keeps_its_column(tmp_path):
+    data = blobs(("cat", "dog", "fox"), {"train": [10, 10, 0], "val": [3, 3, 0], "test": 2}, dim=8)
+    cache = store.load(write_arrays(tmp_path / "absent.h5", ("cat", "dog", "fox"), data))
+    X, y, paths, splits = rows_of(cache)
+    found = labels.find(X, y, cache.class_names, paths, splits, folds=3)
+    assert found["probs"].shape == (len(y), 3) and (found["probs"][:, 2] == 0).all()
+    assert all(r["suggested"] != "fox" for r in found["rows"])

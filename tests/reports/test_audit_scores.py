@@ -1,0 +1,71 @@
+"""Calibration and unknown-image rejection: ECE and reliability on known cases, temperature scaling on a
+deliberately over-confident head over real flowers5 features, the rejection threshold's recall on val."""
+
+import numpy as np
+import pytest
+from audit_data import planted
+from scipy.special import softmax
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.cache import store
+from pipeline.reports.audit import calibration, labels, openset
+
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory):
+    return planted(tmp_path_factory, size=96)
+
+
+def test_ece_and_reliability_on_known_cases():
+    y = np.array([0, 1] * 50)
+    sure_right = np.eye(2)[y]
+    assert calibration.ece(sure_right, y) == 0 and calibration.nll(sure_right, y) < 1e-9
+    half_right = np.tile([0.9, 0.1], (100, 1))  # 90% confident, right half of the time
+    assert calibration.ece(half_right, y) == pytest.approx(0.4)
+    bins = calibration.reliability(half_right, y)
+    assert len(bins) == 1 and bins[0]["n"] == 100 and bins[0]["lo"] < 0.9 <= bins[0]["hi"]
+    assert bins[0]["accuracy"] == 0.5 and bins[0]["confidence"] == pytest.approx(0.9)
+
+
+def test_temperature_recovers_a_known_one():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (4000, 4))
+    y = np.array([rng.choice(4, p=p) for p in softmax(z / 2.0, axis=1)])
+    assert calibration.fit_temperature(z, y) == pytest.approx(2.0, rel=0.1)
+    assert calibration.fit_temperature(softmax(z, axis=1), y) == pytest.approx(calibration.fit_temperature(z, y),
+                                                                               rel=1e-3)
+
+
+def test_temperature_lowers_the_nll_of_an_over_confident_head(flowers):
+    cache = store.load(flowers[0])
+    tr, va, te = cache.train, cache.val, cache.test
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=1e4, max_iter=5000)).fit(tr.X, tr.y)
+    logits = {s: model.decision_function(sp.X) for s, sp in (("val", va), ("test", te))}
+    t = calibration.fit_temperature(logits["val"], va.y)
+    assert t > 1.5, "an unregularised head on 74 images is over-confident"
+    for s, sp in (("val", va), ("test", te)):
+        before, after = softmax(logits[s], axis=1), calibration.scaled(logits[s], t)
+        assert calibration.nll(after, sp.y) < calibration.nll(before, sp.y)
+        assert np.array_equal(after.argmax(1), before.argmax(1))  # the predictions stay
+
+
+def test_threshold_gives_the_target_recall_on_val(flowers):
+    path, plants = flowers
+    cache = store.load(path)
+    model = labels.logistic().fit(cache.train.X, cache.train.y)
+    raw = {s: openset.raw_scores(model.predict_proba(sp.X), sp.X, cache.train.X, 10)
+           for s, sp in (("val", cache.val), ("test", cache.test))}
+    stats = openset.standardiser(raw["val"])
+    score = {s: openset.combined(r, stats) for s, r in raw.items()}
+    assert abs(score["val"].mean()) < 1e-6
+    for recall in (0.95, 0.8, 1.0):
+        t = openset.choose_threshold(score["val"], recall)
+        kept = (score["val"] >= t).mean()
+        assert kept >= recall and ((score["val"] > t).mean() < recall or kept == 1)
+        assert openset.rejected(score["val"], t).mean() == pytest.approx(1 - kept)
+    t = openset.choose_threshold(score["val"], 0.95)
+    digit = list(cache.test.paths).index(plants["digit"])
+    assert openset.rejected(score["test"], t)[digit], "the handwritten digit is not rejected as unknown"
+    assert openset.choose_threshold(np.arange(1, 101), 0.95) == 6
