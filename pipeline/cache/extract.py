@@ -3,152 +3,59 @@
 from __future__ import annotations
 
 import os
-import time
+from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
-from pipeline.cache import lock, reuse, store
+from pipeline.cache import engine, groups, lock, reuse
 from pipeline.cache.plan import Plan, report_duplicates, report_skipped
-from pipeline.cache.writer import Background, Writer
+from pipeline.cache.writer import Writer
 from pipeline.configs import FeaturesConfig
-from pipeline.data import loading
+from pipeline.data.check import CheckMemo
 from pipeline.progress import progress
 
-PREFETCH_BYTES = 32 << 20  # decoded pixels kept ready ahead of the backbone (at least 2 batches)
 
-
-def extract(plan: Plan) -> str:
-    """Extract every split into the partial file (resuming it), verify and rename into place.
-
-    Images are decoded by :class:`pipeline.data.loading.Batches` up to PREFETCH_BYTES of pixels ahead of the
-    backbone, with the CPU time it leaves idle; while BatchNorm is folded and the graph traced (in a
-    thread) and the first batch runs (graph optimisation) they decode ahead. Chunks are written and flushed
-    by a writer thread while the next chunk is computed. Rows and their order are exactly those of a serial
-    loop over the same compiled call."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipeline.data.check import CheckMemo
-
+def extract(plan: Plan, lender=None) -> str:
+    """Extract every group of ``plan``'s cache (:func:`pipeline.cache.groups.of`) into the partial file
+    (resuming it) through the engine (:func:`pipeline.cache.engine.run`), copying the rows ``lender`` holds;
+    verify and rename into place. BatchNorm is folded and the graph traced (in a thread) while the first
+    images decode; the decode result of every image computed is remembered chunk by chunk."""
     ds, cfg, log = plan.ds, plan.cfg, plan.log
-    splits = {s: ds.split(s, all_rows=True) for s in ds.splits()}  # every row: the manifest's layout
-    layout = {s: ([ds.items[i].label for i in idx], [ds.items[i].relpath for i in idx])
-              for s, idx in splits.items()}
-    views, view_of = _views(plan, splits, layout)
-    _tta(plan, splits, layout)
-    reuse.add_hashes(ds, splits, layout)  # each row's image content hash: what a later cache reuses rows by
-    rec = plan.record()
-    writer = Writer(plan.path, plan.key, rec, layout, plan.dim, cfg.dtype, plan.chunk, log=log)
-    starts = {s: writer.done(s) for s in splits}
-    todo = [((s, k), idx[k:k + cfg.batch])
-            for s, idx in splits.items() for k in range(starts[s], len(idx), cfg.batch)]
-    total = sum(len(v) for v in splits.values())
-    done = sum(starts.values())
-    bar = progress(total, "image", log)
-    background = Background("features-writer")
-    shape = (plan.size, plan.size, 3)
-    ahead = max(2, PREFETCH_BYTES // (cfg.batch * int(np.prod(shape))))
-    t0, n_new, startup = time.perf_counter(), 0, None
-    stream, failed = None, {}
+    rows = groups.of(plan)
+    writer = Writer(plan.path, plan.key, plan.record(), groups.layout(ds, rows), plan.dim, cfg.dtype, plan.chunk,
+                    log=log)
     memo = CheckMemo(os.path.join(cfg.cache_dir, "checked-images.json"), ds.max_pixels) if ds.arrays is None else None
 
-    def write(s, at, pending):
-        """Hand a chunk to the writer thread; the decode results of its images are remembered once it is on
-        disk."""
-        idx = splits[s][at:at + sum(len(p) for p in pending)]
-        mask = np.asarray([i in failed for i in idx], bool)
-        for i in idx:
-            if memo is not None:
-                memo.put_decoded(ds.items[i].sha256, failed.get(i))
-
-        def job():
-            writer.write(s, at, np.concatenate(pending), mask)
-            if memo is not None:
-                memo.save()
-
-        background.submit(job)
-        return len(idx)
+    def remember(group, start, stop, decoded):  # in the writer thread, once the chunk is on disk
+        if memo is not None:
+            for i, why in decoded.items():
+                memo.put_decoded(ds.items[i].sha256, why)
+            memo.save()
 
     try:
-        stream = loading.Batches(lambda i: reuse.load_pixels(ds, i, plan.size, cfg.interpolation, failed), todo,
-                                 shape, ahead)
-        preparing, call = None, None
-        if todo:  # fold and trace while the workers decode the first batches
+        ranges = [(g, writer.done(g), len(rows[g].items)) for g in rows]
+        done, left = sum(a for _, a, _ in ranges), sum(b - a for _, a, b in ranges)
+        n_lent = 0 if lender is None else sum(rows[g].key(ds, r) in lender.rows for g, a, b in ranges
+                                              for r in range(a, b))
+        if lender is not None:
+            log(f"reused {n_lent} rows from {os.path.basename(lender.path)}, extracting {left - n_lent}")
+        preparing = None
+        if n_lent < left:  # fold and trace while the first images decode
             pool = ThreadPoolExecutor(1, thread_name_prefix="features-trace")
-            preparing = pool.submit(reuse.prepare, plan)
+            preparing = pool.submit(engine.prepare, plan)
             pool.shutdown(wait=False)
-        split, pending, at = None, [], 0
-        for (s, k), x in stream:
-            if call is None:
-                call = preparing.result()
-            if s == store.VIEWS:  # the clean pixels, augmented as view j of that image's content
-                rows = range(k, k + len(x))
-                x = views.batch(x, [(ds.items[splits[s][r]].sha256, view_of[r]) for r in rows])
-            elif s in TTA_SPLITS:  # the clean pixels mirrored left to right, nothing else
-                x = np.ascontiguousarray(x[:, :, ::-1])
-            if s != split:
-                if pending:
-                    write(split, at, pending)
-                split, pending, at = s, [], k
-            pending.append(call(x).numpy().astype(cfg.dtype, copy=False))
-            n_new += len(x)
-            if startup is None:
-                startup = (time.perf_counter() - t0, n_new)
-            bar.update(done + n_new, n_new / (time.perf_counter() - t0))
-            if sum(len(p) for p in pending) >= plan.chunk:
-                at, pending = at + write(s, at, pending), []
-        if pending:
-            write(split, at, pending)
-        background.close()
+        bar = progress(done + left - n_lent, "image", log)
+        res = engine.run(ds, rows, ranges, writer, lambda: preparing.result(), size=plan.size,
+                         interpolation=cfg.interpolation, batch=cfg.batch, chunk=plan.chunk, dtype=cfg.dtype,
+                         pixels=groups.Pixels(cfg), lender=lender, after_write=remember,
+                         progress=lambda n, rate: bar.update(done + n, rate))
         path = writer.finish()
         bad = writer.skipped_rows()
     finally:
-        if stream is not None:
-            stream.close()
-        background.close()
         writer.close()
-    for s, rows in bad.items():  # this run's failures, and those of an interrupted run it resumed
-        for r in rows:
-            i = splits[s][r]
-            ds.bad[ds.items[i].relpath] = failed.get(i) or ds.bad.get(ds.items[i].relpath) or (
-                (memo.decoded(ds.items[i].sha256) if memo is not None else None) or "did not decode")
-    secs = time.perf_counter() - t0
-    plan.stats = {"images": n_new, "seconds": secs, "startup_seconds": startup[0] if startup else 0.0,
-                  "startup_images": startup[1] if startup else 0}
-    counts = ", ".join(f"{s} {len(v) - len(bad.get(s, ()))}" for s, v in splits.items())
-    log(f"wrote {path}: {counts} x {plan.dim} {cfg.dtype} features; "
-        f"{n_new} images in {secs:.1f} s ({n_new / max(secs, 1e-9):.1f} img/s)")
+        if lender is not None:
+            lender.close()
+    engine.settle(plan, rows, bad, res["failed"], memo)
+    engine.summary(plan, path, rows, bad, res["images"], res["seconds"], res["startup"])
     return path
-
-
-def _views(plan, splits, layout):
-    """With VIEWS=K: the train views' rows added to ``splits`` and ``layout`` (image-major: every view of
-    train image 0, then of image 1, ...; columns ``image`` and ``view``); (augmenter, view of each row)."""
-    cfg = plan.cfg
-    if not cfg.views or "train" not in splits:
-        return None, None
-    from pipeline.data.augment import Views
-
-    train, k = splits["train"], cfg.views
-    splits[store.VIEWS] = [i for i in train for _ in range(k)]
-    image = np.repeat(np.arange(len(train), dtype=np.int32), k)
-    view = np.tile(np.arange(k, dtype=np.int16), len(train))
-    labels, paths = layout["train"]
-    layout[store.VIEWS] = (np.repeat(labels, k), np.repeat(np.asarray(paths, dtype=object), k),
-                           {"image": image, "view": view})
-    return Views(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed), view
-
-
-TTA_SPLITS = frozenset(store.TTA.values())
-
-
-def _tta(plan, splits, layout):
-    """With TTA=1: a group per val and test split (``val_tta``, ``test_tta``) of the same images in the same
-    order, each extracted from its image flipped horizontally (rows skipped as the clean split's are)."""
-    if not plan.cfg.tta:
-        return
-    for s, group in store.TTA.items():
-        if s in splits:
-            splits[group], layout[group] = list(splits[s]), layout[s]
 
 
 def ensure(plan: Plan) -> str:
@@ -163,14 +70,13 @@ def ensure(plan: Plan) -> str:
 
 
 def _engine(plan: Plan) -> str:
-    """Extract with ENGINE: Ray (:mod:`pipeline.cache.ray_engine`), or in this process, copying the rows of an
-    earlier cache of the same backbone configuration that holds some of the images (:mod:`pipeline.cache.reuse`)."""
+    """Extract with ENGINE: Ray (:mod:`pipeline.cache.ray_engine`), or in this process; both copy the rows an
+    earlier cache of the same backbone configuration lends (:func:`pipeline.cache.reuse.find`)."""
     if plan.cfg.engine == "ray":
         from pipeline.cache import ray_engine
 
         return ray_engine.extract(plan)
-    lender = reuse.find(plan) if not plan.cfg.tta else None  # TTA rows, as views: made from scratch
-    return reuse.extract(plan, lender) if lender is not None else extract(plan)
+    return extract(plan, reuse.find(plan))
 
 
 def run(cfg: FeaturesConfig, log=print) -> str:

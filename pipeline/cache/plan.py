@@ -52,8 +52,6 @@ class Plan:
             raise PipelineError("BATCH and CHUNK must be positive")
         if cfg.views < 0:
             raise PipelineError(f"VIEWS={cfg.views}: must be 0 (none) or more")
-        if cfg.tta and cfg.engine != "inprocess":
-            raise PipelineError(f"ENGINE={cfg.engine} does not make TTA rows yet: use ENGINE=inprocess with TTA=1")
         if cfg.views:
             from pipeline.data import augment
 

@@ -8,25 +8,10 @@ import os
 import time
 
 from pipeline import records
-from pipeline.cache import reuse
+from pipeline.cache import engine, groups, reuse
 from pipeline.cache.shards import Shard, shard_key
 from pipeline.cache.writer import Writer
 from pipeline.errors import PipelineError
-
-EXIT_ONCE = "PIPELINE_RAY_EXIT_ONCE"  # tests: a marker file; the actor that removes it exits mid-shard, once
-
-
-def _exit_once(marker):
-    """Tests: after a chunk is on disk (not the shard's last), the first actor to take the marker exits."""
-    def after(split, start, stop, length):
-        if marker and stop < length:
-            try:
-                os.remove(marker)
-            except FileNotFoundError:
-                return
-            os._exit(1)
-    return after
-
 
 def part(ds, idx):
     """The dataset of items ``idx`` of ``ds`` only (what one shard's actor needs: paths or pixels, hashes)."""
@@ -57,48 +42,41 @@ class Extractor:
             tf.config.experimental.set_memory_growth(gpu, True)
         from pipeline.backbones import extractor, registry, runtime
 
-        spec, engine = registry.get(cfg.backbone), getattr(cfg, "runtime", "tensorflow")
+        spec, kind = registry.get(cfg.backbone), getattr(cfg, "runtime", "tensorflow")
         model, base = extractor.build(spec, size, cfg.weights, cfg.pooling, alpha=cfg.alpha or None, seed=cfg.seed,
-                                      precision=runtime.keras_precision(engine, cfg.precision),
+                                      precision=runtime.keras_precision(kind, cfg.precision),
                                       keras_home=cfg.keras_home)
         sha = registry.weights_digest(base)
         if sha != weights_sha or int(model.output_shape[-1]) != dim:
             raise PipelineError(f"the weights on node {_node()} ({cfg.weights}) differ from the driver's: "
                                 "every node needs the same WEIGHTS file (a shared file system)")
-        # the in-process engine's call (pipeline.cache.reuse.prepare): the same bytes
-        self.call = reuse.padded(runtime.prepare(model, size, engine, cfg.precision, fold=cfg.fold_batchnorm),
+        # the in-process engine's call (pipeline.cache.engine.prepare): the same bytes
+        self.call = engine.padded(runtime.prepare(model, size, kind, cfg.precision, fold=cfg.fold_batchnorm),
                                  cfg.batch)
         self.cfg, self.dim, self.size, self.chunk, self.threads = cfg, dim, size, chunk, threads
-        self.lenders = {}
+        self.lenders, self.pixels = {}, groups.Pixels(cfg)
         self.device = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
 
-    def extract(self, sh: Shard, rows, path, key, attrs, lender_path=None) -> dict:
-        """Write shard ``sh`` (its items: the dataset ``rows``) to ``path``, resuming its partial file; what was
-        done."""
+    def extract(self, sh: Shard, rows, group, path, key, attrs, lender=None) -> dict:
+        """Write shard ``sh`` to ``path``, resuming its partial file: the rows of ``group`` (its items: those of
+        the dataset ``rows``) through the engine, copying those the cache ``lender`` ((path, kinds) or None)
+        lends; what was done."""
         t0 = time.perf_counter()
         cfg = self.cfg
         out = {"shard": sh, "pid": os.getpid(), "node": _node(), "device": self.device, "resumed": 0, "images": 0,
                "reused": 0, "failed": {}}
         if os.path.exists(path):  # a retry of a shard that was finished before its actor died
             return out
-        splits = {sh.split: list(range(len(rows.items)))}
         try:
             attrs = {**attrs, "shard": {"cache_key": key, "split": sh.split, "start": sh.start, "stop": sh.stop}}
-            writer = Writer(path, shard_key(key, sh), attrs, reuse.layout_of(rows, splits), self.dim, cfg.dtype,
-                            self.chunk, log=lambda m: None)
+            writer = Writer(path, shard_key(key, sh), attrs, groups.layout(rows, {sh.split: group}), self.dim,
+                            cfg.dtype, self.chunk, log=lambda m: None)
             try:
                 out["resumed"] = done = writer.done(sh.split)
-                lender = None
-                if lender_path:
-                    if lender_path not in self.lenders:
-                        self.lenders[lender_path] = reuse.Lender(lender_path, reuse.lender_rows(lender_path))
-                    lender = self.lenders[lender_path]
-                after = _exit_once(os.environ.get(EXIT_ONCE))
-                res = reuse.fill(rows, splits, [(sh.split, done, len(rows.items))], writer, size=self.size,
-                                 interpolation=cfg.interpolation, batch=cfg.batch, chunk=self.chunk, dtype=cfg.dtype,
-                                 call=lambda: self.call, lender=lender,
-                                 after_write=lambda s, a, b: after(s, a, b, len(rows.items)),
-                                 workers=self.threads)
+                res = engine.run(rows, {sh.split: group}, [(sh.split, done, len(group.items))], writer,
+                                 lambda: self.call, size=self.size, interpolation=cfg.interpolation,
+                                 batch=cfg.batch, chunk=self.chunk, dtype=cfg.dtype, pixels=self.pixels,
+                                 lender=self._lender(lender), workers=self.threads)
                 writer.finish()
             finally:
                 writer.close()
@@ -107,6 +85,14 @@ class Extractor:
         failed = {rows.items[j].relpath: why for j, why in res["failed"].items()}
         out.update(images=res["images"], reused=res["reused"], failed=failed, seconds=time.perf_counter() - t0)
         return out
+
+    def _lender(self, lender):
+        """The :class:`pipeline.cache.reuse.Lender` of ``(path, kinds)``, opened once per actor."""
+        if lender is None:
+            return None
+        if lender not in self.lenders:
+            self.lenders[lender] = reuse.Lender(lender[0], reuse.lender_rows(*lender), lender[1])
+        return self.lenders[lender]
 
 
 def _node() -> str:

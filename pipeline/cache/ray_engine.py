@@ -1,16 +1,18 @@
 """``ENGINE=ray``: one cache extracted in shards over a Ray cluster's extractor actors (one per GPU).
 
-The driver plans the cache exactly as the in-process engine does (same key, manifest, order) and cuts each
-split into shards of rows [start, stop), ``SHARD`` rows rounded up to a multiple of CHUNK (itself a multiple
-of BATCH), so every batch holds the rows it holds in-process and the features are the same bytes. A
-``ray.util.ActorPool`` of extractor actors (:mod:`pipeline.cache.ray_actor`; ``num_gpus=1`` each where the
-cluster has GPUs, else a share of its CPUs) writes each shard with :class:`pipeline.cache.writer.Writer` to
-``<stem>.shards/<split>-<start>-<stop>.h5`` (:mod:`pipeline.cache.shards`; partial file, flushed per chunk,
-resumed after a kill, verified, renamed), recording the cache key, its row range and its paths. An actor that
-dies is restarted and its shard retried, resuming from its own partial file; the driver submits only shards
-without a file, then concatenates them (rows of images an earlier cache holds come from it:
-:mod:`pipeline.cache.reuse`) into ``<stem>.h5.partial`` through the Writer, verifies, renames into place and removes the shard folder.
-A missing or damaged shard file makes the merge refuse in one line naming it.
+The driver plans the cache exactly as the in-process engine does (same key, groups, order) and cuts each
+group (the splits, and the views and TTA groups: :mod:`pipeline.cache.groups`) into shards of rows
+[start, stop), ``SHARD`` rows rounded up to a multiple of CHUNK (itself a multiple of BATCH), so every batch
+holds the rows it holds in-process and the features are the same bytes. A ``ray.util.ActorPool`` of
+extractor actors (:mod:`pipeline.cache.ray_actor`; ``num_gpus=1`` each where the cluster has GPUs, else a
+share of its CPUs) runs the engine (:mod:`pipeline.cache.engine`) on each shard's group cut to its rows,
+writing it with :class:`pipeline.cache.writer.Writer` to ``<stem>.shards/<group>-<start>-<stop>.h5``
+(:mod:`pipeline.cache.shards`; partial file, flushed per chunk, resumed after a kill, verified, renamed),
+recording the cache key, its row range and its paths. An actor that dies is restarted and its shard retried,
+resuming from its own partial file; the driver submits only shards without a file, then concatenates them
+(rows an earlier cache lends come from it: :mod:`pipeline.cache.reuse`) into ``<stem>.h5.partial`` through
+the Writer, verifies, renames into place and removes the shard folder. A missing or damaged shard file makes
+the merge refuse in one line naming it.
 
 The shard folder must be on a file system every node sees (as DATA, CACHE_DIR and WEIGHTS must), and the
 project installed on every node: see README "Scale out"."""
@@ -24,14 +26,14 @@ import time
 
 import numpy as np
 
-from pipeline.cache import reuse
-from pipeline.cache.ray_actor import EXIT_ONCE, Extractor, part
+from pipeline.cache import engine, groups, reuse
+from pipeline.cache.ray_actor import Extractor, part
 from pipeline.cache.shards import SHARDS, read_shard, shard_rows, shards
 from pipeline.cache.writer import Writer
 from pipeline.errors import PipelineError
 
 PASSED_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_CPP_MIN_LOG_LEVEL", "PIPELINE_TF_LOGS",
-              "TF_DETERMINISTIC_OPS", "KERAS_HOME", EXIT_ONCE)  # handed to the actors as they are in the driver
+              "TF_DETERMINISTIC_OPS", "KERAS_HOME")  # handed to the actors as they are in the driver
 CPUS_PER_ACTOR = 4  # WORKERS=0 on a cluster without GPUs: one actor per this many CPUs
 RESTARTS = 3  # an actor that dies is restarted this often, its shard retried on it
 LOCAL_OBJECT_STORE = 256 << 20  # a local cluster's object store: it carries the dataset's manifest, not pixels
@@ -104,7 +106,7 @@ def _result_error(ray, e) -> PipelineError:
     return PipelineError(f"ENGINE=ray: a shard failed: {text[-1] if text else type(e).__name__}")
 
 
-def _run_shards(plan, todo, folder, layout_key, attrs, lender, splits, log) -> list[dict]:
+def _run_shards(plan, todo, folder, layout_key, attrs, lender, rows, log) -> list[dict]:
     """Extract the shards ``todo`` on the cluster's actors; their results as they finish."""
     ray, ActorPool = _ray()
     cfg = plan.cfg
@@ -120,13 +122,14 @@ def _run_shards(plan, todo, folder, layout_key, attrs, lender, splits, log) -> l
         where = ", ".join(f"{k}={v}" for k, v in opts.items())
         log(f"ray: {n} extractor actor(s) ({where} each) for {len(todo)} shard(s)")
         pool = ActorPool(actors)
-        lender_path = lender.path if lender is not None else None
-        for sh in todo:
-            rows = part(plan.ds, splits[sh.split][sh.start:sh.stop])
-            pool.submit(lambda a, job: a.extract.remote(*job, layout_key, attrs, lender_path),
-                        (sh, rows, os.path.join(folder, sh.name + ".h5")))
+        lends = (lender.path, lender.kinds) if lender is not None else None
+        for sh in todo:  # each shard: its rows' items, and its group cut to them (views, TTA: their transform)
+            g = rows[sh.split]
+            job = (sh, part(plan.ds, g.items[sh.start:sh.stop]), g.cut(sh.start, sh.stop),
+                   os.path.join(folder, sh.name + ".h5"))
+            pool.submit(lambda a, job: a.extract.remote(*job, layout_key, attrs, lends), job)
         t0, total = time.perf_counter(), sum(sh.stop - sh.start for sh in todo)
-        rows = 0
+        n = 0
         while pool.has_next():
             try:
                 r = pool.get_next_unordered()
@@ -134,11 +137,11 @@ def _run_shards(plan, todo, folder, layout_key, attrs, lender, splits, log) -> l
                 raise _result_error(ray, e) from None
             results.append(r)
             sh = r["shard"]
-            rows += sh.stop - sh.start
+            n += sh.stop - sh.start
             more = f", resumed at row {r['resumed']}" if r["resumed"] else ""
             lent = f", {r['reused']} reused" if r["reused"] else ""
             log(f"shard {sh.name}: {r['images']} images{lent}{more} (pid {r['pid']} on {r['node']}, {r['device']}); "
-                f"{rows}/{total} rows, {rows / max(time.perf_counter() - t0, 1e-9):.1f} rows/s")
+                f"{n}/{total} rows, {n / max(time.perf_counter() - t0, 1e-9):.1f} rows/s")
     finally:
         for a in actors:
             try:
@@ -150,7 +153,7 @@ def _run_shards(plan, todo, folder, layout_key, attrs, lender, splits, log) -> l
     return results
 
 
-def _merge(plan, all_shards, splits, writer, lender, folder):
+def _merge(plan, all_shards, rows, writer, lender, folder):
     """Concatenate the shards, in order, into the cache's partial file (rows an earlier cache lends where a
     shard had nothing to extract); a missing or damaged shard refuses, naming it. Returns the items whose
     rows came from shard files and did decode."""
@@ -161,12 +164,13 @@ def _merge(plan, all_shards, splits, writer, lender, folder):
         if sh.stop <= done:
             continue
         path = os.path.join(folder, sh.name + ".h5")
-        idx = splits[sh.split][sh.start:sh.stop]
+        g = rows[sh.split]
+        idx, keys = g.items[sh.start:sh.stop], [g.key(plan.ds, r) for r in range(sh.start, sh.stop)]
         if os.path.exists(path):
             feats, mask = read_shard(path, plan.key, sh, layout, plan.dim)
             decoded += [i for i, m in zip(idx, mask) if not m]
-        elif lender is not None and all(plan.ds.items[i].sha256 in lender.rows for i in idx):
-            feats, mask = lender.take([plan.ds.items[i].sha256 for i in idx]), np.zeros(len(idx), bool)
+        elif lender is not None and all(k in lender.rows for k in keys):
+            feats, mask = lender.take(keys), np.zeros(len(idx), bool)
         else:
             raise PipelineError(f"shard {path} is missing: rerun make features to extract it")
         for c in range(max(sh.start, done), sh.stop, plan.chunk):
@@ -180,12 +184,10 @@ def extract(plan) -> str:
     from pipeline.data.check import CheckMemo
 
     cfg, ds, log = plan.cfg, plan.ds, plan.log
-    if getattr(cfg, "views", 0):
-        raise PipelineError("ENGINE=ray does not make VIEWS yet: use ENGINE=inprocess for a cache with views")
     t0 = time.perf_counter()
-    splits = {s: ds.split(s, all_rows=True) for s in ds.splits()}
-    layout = reuse.layout_of(ds, splits)
-    all_shards = shards(splits, shard_rows(cfg, plan.chunk))
+    rows = groups.of(plan)
+    layout = groups.layout(ds, rows)
+    all_shards = shards({g: v.items for g, v in rows.items()}, shard_rows(cfg, plan.chunk))
     folder = plan.path[:-len(".h5")] + SHARDS
     rec = plan.record()
     lender = reuse.find(plan)
@@ -198,13 +200,12 @@ def extract(plan) -> str:
             start = max(sh.start, writer.done(sh.split))
             if start >= sh.stop:
                 continue  # already in the cache's own partial file
-            idx = splits[sh.split][start:sh.stop]
-            lent = sum(ds.items[i].sha256 in have for i in idx)
-            n_lent, n_left = n_lent + lent, n_left + len(idx)
+            lent = sum(rows[sh.split].key(ds, r) in have for r in range(start, sh.stop))
+            n_lent, n_left = n_lent + lent, n_left + sh.stop - start
             path = os.path.join(folder, sh.name + ".h5")
             if os.path.exists(path):
                 read_shard(path, plan.key, sh, layout, plan.dim, rows=False)  # a damaged one refuses before any work
-            elif lent < len(idx):
+            elif lent < sh.stop - start:
                 todo.append(sh)
         if lender is not None:
             log(f"reused {n_lent} rows from {os.path.basename(lender.path)}, extracting {n_left - n_lent}")
@@ -214,10 +215,10 @@ def extract(plan) -> str:
         results = []
         if todo:
             os.makedirs(folder, exist_ok=True)
-            results = _run_shards(plan, todo, folder, plan.key, rec, lender, splits, log)
-        index = {ds.items[i].relpath: i for idx in splits.values() for i in idx}
+            results = _run_shards(plan, todo, folder, plan.key, rec, lender, rows, log)
+        index = {ds.items[i].relpath: i for g in rows.values() for i in g.items}
         failed = {index[rel]: why for r in results for rel, why in r["failed"].items()}
-        decoded = _merge(plan, all_shards, splits, writer, lender, folder)
+        decoded = _merge(plan, all_shards, rows, writer, lender, folder)
         path = writer.finish()
         bad = writer.skipped_rows()
     finally:
@@ -225,9 +226,8 @@ def extract(plan) -> str:
         if lender is not None:
             lender.close()
     shutil.rmtree(folder, ignore_errors=True)
-    reuse.settle(plan, splits, bad, decoded + list(failed), failed, memo)
+    engine.settle(plan, rows, bad, failed, memo, decoded + list(failed))
     n_new = sum(r["images"] for r in results)
-    secs = time.perf_counter() - t0
-    reuse.summary(plan, path, splits, bad, n_new, secs, (0.0, 0))
+    engine.summary(plan, path, rows, bad, n_new, time.perf_counter() - t0, (0.0, 0))
     plan.stats["shards"] = [r["shard"].name for r in results]
     return path

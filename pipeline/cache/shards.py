@@ -12,7 +12,8 @@ import h5py
 import numpy as np
 
 from pipeline import records
-from pipeline.cache import reuse, store
+from pipeline.cache import store
+from pipeline.cache.groups import HASHES
 from pipeline.errors import PipelineError
 
 SHARDS = ".shards"  # <stem>.shards/: the shard files of a cache being made
@@ -32,7 +33,8 @@ class Shard:
 
 
 def shards(splits, rows) -> list[Shard]:
-    """The shards of the layout ``splits`` ({split: item indices}) of ``rows`` rows each (the last shorter)."""
+    """The shards of the layout ``splits`` ({group: item of each row}) of ``rows`` rows each (the last
+    shorter): every group of the cache, the views and TTA groups too."""
     return [Shard(s, a, min(a + rows, len(idx))) for s, idx in splits.items() for a in range(0, len(idx), rows)]
 
 
@@ -71,7 +73,7 @@ def read_shard(path, key, sh: Shard, layout, dim, rows=True):
                 raise _damaged(path, "changed since it was written (checksum mismatch)")
             same = (list(g["paths"].asstr()[()]) == list(paths[sh.start:sh.stop])
                     and g["labels"][()].tolist() == list(labels[sh.start:sh.stop])
-                    and g[reuse.HASHES][()].tolist() == columns[reuse.HASHES][sh.start:sh.stop].tolist())
+                    and g[HASHES][()].tolist() == columns[HASHES][sh.start:sh.stop].tolist())
             if not same:
                 raise _damaged(path, "of other images than the manifest's")
             return feats, mask

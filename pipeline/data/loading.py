@@ -1,34 +1,17 @@
-"""Decoded pixels for the backbone: batches decoded ahead with the CPU time the backbone leaves idle
-(:class:`Batches`, for extraction) and a tf.data pipeline (:func:`dataset`, for training end to end).
+"""Decoded pixels for the backbone: batches decoded ahead in threads while the backbone runs (:class:`Batches`,
+for extraction) and a tf.data pipeline (:func:`dataset`, for training end to end).
 
 Worker threads (one per core) decode the next batches into preallocated arrays, at most ``ahead`` batches
-ahead, and run at idle priority (Linux ``SCHED_IDLE``): they use a core only when nothing else wants it,
-so they fill the gaps in the backbone's own threads instead of preempting them (a preempted shard holds up
-every other shard of the same op). When the consumer needs a batch that is not ready it decodes the rest
-of it itself at normal priority, so a busy machine slows decoding down but never starves it. Pillow
-releases the GIL while it decodes and resizes, so threads run truly in parallel.
+ahead. When the consumer needs a batch that is not ready it decodes the rest of it itself, so decoding never
+waits for a worker. Pillow releases the GIL while it decodes and resizes, so threads run truly in parallel.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 from collections import deque
 
 import numpy as np
-
-
-def lower_priority() -> bool:
-    """Let the calling thread run only when a core would otherwise idle (Linux ``SCHED_IDLE``, a per-thread
-    setting there); elsewhere nothing changes. True when the priority was lowered."""
-    if not sys.platform.startswith("linux") or not hasattr(os, "SCHED_IDLE"):
-        return False
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:
-        return False
-    return True
 
 
 def cores() -> int:
@@ -55,11 +38,11 @@ class _Batch:
 class Batches:
     """Iterator of ``(tag, pixels)`` for ``batches``, a sequence of ``(tag, items)``, in order: ``pixels`` is a
     uint8 array of ``load(item)`` for each item, each of ``shape``. Decoding runs up to ``ahead`` batches in
-    front of the consumer in ``workers`` threads (default: one per core) at idle priority (``idle``). An
-    error from ``load`` is raised when its batch is reached. Use as a context manager (or call ``close``)."""
+    front of the consumer in ``workers`` threads (default: one per core). An error from ``load`` is raised
+    when its batch is reached. Use as a context manager (or call ``close``)."""
 
-    def __init__(self, load, batches, shape, ahead=2, workers=None, idle=True):
-        self.load, self.shape, self.idle = load, tuple(shape), idle
+    def __init__(self, load, batches, shape, ahead=2, workers=None):
+        self.load, self.shape = load, tuple(shape)
         self.todo = iter(batches)
         self.window = deque()  # batches being decoded, oldest first
         self.cond = threading.Condition()
@@ -96,8 +79,6 @@ class Batches:
                 b.done.set()
 
     def _work(self):
-        if self.idle:
-            lower_priority()
         while True:
             with self.cond:
                 task = self._claim(self.window)

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_tree, write_image
 
 from pipeline.cache import extract as features
-from pipeline.cache import reuse, store
+from pipeline.cache import engine, groups, store
 from pipeline.configs import FeaturesConfig
 
 
@@ -28,7 +28,7 @@ def assert_same(a_path, b_path):
     assert set(a.splits) == set(b.splits)
     with h5py.File(a_path) as fa, h5py.File(b_path) as fb:
         for s in fb:
-            for name in ("features", "labels", "skipped", reuse.HASHES):
+            for name in ("features", "labels", "skipped", groups.HASHES):
                 assert fa[s][name][()].tobytes() == fb[s][name][()].tobytes(), (s, name)
             assert fa[s]["paths"].asstr()[()].tolist() == fb[s]["paths"].asstr()[()].tolist()
 
@@ -140,7 +140,7 @@ def test_every_call_runs_on_a_full_batch_so_a_row_keeps_its_bytes_wherever_it_la
     assert any(m.endswith("extracting 3") for m in msgs), msgs
     assert_same(inc, features.run(cfg(root, "scratch", **c), log=lambda m: None))
     plan = features.Plan(cfg(root, "scratch", **c), log=lambda m: None)
-    call = reuse.prepare(plan)
+    call = engine.prepare(plan)
     x = np.stack([plan.ds.load(i, plan.size) for i in range(4)])
     assert call(x[:1]).numpy()[0].tobytes() == call(x).numpy()[0].tobytes()
 

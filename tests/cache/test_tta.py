@@ -8,7 +8,7 @@ import pytest
 from conftest import MOBILENET_V2_FILE, flowers_subset, make_tree
 
 import pipeline
-from pipeline.cache import extract, reuse, store
+from pipeline.cache import engine, extract, store
 from pipeline.cache.plan import Plan
 from pipeline.configs import FeaturesConfig
 
@@ -39,7 +39,7 @@ def test_flipped_rows_are_the_backbone_on_the_mirrored_images(flowers, tta_cache
     with store.h5py.File(tta_cache) as f:
         assert set(f) == {"train", "val", "test", "val_tta", "test_tta"}  # train has none
     plan = Plan(FeaturesConfig(**opts(flowers)), log=lambda m: None)
-    call = reuse.prepare(plan)  # the very call extraction runs
+    call = engine.prepare(plan)  # the very call extraction runs
     for s in ("val", "test"):
         clean, flipped = c.splits[s], c.tta[s]
         assert flipped.X.shape == clean.X.shape and list(flipped.paths) == list(clean.paths)

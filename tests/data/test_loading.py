@@ -1,7 +1,5 @@
-"""decode.Batches: ordered, complete batches decoded ahead at idle priority, helped by the consumer."""
+"""decode.Batches: ordered, complete batches decoded ahead in threads, helped by the consumer."""
 
-import os
-import sys
 import threading
 import time
 
@@ -81,20 +79,3 @@ def test_the_consumer_decodes_what_slow_workers_have_not_started():
     assert np.array_equal(out, np.stack([pixels(i) for i in items]))
     mine = by_thread.get(threading.current_thread().name, [])
     assert len(mine) >= 30  # the one worker, 50 ms an image, could not have done more than a few
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is a Linux scheduling class")
-def test_workers_run_at_idle_priority_and_the_consumer_does_not():
-    policies = {}
-
-    def load(i):
-        policies.setdefault(threading.current_thread().name.startswith("decode-"), set()).add(
-            os.sched_getscheduler(0))
-        time.sleep(0.002)
-        return pixels(i)
-
-    with decode.Batches(load, batches_of(list(range(64)), 4), SHAPE, ahead=8, workers=2) as stream:
-        list(stream)
-    assert policies[True] == {os.SCHED_IDLE}
-    assert os.SCHED_IDLE not in policies.get(False, set())
-    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the calling thread keeps its priority
