@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.memo import NAME as MEMO
 from pipeline import memo, records
 from pipeline.backbones import registry
 from pipeline.configs import BENCH_OPT_IN, BenchConfig, FeaturesConfig, fields, narrow, replace
@@ -127,7 +128,7 @@ class Images:
 
     def __init__(self, cfg: BenchConfig, work: str, n: int, name: str, log):
         src = sources.open_source(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.per_class,
-                               cfg.max_pixels, os.path.join(cfg.cache_dir, "checked-images.json"),
+                               cfg.max_pixels, os.path.join(cfg.cache_dir, MEMO),
                                progress=False) if isinstance(cfg.data, str) else cfg.data
         by_class = {}
         for i in sorted(range(len(src.items)), key=lambda i: records.digest(src.items[i].relpath)):
@@ -162,7 +163,7 @@ class Images:
     def fcfg(self, cfg: BenchConfig, cache_dir: str) -> FeaturesConfig:
         """The features config of these images into ``cache_dir`` (memo copied in: already validated)."""
         os.makedirs(cache_dir, exist_ok=True)
-        memo.copy(self.memo, os.path.join(cache_dir, memo.NAME))
+        memo.copy(self.memo, os.path.join(cache_dir, MEMO))
         return features_config(cfg, data=self.root, cache_dir=cache_dir, val_fraction=0.0, test_fraction=0.0,
                                per_class=0)
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from pipeline.memo import NAME as MEMO
 from pipeline.bench.common import entry_label, features_args, features_config, quiet, run_child
 from pipeline.configs import FinetuneConfig, fields
 from pipeline.data import sources
@@ -81,7 +82,7 @@ def _raw_pixels(ctx, names):
     row = {"label": f"raw pixels {cfg.raw_size}x{cfg.raw_size} (baseline)"}
     try:
         ds = sources.open_source(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.per_class,
-                              cfg.max_pixels, os.path.join(cfg.cache_dir, "checked-images.json"), progress=False)
+                              cfg.max_pixels, os.path.join(cfg.cache_dir, MEMO), progress=False)
         with ThreadPoolExecutor(cores()) as pool:
             x = np.stack(list(pool.map(lambda i: ds.load(i, cfg.raw_size, cfg.interpolation),
                                        range(len(ds.items)))))

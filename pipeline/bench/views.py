@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from pipeline.memo import NAME as MEMO
 from pipeline.bench.common import entry_label, features_args, features_config, quality_entries, quiet, run_child
 from pipeline.configs import replace
 from pipeline.errors import PipelineError
@@ -154,7 +155,7 @@ def _guide(ctx, fcfg, cache_dir) -> dict:
     spec = registry.get(fcfg.backbone)
     size = registry.resolve_size(spec, fcfg.size)
     ds = sources.open_source(fcfg.data, fcfg.val_fraction, fcfg.test_fraction, fcfg.seed, fcfg.per_class,
-                             fcfg.max_pixels, os.path.join(cache_dir, "checked-images.json"), progress=False)
+                             fcfg.max_pixels, os.path.join(cache_dir, MEMO), progress=False)
 
     class Clock(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):

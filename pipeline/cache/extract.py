@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.cache import engine, groups, lock, reuse
+from pipeline.memo import NAME as MEMO
+from pipeline import lock
+from pipeline.cache import engine, groups, reuse
 from pipeline.cache.plan import Plan, report_duplicates, report_skipped
 from pipeline.cache.writer import Writer
 from pipeline.configs import FeaturesConfig
@@ -22,7 +24,7 @@ def extract(plan: Plan, lender=None) -> str:
     rows = groups.of(plan)
     writer = Writer(plan.path, plan.key, plan.record(), groups.layout(ds, rows), plan.dim, cfg.dtype, plan.chunk,
                     log=log)
-    memo = CheckMemo(os.path.join(cfg.cache_dir, "checked-images.json"), ds.max_pixels) if ds.arrays is None else None
+    memo = CheckMemo(os.path.join(cfg.cache_dir, MEMO), ds.max_pixels) if ds.arrays is None else None
 
     def remember(group, start, stop, decoded):  # in the writer thread, once the chunk is on disk
         if memo is not None:

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from pipeline.memo import NAME as MEMO
 from pipeline import records
 from pipeline.backbones import registry
 from pipeline.backbones import runtime as runtimes
@@ -59,7 +60,7 @@ class Plan:
         self.chunk = math.ceil(cfg.chunk / cfg.batch) * cfg.batch
         records.writable_dir(cfg.cache_dir, "CACHE_DIR")
         self.ds = sources.open_source(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.per_class,
-                                      cfg.max_pixels, os.path.join(cfg.cache_dir, "checked-images.json"),
+                                      cfg.max_pixels, os.path.join(cfg.cache_dir, MEMO),
                                       progress=True)
         self._model = None
         self._ov = None  # RUNTIME=openvino: (made_from, its stored model or None)

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from pipeline.memo import NAME as MEMO
 from pipeline.cache import engine, groups, reuse
 from pipeline.cache.ray_actor import Extractor, part
 from pipeline.cache.shards import SHARDS, read_shard, shard_rows, shards
@@ -192,7 +193,7 @@ def extract(plan) -> str:
     rec = plan.record()
     lender = reuse.find(plan)
     writer = Writer(plan.path, plan.key, rec, layout, plan.dim, cfg.dtype, plan.chunk, log=log)
-    memo = CheckMemo(os.path.join(cfg.cache_dir, "checked-images.json"), ds.max_pixels) if ds.arrays is None else None
+    memo = CheckMemo(os.path.join(cfg.cache_dir, MEMO), ds.max_pixels) if ds.arrays is None else None
     try:
         have = lender.rows if lender is not None else {}
         todo, n_lent, n_left = [], 0, 0

@@ -258,16 +258,19 @@ def test_disk_full_during_extraction_is_one_line_and_the_rerun_equals_a_clean_ru
         assert "Traceback" not in out
         subprocess.run(["mount", "-o", "remount,size=20m", str(small)], check=True)
         filler = small / "filler"  # room for the start, then another process fills the disk mid-extraction
-        filler.write_bytes(b"\0" * (20 * 2**20 - 1_400_000))
+        filler.write_bytes(b"\0" * (20 * 2**20 - 2_500_000))
         mid = run_cli([*args, f"CACHE_DIR={small}"])
         deadline = time.time() + 120
         while time.time() < deadline and mid.poll() is None:
             if list(small.glob("*.h5.partial")):
-                with open(small / "more", "wb") as f:
-                    try:
-                        f.write(b"\0" * 2**20)
-                    except OSError:
+                fd = os.open(small / "more", os.O_WRONLY | os.O_CREAT)  # every byte left: the disk is full now
+                try:
+                    while os.write(fd, b"\0" * 2**16):
                         pass
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
                 break
             time.sleep(0.02)
         out = mid.communicate(timeout=300)[0]

@@ -1,7 +1,6 @@
 """Label issues: planted label flips among real flowers5 photos rank above the clean ones; bad input skips the
 section with its reason."""
 
-import csv
 
 import numpy as np
 import pytest
