@@ -168,7 +168,6 @@ def _free(folder) -> int:
 
 
 def main(argv=None) -> int:
-    global _fast_exit
     argv = list(sys.argv[1:] if argv is None else argv)
     steps = _steps()
     cfg = None
@@ -192,9 +191,7 @@ def main(argv=None) -> int:
             from pipeline import quiet
 
             quiet.tensorflow()
-        code = int(step.load()(cfg, extra) or 0)
-        _fast_exit = step.fast_exit
-        return code
+        return int(step.load()(cfg, extra) or 0)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -206,36 +203,9 @@ def main(argv=None) -> int:
         return 130
 
 
-_fast_exit = False
-
-
 def run() -> None:
-    """``python -m pipeline``: :func:`main`; after a step that allows it (a head's quick loop), exit without
-    the interpreter's teardown, which after scikit-learn's and SciPy's imports costs a noticeable share of
-    such a command. Everything the step wrote is closed and in place by then, and its child processes have
-    ended (checked: a child still running means a normal exit); only stdio needs flushing. Not with Ray loaded:
-    its shutdown runs at exit (so does joblib's, which is why the sweep, whose searches run in joblib's worker
-    processes, does not end this way)."""
-    code = main()
-    if _fast_exit and "ray" not in sys.modules and not _children_alive():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
-def _children_alive() -> bool:
-    """Whether a child process of this one is still running (exited ones are reaped on the way); True where
-    that cannot be asked."""
-    if not hasattr(os, "WNOHANG"):
-        return True
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return False
-        if pid == 0:
-            return True
+    """``python -m pipeline``: :func:`main`, its status the process' exit status."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ class Step:
     extra: str = ""  # what free NAME=value options mean for this step ("" = none allowed)
     positional: str = ""  # config field (str) that bare arguments are added to, shell-quoted ("" = none)
     tensorflow: bool = True  # import TensorFlow (quietly) first; steps that may not need it import it themselves
-    fast_exit: bool = False  # the command may end without the interpreter's teardown (all it wrote is closed)
 
     def load(self):
         module, _, func = self.run.partition(":")
@@ -73,11 +72,11 @@ STEPS = {
                   "pipeline.steps:cache_listing", tensorflow=False),
     "backbones": Step("list the backbone registry", None, "pipeline.steps:backbone_listing", tensorflow=False),
     "head": Step("train a head on the feature cache (made first if missing), report it on test, save it",
-                 HeadConfig, "pipeline.heads.train:step", tensorflow=False, fast_exit=True,
+                 HeadConfig, "pipeline.heads.train:step", tensorflow=False,
                  extra="head hyper-parameters: NAME=value, e.g. C=0.1, HIDDEN=1024,512, CLASS_WEIGHT=balanced "
                        "(see `python -m pipeline heads`)"),
     "sweep": Step("cross-validate every head's regularisation on train+val; leaderboard; save the best",
-                  HeadConfig, "pipeline.heads.sweep:step", tensorflow=False,  # its joblib workers end at exit
+                  HeadConfig, "pipeline.heads.sweep:step", tensorflow=False,
                   extra="fixed head hyper-parameters: NAME=value, applied to every swept head that has it "
                         "(e.g. EPOCHS=30; one named in a head's grid replaces that grid)"),
     "heads": Step("list the head registry with hyper-parameters, defaults and sweep grids", None,

@@ -13,11 +13,11 @@ from pipeline.bench.common import GOALS, features_args, features_config, quiet, 
 from pipeline.bench.report import stat
 
 HEADS = ("logreg", "dense")
-# what a head's command cannot avoid importing, ended as the command ends (without the interpreter's teardown):
-# the floor under its time beyond the fit on this machine. matplotlib is imported by the figure worker beside it
-# (pipeline.reports.figures), so it is not on the command's path. The dense head's fit already pays for much of
-# TensorFlow's loading (Keras builds and traces lazily), so its floor is the same: TensorFlow left out
-FLOOR = "import numpy, h5py, sklearn.linear_model, os; os._exit(0)"
+# what a head's command cannot avoid importing (its data, its fit, its figures), ended the way the command ends:
+# the floor under its time beyond the fit on this machine, the interpreter's teardown of those modules included.
+# The dense head's fit already pays for much of TensorFlow's loading (Keras builds and traces lazily), so its
+# floor is the same: TensorFlow left out
+FLOOR = "import numpy, h5py, sklearn.linear_model, matplotlib.figure, matplotlib.backends.backend_agg"
 
 
 def run(ctx):

@@ -14,7 +14,6 @@ from pipeline.finetune.job import HEAD_NAME, NAME, Job
 from pipeline.finetune.train import identity, run_dir
 from pipeline.heads import artifacts
 from pipeline.reports import evaluate
-from pipeline.reports import figures as plotter
 from pipeline.heads import train as head_train
 
 
@@ -83,7 +82,6 @@ def finish(job: Job, result: dict, log=None) -> dict:
         history={"phase2_start": n1, "combined": history, "phase1": job.head.history_, "phase2": rows},
         curves=history, curves_title=f"{NAME} on {stem}: dense head on the cache, then UNFREEZE={cfg.unfreeze}",
         phase_start=n1)
-    plotter.wait()
     spec, plan = job.plan.spec, job.plan
     config = {**asdict(cfg), "size": plan.size, "features": asdict(plan.cfg), "identity": plan.identity}
     paths["record"] = artifact.export(

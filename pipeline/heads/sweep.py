@@ -14,7 +14,6 @@ from pipeline.configs import SCORINGS, HeadConfig
 from pipeline.errors import PipelineError
 from pipeline.heads import artifacts, registry
 from pipeline.reports import evaluate
-from pipeline.reports import figures as plotter
 from pipeline.heads.train import check_outputs, check_splits, finish, fit, resolve_cache, views_of
 
 
@@ -152,8 +151,7 @@ def leaderboard(board, scoring) -> str:
 
 def step(cfg: HeadConfig, extra: dict | None = None) -> None:
     """The ``sweep`` step."""
-    with plotter.running():
-        sweep(cfg, extra)
+    sweep(cfg, extra)
 
 
 def write_csv(path, board, scoring) -> None:

@@ -16,7 +16,6 @@ from pipeline.configs import FeaturesConfig, HeadConfig, asdict, fields, narrow
 from pipeline.errors import PipelineError
 from pipeline.heads import artifacts, registry
 from pipeline.reports import errors, evaluate
-from pipeline.reports import figures as plotter
 from pipeline.reports.audit import leaks
 
 
@@ -152,7 +151,6 @@ def finish(est, cache, cfg, name, head, params, extra, log=print, on_val=True) -
     with lock.locked(artifacts.head_dir(cfg.models_dir, cache.path), log=log):  # one writer per models folder
         found = _analyse(est, cache, cfg, out, label, m, log)  # first: metrics.json counts what it found
         paths = {**evaluate.write_reports(out, m, f"{label} on {stem}", history), **found}
-        plotter.wait()  # the figures are on disk before the record that lists them
         paths["record"] = artifacts.save(est, name=name, head=head, params=params, cache=cache,
                                          config=asdict(cfg), metrics=m, models_dir=cfg.models_dir, history=history)
     log(f"saved {paths['record']} and reports in {out}/")
@@ -220,5 +218,4 @@ def train_head(cache: store.Cache, cfg: HeadConfig, name: str, params: dict, log
 
 def step(cfg: HeadConfig, extra: dict | None = None) -> None:
     """The ``head`` step."""
-    with plotter.running():
-        run_head(cfg, extra)
+    run_head(cfg, extra)

@@ -9,8 +9,10 @@ import csv
 import os
 
 import numpy as np
+from PIL import Image
 
 from pipeline import records
+from pipeline.reports import figures
 
 SHEET = 16  # photos on the contact sheet
 THUMB = 160  # their side in pixels
@@ -44,9 +46,8 @@ def write_csv(path, rows, k=3) -> None:
 
 def plot_sheet(path, rows, root, title="") -> bool:
     """The contact sheet of the first ``SHEET`` rows whose photo can be read under ``root``, drawn by
-    :mod:`pipeline.reports.figures`; False when none can (an in-memory source, or files moved away)."""
+    :func:`draw_sheet`; False when none can (an in-memory source, or files moved away)."""
     from pipeline.data import images
-    from pipeline.reports import figures as plotter
 
     shown = []
     for r in rows:
@@ -57,35 +58,29 @@ def plot_sheet(path, rows, root, title="") -> bool:
         except images.BadImage:
             continue
     if shown:
-        plotter.draw(draw_sheet, path, shown, title)
+        draw_sheet(path, shown, title)
     return bool(shown)
 
 
 def draw_sheet(path, shown, title="") -> None:
     """``shown``: [(row, thumbnail pixels)]. matplotlib draws the labels and the title; the thumbnails are then
     copied into its pixels unchanged (no image resampling), and the sheet written as a PNG, atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from PIL import Image
-
-    from pipeline.reports.evaluate import PNG_LEVEL, _figure
-
     cols = min(4, len(shown))
     h, w = TITLE + -(-len(shown) // cols) * CELL_H, cols * CELL_W
-    fig = _figure(figsize=(w / DPI, h / DPI), dpi=DPI)
-    canvas = FigureCanvasAgg(fig)
+    fig = figures.figure(figsize=(w / DPI, h / DPI), dpi=DPI)
     for k, (r, _) in enumerate(shown):
         y, x = thumb_origin(k, cols)
         fig.text((x + THUMB / 2) / w, 1 - (y - 4) / h,
                  f"true {r['true']}\npredicted {r['predicted']} {r['probability']:.2f}",
                  ha="center", va="bottom", fontsize=6.5, color="firebrick")
     fig.suptitle(title or "most confidently wrong test images", y=1 - 8 / h, va="top", fontsize=10)
-    canvas.draw()
-    sheet = np.asarray(canvas.buffer_rgba())[:h, :w, :3].copy()
+    fig.canvas.draw()
+    sheet = np.asarray(fig.canvas.buffer_rgba())[:h, :w, :3].copy()
     for k, (_, pixels) in enumerate(shown):
         y, x = thumb_origin(k, cols)
         sheet[y:y + THUMB, x:x + THUMB] = pixels
     with records.atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(sheet).save(tmp, format="png", compress_level=PNG_LEVEL)
+        Image.fromarray(sheet).save(tmp, format="png", compress_level=figures.PNG_LEVEL)
 
 
 def thumb_origin(k, cols) -> tuple[int, int]:

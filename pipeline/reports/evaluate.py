@@ -1,4 +1,5 @@
-"""Evaluation of a fitted head: a metrics dict (scikit-learn's metrics), a printed table, JSON and PNGs."""
+"""Evaluation of a fitted head: a metrics dict (scikit-learn's metrics), a printed table, JSON and the PNGs of
+:mod:`pipeline.reports.figures`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import numpy as np
 
 from pipeline import records
+from pipeline.reports import figures
 
 
 def top_k(n_classes: int) -> int | None:
@@ -83,71 +85,15 @@ def write_json(path: str, m: dict) -> None:
     records.write_json(path, m)
 
 
-PNG_LEVEL = 1  # zlib's fastest: photos and flat plots barely compress further, and encoding is a figure's cost
-
-
-def _save(fig, path):
-    """``fig`` as a PNG at ``path``, atomically, cropped to what was drawn (a second draw)."""
-    with records.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", pil_kwargs={"compress_level": PNG_LEVEL})
-
-
-def _figure(**kw):
-    """A matplotlib Figure on the Agg canvas, without pyplot (no global state, nothing to close)."""
-    from matplotlib.figure import Figure
-
-    return Figure(**kw)
-
-
-def plot_confusion(path: str, m: dict, title: str = "") -> None:
-    """The confusion matrix as a PNG (scikit-learn's ConfusionMatrixDisplay)."""
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    n = len(m["class_names"])
-    fig = _figure(figsize=(max(4, 0.8 * n + 2), max(3.5, 0.8 * n + 1.5)))
-    ax = fig.subplots()
-    ConfusionMatrixDisplay(np.asarray(m["confusion_matrix"]), display_labels=m["class_names"]).plot(
-        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45 if n > 4 else "horizontal")
-    ax.set_title(title or f"accuracy {m['accuracy']:.3f}")
-    _save(fig, path)
-
-
-def plot_curves(path: str, history: dict, title: str = "", phase_start: int | None = None) -> None:
-    """Loss and accuracy per epoch, train and val, side by side (a Keras ``History.history`` dict); with
-    ``phase_start`` (epochs before the second phase) a vertical line where the second phase starts."""
-    from matplotlib.ticker import MaxNLocator
-
-    fig = _figure(figsize=(10, 4))
-    axes = fig.subplots(1, 2)
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        for key, label in ((metric, "train"), (f"val_{metric}", "val")):
-            if key in history:
-                ax.plot(range(1, len(history[key]) + 1), history[key], label=label)
-        if phase_start:
-            ax.axvline(phase_start + 0.5, color="gray", linestyle="--", label="fine-tuning starts")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    _save(fig, path)
-
-
 def write_reports(out: str, metrics: dict, title: str, history: dict | None = None, curves: dict | None = None,
                   curves_title: str = "", phase_start: int | None = None) -> dict:
     """``out``/metrics.json and confusion.png of ``metrics["test"]``; with ``history`` also history.json and
-    curves.png of ``curves`` (default: ``history``), split at ``phase_start``. Returns the paths written; the
-    figures may still be drawing in :mod:`pipeline.reports.figures`'s worker (its ``wait`` waits for them)."""
-    from pipeline.reports import figures as plotter
-
+    curves.png of ``curves`` (default: ``history``), split at ``phase_start``. Returns the paths written."""
     paths = {"metrics": os.path.join(out, "metrics.json"), "confusion": os.path.join(out, "confusion.png")}
     write_json(paths["metrics"], metrics)
-    plotter.draw(plot_confusion, paths["confusion"], metrics["test"],
-                 f"{title}: test accuracy {metrics['test']['accuracy']:.3f}")
+    figures.plot_confusion(paths["confusion"], metrics["test"], f"{title}: test accuracy {metrics['test']['accuracy']:.3f}")
     if history:
         paths["history"], paths["curves"] = os.path.join(out, "history.json"), os.path.join(out, "curves.png")
         write_json(paths["history"], history)
-        plotter.draw(plot_curves, paths["curves"], curves or history, curves_title or title, phase_start)
+        figures.plot_curves(paths["curves"], curves or history, curves_title or title, phase_start)
     return paths

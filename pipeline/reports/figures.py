@@ -1,95 +1,74 @@
-"""The reports' figures drawn beside the work. A head command forks one worker process at its start; it imports
-matplotlib and scikit-learn on the second core while this process scans, loads and fits, then draws each
-figure handed to it while this process goes on. Where forking is not safe (no ``fork``, Python threads
-running, TensorFlow loaded: a notebook, a test process, the fine-tune step) figures are drawn in this process.
-Either way :func:`wait` returns only when every figure is on disk, and raises what drawing raised."""
+"""The reports' figures, drawn in this process with matplotlib's object API on the Agg canvas (no pyplot: no
+global state, no backend to choose, nothing to close) and written as PNGs atomically."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-import threading
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-_pool = None
-_pending = []
+from pipeline import records
 
-
-def _warm():
-    """What the first figure would pay for: the imports (pyplot: scikit-learn's displays import it), the font
-    manager and a first text drawn on the Agg canvas."""
-    import matplotlib.pyplot  # noqa: F401
-    import sklearn.metrics  # noqa: F401
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(1, 1))
-    fig.text(0.5, 0.5, "0.9 predicted", fontsize=6.5)
-    FigureCanvasAgg(fig).draw()
+DPI = 100
+PNG_LEVEL = 1  # zlib's fastest: photos and flat plots barely compress further, and encoding is a figure's cost
 
 
-def _forkable() -> bool:
-    import multiprocessing
-
-    return (os.environ.get("PIPELINE_PLOT_WORKER", "1") != "0" and "fork" in multiprocessing.get_all_start_methods()
-            and threading.active_count() == 1 and "tensorflow" not in sys.modules)
-
-
-def start() -> bool:
-    """Fork the worker now, if it is safe; whether one runs. Call first thing, before any thread or TensorFlow."""
-    global _pool
-    if _pool is None and _forkable():
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        _pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=_warm)
-        _pool.submit(int)  # forks here, while this process has one thread
-    return _pool is not None
+def figure(**kw) -> Figure:
+    """A matplotlib Figure on its own Agg canvas (``fig.canvas``); ``kw`` as for Figure."""
+    fig = Figure(**{"dpi": DPI, **kw})
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def draw(fn, *args) -> None:
-    """``fn(*args)`` (a module-level function that writes a figure) in the worker, or here without one."""
-    global _pool
-    if _pool is not None:
-        from concurrent.futures.process import BrokenProcessPool
-
-        try:
-            _pending.append((_pool.submit(fn, *args), fn, args))
-            return
-        except BrokenProcessPool:  # the worker died (killed, out of memory): draw here from now on
-            _pool = None
-    fn(*args)
+def save(fig: Figure, path: str) -> None:
+    """``fig`` as a PNG at ``path``, atomically, one figure pixel per PNG pixel."""
+    with records.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=fig.dpi, pil_kwargs={"compress_level": PNG_LEVEL})
 
 
-def wait() -> None:
-    """Every figure handed to :func:`draw` is written; one whose worker died is drawn here instead."""
-    from concurrent.futures.process import BrokenProcessPool
-
-    global _pool
-    while _pending:
-        future, fn, args = _pending.pop(0)
-        try:
-            future.result()
-        except BrokenProcessPool:
-            _pool = None
-            fn(*args)
-
-
-@contextlib.contextmanager
-def running():
-    """The worker for the length of a command: started on entry; on a normal exit the figures are waited for;
-    on any exit the worker is ended (figures not yet drawn after a failure are dropped)."""
-    start()
-    try:
-        yield
-        wait()
-    finally:
-        _end()
+def confusion_figure(m: dict, title: str = "") -> Figure:
+    """The confusion matrix of metrics ``m``: rows the true class, columns the predicted one, each cell
+    shaded by its count on a blue scale and labelled with it."""
+    cm, names = np.asarray(m["confusion_matrix"]), m["class_names"]
+    n = len(names)
+    fig = figure(figsize=(max(4, 0.8 * n + 2), max(3.5, 0.8 * n + 1.5)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(cm, interpolation="nearest", cmap="Blues")
+    middle = (cm.max() + cm.min()) / 2
+    for (i, j), count in np.ndenumerate(cm):  # light text on dark cells, dark on light ones
+        ax.text(j, i, str(count), ha="center", va="center", color=image.cmap(0.0 if count >= middle else 1.0))
+    ax.set(xticks=np.arange(n), yticks=np.arange(n), xticklabels=names, yticklabels=names,
+           xlabel="Predicted label", ylabel="True label", title=title or f"accuracy {m['accuracy']:.3f}")
+    if n > 4:
+        ax.tick_params(axis="x", labelrotation=45)
+    return fig
 
 
-def _end() -> None:
-    global _pool
-    _pending.clear()
-    if _pool is not None:
-        _pool.shutdown(cancel_futures=True)
-        _pool = None
+def curves_figure(history: dict, title: str = "", phase_start: int | None = None) -> Figure:
+    """Loss and accuracy per epoch, train and val, side by side (a Keras ``History.history`` dict); with
+    ``phase_start`` (epochs before the second phase) a dashed line where the second phase starts."""
+    fig = figure(figsize=(10, 4), layout="constrained")
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+        for key, label in ((metric, "train"), (f"val_{metric}", "val")):
+            if key in history:
+                ax.plot(range(1, len(history[key]) + 1), history[key], label=label)
+        if phase_start:
+            ax.axvline(phase_start + 0.5, color="gray", linestyle="--", label="fine-tuning starts")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="epoch", ylabel=metric)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_confusion(path: str, m: dict, title: str = "") -> None:
+    """:func:`confusion_figure` as a PNG at ``path``."""
+    save(confusion_figure(m, title), path)
+
+
+def plot_curves(path: str, history: dict, title: str = "", phase_start: int | None = None) -> None:
+    """:func:`curves_figure` as a PNG at ``path``."""
+    save(curves_figure(history, title, phase_start), path)

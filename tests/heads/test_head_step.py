@@ -118,8 +118,7 @@ def test_sweep_picks_the_best_cv_score(capsys, tmp_path, dirs):
 
 
 def test_the_sweep_command_leaves_no_process_behind(tmp_path, blob_cache):
-    """Its searches run in joblib's worker processes (JOBS=2) and its figures in the forked worker: all end
-    with the command."""
+    """Its searches run in joblib's worker processes (JOBS=2): they end with the command."""
     import sys
 
     mark = f"sweep-{os.getpid()}-{id(tmp_path)}"
@@ -296,8 +295,7 @@ def test_sklearn_head_on_a_current_cache_imports_no_tensorflow_and_a_changed_wei
 
     first = head()
     assert first.returncode == 0, first.stderr
-    # the command ends without the interpreter's teardown: its output was flushed, its figures drawn (by the
-    # forked worker) before it ended, and no process it started outlives it
+    # the command ends with its output flushed, its figures on disk, and no process it started outliving it
     assert first.stdout.splitlines()[-1].startswith("saved "), first.stdout
     assert next((tmp_path / "reports").glob("*/logreg/confusion.png")).stat().st_size > 0
     assert not processes_with(f"TEST_MARK={mark}")

@@ -1,6 +1,7 @@
 """Metrics, the printed table, JSON and PNG reports."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -58,13 +59,14 @@ def test_table_lists_classes_figures_and_confusion():
 
 
 def test_json_and_pngs(tmp_path):
-    m = evaluate.metrics(Y, P, NAMES)
-    evaluate.write_json(tmp_path / "r" / "metrics.json", m)
-    assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == m
-    evaluate.plot_confusion(str(tmp_path / "r" / "confusion.png"), m)
+    m = {"test": evaluate.metrics(Y, P, NAMES)}
     history = {"loss": [1.0, .6, .5], "accuracy": [.4, .7, .8], "val_loss": [1.1, .8, .9], "val_accuracy": [.3, .6, .6]}
-    evaluate.plot_curves(str(tmp_path / "r" / "curves.png"), history, "dense")
-    for name in ("confusion.png", "curves.png"):
+    paths = evaluate.write_reports(str(tmp_path / "r"), m, "dense", history)
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == m
+    assert json.loads((tmp_path / "r" / "history.json").read_text()) == history
+    for name in ("confusion.png", "curves.png"):  # written when write_reports returns
         with Image.open(tmp_path / "r" / name) as im:
             assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 150
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["confusion.png", "curves.png", "metrics.json"]
+    written = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert written == sorted(os.path.basename(p) for p in paths.values()) == ["confusion.png", "curves.png",
+                                                                               "history.json", "metrics.json"]

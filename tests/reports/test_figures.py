@@ -1,93 +1,85 @@
-"""Figures drawn in the forked worker are the figures drawn in this process; a failure there is raised here; a
-worker that died is replaced by drawing here; no worker where forking is unsafe. Each case runs in a fresh
-interpreter (one thread, no TensorFlow), as a head command does."""
+"""The reports' figures as written to disk: the confusion matrix shades each cell by its count and labels it, the
+curves plot every series of the history, a figure that cannot be written raises, and none imports pyplot."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.reports import figures
+
 ROOT = Path(__file__).resolve().parents[2]
-
-PRELUDE = """
-import os, sys
-from pipeline.reports import evaluate
-from pipeline.reports import figures as plotter
-m = {"class_names": ["a", "b", "c"], "confusion_matrix": [[5, 1, 0], [2, 7, 1], [0, 0, 9]], "accuracy": 0.84}
-out = sys.argv[1]
-"""
+M = {"class_names": ["daisy", "dandelion", "rose", "sunflower", "tulip"], "accuracy": 0.84,
+     "confusion_matrix": [[5, 1, 0, 0, 0], [2, 7, 1, 0, 0], [0, 0, 9, 0, 1], [0, 0, 0, 8, 0], [0, 1, 0, 0, 12]]}
 
 
-def _run(tmp_path, body):
-    r = subprocess.run([sys.executable, "-c", PRELUDE + body, str(tmp_path)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
+def _png(path):
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB")).astype(int)
 
 
-def test_worker_draws_the_same_png_as_this_process(tmp_path):
-    out = _run(tmp_path, """
-with plotter.running():
-    assert plotter._pool is not None
-    plotter.draw(evaluate.plot_confusion, os.path.join(out, "worker.png"), m, "t")
-assert plotter._pool is None and os.path.exists(os.path.join(out, "worker.png"))  # waited for, then ended
-evaluate.plot_confusion(os.path.join(out, "here.png"), m, "t")
-""")
-    assert out == ""
-    assert (tmp_path / "worker.png").read_bytes() == (tmp_path / "here.png").read_bytes()
+def test_confusion_png_shades_each_cell_by_its_count_and_labels_it(tmp_path):
+    fig = figures.confusion_figure(M, "logreg: test accuracy 0.840")
+    figures.save(fig, str(tmp_path / "confusion.png"))
+    png = _png(tmp_path / "confusion.png")
+    assert png.shape[:2] == (round(fig.get_figheight() * fig.dpi), round(fig.get_figwidth() * fig.dpi))
+    ax, = fig.axes
+    cm = np.asarray(M["confusion_matrix"])
+    blues = matplotlib.colormaps["Blues"]
+    for (i, j), count in np.ndenumerate(cm):  # a pixel of each cell, beside its label: the count's colour
+        x, y = ax.transData.transform((j - 0.35, i - 0.35))
+        want = np.round(np.asarray(blues((count - cm.min()) / (cm.max() - cm.min()))[:3]) * 255)
+        assert np.abs(png[png.shape[0] - int(y) - 1, int(x)] - want).max() <= 2, (i, j, count)
+    assert [t.get_text() for t in ax.texts] == [str(c) for c in cm.ravel()]
+    assert [t.get_text() for t in ax.get_xticklabels()] == M["class_names"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == M["class_names"]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("Predicted label", "True label",
+                                                                  "logreg: test accuracy 0.840")
+    assert figures.confusion_figure(M).axes[0].get_title() == "accuracy 0.840"
 
 
-def test_a_failure_in_the_worker_is_raised_by_wait(tmp_path):
+def test_curves_png_plots_every_series_and_the_second_phase(tmp_path):
+    history = {"loss": [1.0, .6, .5, .4], "accuracy": [.4, .7, .8, .85], "val_loss": [1.1, .8, .9, .7],
+               "val_accuracy": [.3, .6, .6, .7]}
+    fig = figures.curves_figure(history, "dense", phase_start=2)
+    figures.save(fig, str(tmp_path / "curves.png"))
+    assert _png(tmp_path / "curves.png").shape[:2] == (400, 1000)
+    for ax, metric in zip(fig.axes, ("loss", "accuracy")):
+        series = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+        assert series["train"] == history[metric] and series["val"] == history[f"val_{metric}"]
+        phase, = [line for line in ax.get_lines() if line.get_label() == "fine-tuning starts"]
+        assert list(phase.get_xdata()) == [2.5, 2.5]  # between epochs 2 and 3
+        assert ax.get_ylabel() == metric
+    assert fig.get_suptitle() == "dense"
+    assert [line.get_label() for line in figures.curves_figure(history).axes[0].get_lines()] == ["train", "val"]
+
+
+def test_a_figure_that_cannot_be_written_raises_and_leaves_nothing(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    out = _run(tmp_path, """
-assert plotter.start()
-plotter.draw(evaluate.plot_confusion, os.path.join(out, "file", "c.png"), m, "t")
-try:
-    plotter.wait()
-except OSError as e:
-    print("raised", type(e).__name__)
-""")
-    assert out.startswith("raised ")
+    with pytest.raises(OSError):
+        figures.plot_confusion(str(tmp_path / "file" / "confusion.png"), M)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_a_failed_command_ends_the_worker_without_waiting(tmp_path):
-    out = _run(tmp_path, """
-try:
-    with plotter.running():
-        pool = plotter._pool
-        raise RuntimeError("the step failed")
-except RuntimeError:
-    print(plotter._pool is None, pool._shutdown_thread)
-""")
-    assert out.split() == ["True", "True"]
-
-
-def test_a_dead_worker_is_replaced_by_drawing_here(tmp_path):
-    _run(tmp_path, """
-import signal, time
-assert plotter.start()
-plotter.wait()
-for pid in list(plotter._pool._processes):
-    os.kill(pid, signal.SIGKILL)
-time.sleep(0.5)
-plotter.draw(evaluate.plot_confusion, os.path.join(out, "c.png"), m, "t")
-plotter.wait()
-""")
-    assert (tmp_path / "c.png").stat().st_size > 0
-
-
-def test_no_worker_with_threads_or_tensorflow_loaded(tmp_path):
-    out = _run(tmp_path, """
-import threading
-ev = threading.Event()
-t = threading.Thread(target=ev.wait); t.start()
-print(plotter.start())
-ev.set(); t.join()
-sys.modules["tensorflow"] = object()
-print(plotter.start())
-del sys.modules["tensorflow"]
-os.environ["PIPELINE_PLOT_WORKER"] = "0"
-print(plotter.start())
-plotter.draw(evaluate.plot_confusion, os.path.join(out, "c.png"), m, "t")  # drawn here, at once
-print(os.path.exists(os.path.join(out, "c.png")))
-""")
-    assert out.split() == ["False", "False", "False", "True"]
+def test_no_figure_imports_pyplot():
+    """Drawn on the Agg canvas of each figure: no pyplot, so no global figure state and no GUI backend."""
+    code = """
+import sys, tempfile, os
+import numpy as np
+from pipeline.reports import errors, figures
+m = {"class_names": ["a", "b"], "confusion_matrix": [[3, 1], [0, 4]], "accuracy": 0.875}
+with tempfile.TemporaryDirectory() as d:
+    figures.plot_confusion(os.path.join(d, "c.png"), m)
+    figures.plot_curves(os.path.join(d, "k.png"), {"loss": [1.0, 0.5]})
+    row = {"true": "a", "predicted": "b", "probability": 0.9}
+    errors.draw_sheet(os.path.join(d, "e.png"), [(row, np.zeros((errors.THUMB, errors.THUMB, 3), np.uint8))])
+print("matplotlib.pyplot" in sys.modules)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False"]
