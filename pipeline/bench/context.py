@@ -146,6 +146,27 @@ class Context:
             self.cache["bare"] = (n_pass, secs, feats)
         return self.cache["bare"]
 
+    def _features_run(self, imgs, k):
+        """(whole seconds, extraction seconds, plan seconds, path, its config, (steady img/s, start-up s) or None)
+        of one features run into a fresh cache folder."""
+        from pipeline.cache import extract as features
+
+        fcfg = imgs.fcfg(self.cfg, os.path.join(self.work, f"e2e-{k}"))
+        t0 = time.perf_counter()
+        with quiet():
+            plan = features.Plan(fcfg, log=lambda m: None)
+            if plan.up_to_date():
+                raise PipelineError(f"{plan.path}: unexpectedly up to date")
+            t1 = time.perf_counter()
+            path = features.extract(plan)
+        t2 = time.perf_counter()
+        st = getattr(plan, "stats", None) or {}
+        steady = None
+        if st.get("images", 0) > st.get("startup_images", 0) and st.get("seconds", 0) > st["startup_seconds"]:
+            steady = ((st["images"] - st["startup_images"]) / (st["seconds"] - st["startup_seconds"]),
+                      st["startup_seconds"])
+        return t2 - t0, t2 - t1, t1 - t0, path, fcfg, steady
+
     def e2e(self, paired=False):
         """Seconds of the whole features run and of its extraction phase, per repeat, fresh cache each.
         ``paired``: each run follows a timed bare pass (``self.cache["bare"]``), when extraction folds
@@ -153,26 +174,7 @@ class Context:
         pass of its call (``self.cache["bare_openvino"]``) and a decode-only pass (``self.cache["decode"]``),
         so that the figures of a repeat see the same load from other processes."""
         if "e2e" not in self.cache:
-            from pipeline.cache import extract as features
-
             imgs, totals, extracts, plans, paths = self.images(), [], [], [], []
-
-            def one(k):
-                fcfg = imgs.fcfg(self.cfg, os.path.join(self.work, f"e2e-{k}"))
-                t0 = time.perf_counter()
-                with quiet():
-                    plan = features.Plan(fcfg, log=lambda m: None)
-                    if plan.up_to_date():
-                        raise PipelineError(f"{plan.path}: unexpectedly up to date")
-                    t1 = time.perf_counter()
-                    path = features.extract(plan)
-                t2 = time.perf_counter()
-                st = getattr(plan, "stats", None) or {}
-                steady = None
-                if st.get("images", 0) > st.get("startup_images", 0) and st.get("seconds", 0) > st["startup_seconds"]:
-                    steady = ((st["images"] - st["startup_images"]) / (st["seconds"] - st["startup_seconds"]),
-                              st["startup_seconds"])
-                return t2 - t0, t2 - t1, t1 - t0, path, fcfg, steady
 
             steadies, bare_secs, feats = [], [], None
             folding = paired and self.cfg.fold_batchnorm and self.folds() > 0
@@ -198,7 +200,7 @@ class Context:
                         t0 = time.perf_counter()
                         fn()
                         other_secs[name].append(time.perf_counter() - t0)
-                total, ext, plan_s, path, fcfg, steady = one(k)
+                total, ext, plan_s, path, fcfg, steady = self._features_run(imgs, k)
                 if k >= self.cfg.warmup:
                     totals.append(total), extracts.append(ext), plans.append(plan_s), paths.append((path, fcfg))
                     if steady:

@@ -26,6 +26,56 @@ def combined(decode_ips, backbone_ips):
     return 1 / (1 / decode_ips + 1 / backbone_ips)
 
 
+def _folded(ctx, secs, extracts, n, n_pass):
+    """(metrics, rows shown, the call's seconds, its name): the folded call, when FOLD_BATCHNORM."""
+    if not ctx.cache.get("bare_folded"):
+        return {}, [], secs, "tensorflow"
+    fsecs = ctx.cache["bare_folded"]
+    extra = {"folded_ips": stat([n_pass / s for s in fsecs], "img/s"),
+             "fold_speedup": stat([b / f for b, f in zip(secs, fsecs)], "x"),
+             "own_ratio": stat([(n / e) / (n_pass / f) for e, f in zip(extracts, fsecs)], "x")}
+    show = [(f"bare backbone, {ctx.folds()} BatchNorm folded (extraction's TensorFlow call)", "folded_ips"),
+            ("folding speed-up of the bare call, per repeat", "fold_speedup"),
+            ("pipeline's own cost: extraction / folded call", "own_ratio")]
+    return extra, show, fsecs, "tensorflow, BatchNorm folded"
+
+
+def _openvino(ctx, tf_secs, own, n, n_pass):
+    """(metrics, rows shown, (the call's seconds, its name)): OpenVINO's call, when installed."""
+    if not ctx.cache.get("bare_openvino"):
+        return {}, [], own
+    from importlib import metadata
+
+    osecs, hint = ctx.cache["bare_openvino"], ctx.openvino().hint
+    extra = {"openvino_version": metadata.version("openvino"),
+             "openvino_ips": stat([n_pass / s for s in osecs], "img/s"),
+             "openvino_speedup": stat([t / o for t, o in zip(tf_secs, osecs)], "x")}
+    show = [(f"bare backbone, OpenVINO {hint} (RUNTIME=openvino's call)", "openvino_ips"),
+            ("OpenVINO speed-up over the TensorFlow call, per repeat", "openvino_speedup")]
+    if ctx.cfg.runtime == "openvino":
+        return extra, show, (osecs, f"openvino {hint}")
+    extra["combined_openvino_ips"] = stat([combined(n / d, n_pass / o)
+                                           for d, o in zip(ctx.cache["decode"], osecs)], "img/s")
+    show.append(("combined limit with OpenVINO's call (RUNTIME=openvino)", "combined_openvino_ips"))
+    return extra, show, own
+
+
+def _steady(ctx, bare_median, combined_median):
+    """(metrics, rows shown): the steady rate after the first batch and the start-up, when measured."""
+    if not ctx.cache.get("steady"):
+        return {}, []
+    extra = {"steady_ips": stat([s[0] for s in ctx.cache["steady"]], "img/s"),
+             "startup_s": stat([s[1] for s in ctx.cache["steady"]], "s")}
+    extra["steady_ratio"] = extra["steady_ips"]["median"] / bare_median
+    extra["steady_combined_ratio"] = extra["steady_ips"]["median"] / combined_median
+    extra["goal_images"] = goal_images(combined_median, extra["steady_ips"]["median"],
+                                       extra["startup_s"]["median"], GOAL)
+    return extra, [("features: after the first batch (steady)", "steady_ips"),
+                   ("features: start-up (trace or convert + compile, first batch)", "startup_s"),
+                   ("ratio steady / combined limit", "steady_combined_ratio"),
+                   ("images from which start-up is amortised to the goal", "goal_images")]
+
+
 def run(ctx):
     cfg = ctx.cfg
     totals, extracts, plans, _ = ctx.e2e(paired=True)
@@ -38,52 +88,17 @@ def run(ctx):
          "validate_s": stat([ctx.images().validate_seconds], "s"),
          "decode_ips": stat([n / s for s in ctx.cache["decode"]], "img/s")}
     ratio = m["extract_ips"]["median"] / m["bare_ips"]["median"]
-    extra, show_folded, show_openvino = {}, [], []
-    own_secs, own_name = secs, "tensorflow"  # the call extraction runs, per repeat, and what it is
-    if ctx.cache.get("bare_folded"):
-        fsecs = ctx.cache["bare_folded"]
-        extra["folded_ips"] = stat([n_pass / s for s in fsecs], "img/s")
-        extra["fold_speedup"] = stat([b / f for b, f in zip(secs, fsecs)], "x")
-        extra["own_ratio"] = stat([(n / e) / (n_pass / f) for e, f in zip(extracts, fsecs)], "x")
-        show_folded = [(f"bare backbone, {ctx.folds()} BatchNorm folded (extraction's TensorFlow call)", "folded_ips"),
-                       ("folding speed-up of the bare call, per repeat", "fold_speedup"),
-                       ("pipeline's own cost: extraction / folded call", "own_ratio")]
-        own_secs, own_name = fsecs, "tensorflow, BatchNorm folded"
-    tf_secs = own_secs
-    if ctx.cache.get("bare_openvino"):
-        osecs = ctx.cache["bare_openvino"]
-        hint = ctx.openvino().hint
-        from importlib import metadata
-
-        extra["openvino_version"] = metadata.version("openvino")
-        extra["openvino_ips"] = stat([n_pass / s for s in osecs], "img/s")
-        extra["openvino_speedup"] = stat([t / o for t, o in zip(tf_secs, osecs)], "x")
-        show_openvino = [(f"bare backbone, OpenVINO {hint} (RUNTIME=openvino's call)", "openvino_ips"),
-                         ("OpenVINO speed-up over the TensorFlow call, per repeat", "openvino_speedup")]
-        if cfg.runtime == "openvino":
-            own_secs, own_name = osecs, f"openvino {hint}"
-        else:
-            extra["combined_openvino_ips"] = stat([combined(n / d, n_pass / o)
-                                                   for d, o in zip(ctx.cache["decode"], osecs)], "img/s")
-            show_openvino.append(("combined limit with OpenVINO's call (RUNTIME=openvino)", "combined_openvino_ips"))
+    extra, show_folded, own_secs, own_name = _folded(ctx, secs, extracts, n, n_pass)
+    more, show_openvino, (own_secs, own_name) = _openvino(ctx, own_secs, (own_secs, own_name), n, n_pass)
+    extra.update(more)
     decode = ctx.cache["decode"]
     extra["backbone_ips"] = stat([n_pass / s for s in own_secs], "img/s")
     extra["combined_ips"] = stat([combined(n / d, n_pass / b) for d, b in zip(decode, own_secs)], "img/s")
     extra["combined_paired"] = stat([(n / e) / combined(n / d, n_pass / b)
                                      for e, d, b in zip(extracts, decode, own_secs)], "x")
     combined_ratio = m["extract_ips"]["median"] / extra["combined_ips"]["median"]
-    show_steady = []
-    if ctx.cache.get("steady"):
-        extra["steady_ips"] = stat([s[0] for s in ctx.cache["steady"]], "img/s")
-        extra["startup_s"] = stat([s[1] for s in ctx.cache["steady"]], "s")
-        extra["steady_ratio"] = extra["steady_ips"]["median"] / m["bare_ips"]["median"]
-        extra["steady_combined_ratio"] = extra["steady_ips"]["median"] / extra["combined_ips"]["median"]
-        extra["goal_images"] = goal_images(extra["combined_ips"]["median"], extra["steady_ips"]["median"],
-                                           extra["startup_s"]["median"], GOAL)
-        show_steady = [("features: after the first batch (steady)", "steady_ips"),
-                       ("features: start-up (trace or convert + compile, first batch)", "startup_s"),
-                       ("ratio steady / combined limit", "steady_combined_ratio"),
-                       ("images from which start-up is amortised to the goal", "goal_images")]
+    more, show_steady = _steady(ctx, m["bare_ips"]["median"], extra["combined_ips"]["median"])
+    extra.update(more)
     paired = stat([(n / e) / (n_pass / b) for e, b in zip(extracts, secs)], "x")
     return {"metrics": {**m, **extra, "ratio": ratio, "paired_ratio": paired, "runtime": cfg.runtime,
                         "backbone_call": own_name, "combined_ratio": combined_ratio,

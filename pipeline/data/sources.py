@@ -85,30 +85,8 @@ def scan_tree(root, val_fraction=0.15, test_fraction=0.15, seed=0, per_class=0,
     if not os.path.isdir(root):
         raise PipelineError(f"DATA={root}: no such folder; give a class-folder tree "
                             f"(one sub-folder per class) or one of: {', '.join(BUILTIN)}")
-    tops = class_dirs(root)
-    split_trees = bool(tops) and all(d.lower() in SPLIT_DIRS for d in tops)
-    trees = [(d, SPLIT_DIRS[d.lower()]) for d in tops] if split_trees else [("", None)]
-    class_sets = {sub: class_dirs(os.path.join(root, sub)) for sub, _ in trees}
-    walker = Walker(root, [os.path.join(root, sub, c) for sub, cs in class_sets.items() for c in cs], dedupe)
-    for sub in ("", *class_sets):  # the root and the split trees: a link back into them is a loop
-        walker.claim(os.path.join(root, sub))
-    candidates, fixed_split = [], {}
-    for sub, split in trees:
-        for cls in class_sets[sub]:
-            for rel, path in walker.walk(os.path.join(root, sub, cls), os.path.join(sub, cls)):
-                candidates.append((rel, path))
-                fixed_split[rel] = split
-    class_names = sorted(set().union(*class_sets.values())) if class_sets else []
-    if split_trees:
-        for sub, classes in class_sets.items():
-            missing = sorted(set(class_names) - set(classes))
-            if missing:
-                raise PipelineError(f"DATA={root}: split folder {sub!r} has no folder for class(es) "
-                                    f"{', '.join(missing)}; every split needs every class")
-    if len(class_names) < 2:
-        raise PipelineError(f"DATA={root}: found {len(class_names)} class folder(s); "
-                            "a classifier needs at least 2 (one sub-folder per class)")
-    skipped, kept, ignored = list(walker.skipped), [], walker.ignored
+    walker, candidates, fixed_split, class_names, split_trees = _walk_classes(root, dedupe)
+    skipped, kept = list(walker.skipped), []
     supported = tuple("." + e for e in images.IMAGE_EXTENSIONS)
     to_check = []
     for rel, path in candidates:
@@ -133,12 +111,40 @@ def scan_tree(root, val_fraction=0.15, test_fraction=0.15, seed=0, per_class=0,
     if not split_trees:
         kept = fill_splits(kept, seed, val_fraction, test_fraction)
     kept = [kept[i] for i in limit_per_class(kept, per_class, seed)]
-    name = os.path.basename(os.path.normpath(root))
     kept_paths = {it.relpath for it in kept}
-    ds = Dataset(name, os.path.abspath(root), class_names, kept, sorted(skipped), ignored, max_pixels=max_pixels,
-                 bad={r: why for r, why in bad.items() if r in kept_paths})
+    ds = Dataset(os.path.basename(os.path.normpath(root)), os.path.abspath(root), class_names, kept, sorted(skipped),
+                 walker.ignored, max_pixels=max_pixels, bad={r: why for r, why in bad.items() if r in kept_paths})
     check_classes(ds, val_fraction, test_fraction, split_trees, root)
     return ds
+
+
+def _walk_classes(root, dedupe):
+    """(walker, [(relpath, path)] of every file under a class folder, {relpath: its split folder's split or
+    None}, class names, whether ``root`` holds split trees); one-line errors for a tree that is not one."""
+    tops = class_dirs(root)
+    split_trees = bool(tops) and all(d.lower() in SPLIT_DIRS for d in tops)
+    trees = [(d, SPLIT_DIRS[d.lower()]) for d in tops] if split_trees else [("", None)]
+    class_sets = {sub: class_dirs(os.path.join(root, sub)) for sub, _ in trees}
+    walker = Walker(root, [os.path.join(root, sub, c) for sub, cs in class_sets.items() for c in cs], dedupe)
+    for sub in ("", *class_sets):  # the root and the split trees: a link back into them is a loop
+        walker.claim(os.path.join(root, sub))
+    candidates, fixed_split = [], {}
+    for sub, split in trees:
+        for cls in class_sets[sub]:
+            for rel, path in walker.walk(os.path.join(root, sub, cls), os.path.join(sub, cls)):
+                candidates.append((rel, path))
+                fixed_split[rel] = split
+    class_names = sorted(set().union(*class_sets.values())) if class_sets else []
+    if split_trees:
+        for sub, classes in class_sets.items():
+            missing = sorted(set(class_names) - set(classes))
+            if missing:
+                raise PipelineError(f"DATA={root}: split folder {sub!r} has no folder for class(es) "
+                                    f"{', '.join(missing)}; every split needs every class")
+    if len(class_names) < 2:
+        raise PipelineError(f"DATA={root}: found {len(class_names)} class folder(s); "
+                            "a classifier needs at least 2 (one sub-folder per class)")
+    return walker, candidates, fixed_split, class_names, split_trees
 
 
 def digits(val_fraction=0.15, test_fraction=0.15, seed=0, per_class=0) -> Dataset:

@@ -55,7 +55,7 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     """Cross-validated grid search of every head's main regularisation on train+val; the leaderboard,
     the winner refitted on train+val and reported on test. ``extra``: fixed hyper-parameters
     ({NAME: text}, applied to the swept heads that have them). Returns {"leaderboard", "best", "paths"}."""
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold
 
     names = _sweep_names(cfg.heads)
     fixed = fixed_params(names, extra)
@@ -76,27 +76,7 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     log(f"sweep over {', '.join(names)}: {cfg.cv}-fold CV on train+val ({len(y)} x {X.shape[1]}{with_views}), "
         f"scoring {cfg.scoring}, jobs {cfg.jobs}")
     def search(name):
-        head = registry.get(name)
-        back = {p.target: n for n, p in head.params.items()}
-        grid = {k: v for k, v in head.search_grid().items() if back[k] not in fixed[name]}
-        # the Keras head's folds run in this process: a joblib worker would import TensorFlow (seconds, noise)
-        jobs = 1 if head.kind == "keras" else cfg.jobs
-        gs = GridSearchCV(head.build(fixed[name], seed=cfg.head_seed), grid, scoring=cfg.scoring,
-                          cv=folds, n_jobs=jobs, refit=False, error_score=np.nan)
-        t0 = time.perf_counter()
-        gs.fit(X, y)
-        r = gs.cv_results_
-        rows = [{"params": {back[k]: artifacts.jsonable(v) for k, v in p.items()},
-                 "mean": float(m), "std": float(s), "fit_seconds": float(f)}
-                for p, m, s, f in zip(r["params"], r["mean_test_score"], r["std_test_score"], r["mean_fit_time"])]
-        ok = [row for row in rows if np.isfinite(row["mean"])]
-        if not ok:
-            log(f"{name}: every fit failed on this data; left out")
-            return None
-        best = max(ok, key=lambda row: row["mean"])  # first of equals: grids run from strong regularisation
-        best = {**best, "params": {**{k: artifacts.jsonable(v) for k, v in fixed[name].items()}, **best["params"]}}
-        log(f"  {name:<14} {best['mean']:.4f} ± {best['std']:.4f}  {head.describe(best['params'])}")
-        return {"head": name, **best, "seconds": time.perf_counter() - t0, "candidates": rows}
+        return _search(name, cfg, fixed[name], X, y, folds, log)
 
     board = [row for row in _overlapped(search, names, cfg.jobs) if row is not None]
     if not board:
@@ -120,6 +100,34 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     paths["leaderboard"] = lb_path
     log(f"leaderboard in {lb_path} and .csv")
     return {"leaderboard": board, "best": win, "paths": paths, "estimator": est}
+
+
+def _search(name, cfg, fixed, X, y, folds, log):
+    """One head's cross-validated grid search: its best row (with every candidate) or None when every fit
+    failed. ``fixed``: the hyper-parameters not searched."""
+    from sklearn.model_selection import GridSearchCV
+
+    head = registry.get(name)
+    back = {p.target: n for n, p in head.params.items()}
+    grid = {k: v for k, v in head.search_grid().items() if back[k] not in fixed}
+    # the Keras head's folds run in this process: a joblib worker would import TensorFlow (seconds, noise)
+    jobs = 1 if head.kind == "keras" else cfg.jobs
+    gs = GridSearchCV(head.build(fixed, seed=cfg.head_seed), grid, scoring=cfg.scoring,
+                      cv=folds, n_jobs=jobs, refit=False, error_score=np.nan)
+    t0 = time.perf_counter()
+    gs.fit(X, y)
+    r = gs.cv_results_
+    rows = [{"params": {back[k]: artifacts.jsonable(v) for k, v in p.items()},
+             "mean": float(m), "std": float(s), "fit_seconds": float(f)}
+            for p, m, s, f in zip(r["params"], r["mean_test_score"], r["std_test_score"], r["mean_fit_time"])]
+    ok = [row for row in rows if np.isfinite(row["mean"])]
+    if not ok:
+        log(f"{name}: every fit failed on this data; left out")
+        return None
+    best = max(ok, key=lambda row: row["mean"])  # first of equals: grids run from strong regularisation
+    best = {**best, "params": {**{k: artifacts.jsonable(v) for k, v in fixed.items()}, **best["params"]}}
+    log(f"  {name:<14} {best['mean']:.4f} ± {best['std']:.4f}  {head.describe(best['params'])}")
+    return {"head": name, **best, "seconds": time.perf_counter() - t0, "candidates": rows}
 
 
 def _overlapped(search, names, jobs) -> list:
