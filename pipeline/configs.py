@@ -87,6 +87,8 @@ class HeadConfig(FeaturesConfig):
     cv: int = opt(5, "sweep: stratified folds over train+val")
     scoring: str = opt("accuracy", "sweep: " + " | ".join(SCORINGS))
     jobs: int = opt(-1, "sweep: parallel fits through joblib (-1 = every core)")
+    memory_budget: str = opt("2GiB", "a cache whose rows, as float64, exceed this is read from disk a block at a "
+                                     "time: logreg then streams (SGD), dense reads batches, the others refuse")
 
 
 def _like(cls, name):
