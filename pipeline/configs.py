@@ -16,7 +16,7 @@ OPTIMIZERS = ("adam", "sgd")
 UNFREEZE_HELP = ("a layer name or block prefix onwards (block_16, block5_conv1), N (the last N layers), "
                  "a fraction (0.3 of the layers), blocks:N (the last N blocks), all, none")
 BENCH_SECTIONS = ("overhead", "caching", "ceiling", "memory", "noop", "quality", "headloop", "peer")
-BENCH_OPT_IN = ("views",)  # long sections, run only when SECTIONS names them
+BENCH_OPT_IN = ("views", "scale")  # long sections, run only when SECTIONS names them
 # fine-tuning's defaults before the phase-2 schedule was measured (README: fine-tuning defaults)
 OLD_FINETUNE = "old defaults: UNFREEZE=blocks:2 FINETUNE_LR=1e-5 SCHEDULE=constant"
 DEFAULT_QUALITY = ("efficientnet_lite0::imagenet,"
@@ -87,6 +87,8 @@ class HeadConfig(FeaturesConfig):
     cv: int = opt(5, "sweep: stratified folds over train+val")
     scoring: str = opt("accuracy", "sweep: " + " | ".join(SCORINGS))
     jobs: int = opt(-1, "sweep: parallel fits through joblib (-1 = every core)")
+    memory_budget: str = opt("2GiB", "a cache whose rows, as float64, exceed this is read from disk a block at a "
+                                     "time: logreg then streams (SGD), dense reads batches, the others refuse")
 
 
 def _like(cls, name):
@@ -195,6 +197,8 @@ class BenchConfig(FeaturesConfig):
     views_backbones: str = opt(DEFAULT_VIEWS_BENCH, "views: comma list of backbone:alpha:weights (as QUALITY)")
     views_counts: str = opt("0,4,8", "views: the VIEWS compared (one cache of the largest serves the others)")
     views_epochs: int = opt(20, "views: epochs of the dense heads and of the guide's end-to-end fit")
+    scale_max: int = opt(100_000, "scale: the largest synthetic cache, in rows (10000, 100000 or 1000000)")
+    memory_budget: str = _like(HeadConfig, "memory_budget")
     reports_dir: str = opt("reports", "where bench-<date>.json and .md are written")
     tag: str = opt("", "suffix of the report names, e.g. before / after")
 

@@ -40,14 +40,8 @@ class Split:
     features: np.ndarray
     labels: np.ndarray
     paths: np.ndarray
-
-    @property
-    def X(self) -> np.ndarray:  # noqa: N802 - scikit-learn's name
-        return self.features
-
-    @property
-    def y(self) -> np.ndarray:
-        return self.labels
+    X = property(lambda self: self.features)  # noqa: N815 - scikit-learn's name
+    y = property(lambda self: self.labels)
 
 
 @dataclass
@@ -103,7 +97,7 @@ class Damaged(PipelineError):
         self.path, self.reason = path, reason
 
 
-def _open(path, mode):
+def open_file(path, mode):
     try:
         return h5py.File(path, mode, rdcc_nbytes=CHUNK_CACHE_BYTES)
     except OSError as e:
@@ -146,7 +140,7 @@ def check_header(path, expect_key=None, check_finite=False) -> dict:
     no NaN/inf row flagged by the writer), read without its rows: any damage is a one-line error."""
     if not os.path.exists(path):
         raise PipelineError(f"{path}: no such cache file; run make features")
-    with _open(path, "r") as f:
+    with open_file(path, "r") as f:
         meta = _attrs(f, path)
         _check_key(f, path, expect_key)
         try:
@@ -161,11 +155,17 @@ def check_header(path, expect_key=None, check_finite=False) -> dict:
     return meta
 
 
-def load(path, expect_key=None, check_complete=True, check_finite=True) -> Cache:
-    """Load a complete cache into memory after checking its record; any damage is a one-line error."""
+def load(path, expect_key=None, check_complete=True, check_finite=True, budget=None) -> Cache:
+    """Load a complete cache into memory after checking its record; any damage is a one-line error. A file
+    :func:`verified` before is not hashed again. ``budget`` (bytes): when a float64 copy of its rows (what
+    scikit-learn heads make) would not fit it, the splits are lazy views instead (:mod:`pipeline.cache.lazy`)."""
     if not os.path.exists(path):
         raise PipelineError(f"{path}: no such cache file; run make features")
-    with _open(path, "r") as f:
+    from pipeline.cache import lazy  # here: lazy imports this module
+    if budget is not None and lazy.footprint(path) > budget:
+        return lazy.open_lazy(path, expect_key)
+    trusted = check_complete and verified(path)
+    with open_file(path, "r") as f:
         meta = _attrs(f, path)
         key, created = _check_key(f, path, expect_key), f.attrs.get("created", "")
         splits, kept = {}, {}
@@ -179,22 +179,31 @@ def load(path, expect_key=None, check_complete=True, check_finite=True) -> Cache
                 if n:
                     g["features"].read_direct(feats)
                 sha = g.attrs.get("sha256")  # before the NaN test: changed bytes are said as such
-                if check_complete and sha is not None and hashlib.sha256(feats.tobytes()).hexdigest() != sha:
+                if check_complete and not trusted and sha is not None and \
+                        hashlib.sha256(feats.tobytes()).hexdigest() != sha:
                     raise Damaged(path, f"split {s} has changed since it was written (checksum mismatch)")
                 keep = ~g["skipped"][()] if "skipped" in g else np.ones(n, bool)  # images that did not decode
                 if check_finite and not np.isfinite(feats[keep]).all():
                     raise _nonfinite(path, s)
-                labels, paths = g["labels"][()], g["paths"].asstr()[()]
-                if s == VIEWS:
-                    image, view = g["image"][()], g["view"][()]
-                    splits[s] = Views(feats[keep], labels[keep], paths[keep], image[keep], view[keep])
-                    continue
                 kept[s] = keep
-                if not keep.all():
-                    feats, labels, paths = feats[keep], labels[keep], paths[keep]
-                splits[s] = Split(feats, labels, paths)
+                splits[s] = group(g, s, feats, keep)
         except (OSError, KeyError, RuntimeError) as e:
             raise _corrupt(path, e) from None
+    return assemble(path, key, meta, created, splits, kept)
+
+
+def group(g, s, feats, keep) -> Split:
+    """Group ``g`` (split or extra group ``s``): its ``keep`` rows, ``feats`` its features or lazy kept rows."""
+    labels, paths = g["labels"][()][keep], g["paths"].asstr()[()][keep]
+    if isinstance(feats, np.ndarray) and not keep.all():
+        feats = feats[keep]
+    if s == VIEWS:
+        return Views(feats, labels, paths, g["image"][()][keep], g["view"][()][keep])
+    return Split(feats, labels, paths)
+
+
+def assemble(path, key, meta, created, splits, kept) -> Cache:
+    """The :class:`Cache` of a file's groups: views and TTA rows apart from the splits, and checked."""
     views = splits.pop(VIEWS, None)
     tta = {s: splits.pop(group) for s, group in TTA.items() if group in splits}
     for s, flipped in tta.items():
@@ -210,7 +219,7 @@ def verify(path) -> None:
     """Every split's rows of a complete file against the checksums recorded as they were written: each chunk's
     (its rows and skipped flags, read one at a time) and the split's (what :func:`load` checks). A mismatch, or
     a part that cannot be read, is :class:`Damaged` naming the rows."""
-    with _open(path, "r") as f:
+    with open_file(path, "r") as f:
         try:
             chunk = int(f.attrs.get("chunk", 0))
             for s in f:
@@ -228,8 +237,8 @@ def verify(path) -> None:
                                             "(checksum mismatch)")
                     total.update(rows.tobytes())
                     at = int(stop)
-                if not len(entries) and n:  # a file without chunk checksums: the split's only
-                    total.update(np.ascontiguousarray(g["features"][()]).tobytes())
+                for a in range(0, n if not len(entries) else 0, 4096):  # no chunk checksums: the split's only
+                    total.update(np.ascontiguousarray(g["features"][a:a + 4096]).tobytes())
                 if g.attrs.get("sha256") not in (None, total.hexdigest()):
                     raise Damaged(path, f"split {s} has changed since it was written (checksum mismatch)")
         except (OSError, KeyError, RuntimeError, ValueError) as e:

@@ -11,6 +11,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline import quiet
+from pipeline.cache import lazy
 from pipeline.errors import PipelineError
 from pipeline.heads.params import ints
 
@@ -144,6 +145,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         quiet.tensorflow()
         import keras
 
+        if isinstance(X, lazy.Rows):  # past MEMORY_BUDGET: batches read from the file
+            return self._fit_rows(X, y, validation_data)
         X, y = validate_data(self, X, y, dtype=np.float32)
         stacked = stack_views(X, *views) if views is not None and len(views[1]) else None
         check_classification_targets(y)
@@ -180,13 +183,39 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.history_ = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
         return self
 
+    def _fit_rows(self, X, y, validation_data):
+        """:meth:`fit` on lazy rows (no views, no held-out share: the val split is given), through :class:`Feed`."""
+        import keras
+
+        from pipeline.heads.feed import Feed
+
+        y = np.asarray(y)
+        check_classification_targets(y)
+        self.classes_, self.n_features_in_ = np.unique(y), X.shape[1]
+        if len(self.classes_) < 2 or validation_data is None:
+            raise ValueError("DenseHead on lazy rows needs at least two classes and validation_data")
+        yi = self._encode(y)
+        keras.utils.set_random_seed(self.seed)
+        model = compile_model(build_model(X.shape[1], len(self.classes_), ints(self.hidden), self.dropout),
+                              self.learning_rate)
+        val = Feed(validation_data[0], self._encode(np.asarray(validation_data[1])), 4096)
+        hist = model.fit(Feed(X, yi, self.batch_size, self.seed if self.shuffle else None), epochs=self.epochs,
+                         verbose=fit_verbose(self.verbose), validation_data=val,
+                         class_weight=keras_class_weight(self.class_weight, yi, len(self.classes_)),
+                         callbacks=[early_stopping(self.patience)])
+        self.model_ = model
+        self.history_ = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+        return self
+
     def predict_proba(self, X):
         check_is_fitted(self, "model_")
-        X = validate_data(self, X, dtype=np.float32, reset=False)
+        if not isinstance(X, lazy.Rows):
+            X = validate_data(self, X, dtype=np.float32, reset=False)
         import keras
 
         # direct calls in large batches: no per-call tf.function retracing (unlike model.predict in a loop)
-        p = np.concatenate([keras.ops.convert_to_numpy(self.model_(X[i:i + 4096], training=False))
+        p = np.concatenate([keras.ops.convert_to_numpy(self.model_(np.asarray(X[i:i + 4096], np.float32),
+                                                                   training=False))
                             for i in range(0, len(X), 4096)] or [np.zeros((0, self.model_.output_shape[-1]))])
         p = p.astype(np.float64)
         if p.shape[1] == 1:

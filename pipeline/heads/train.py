@@ -11,10 +11,10 @@ import time
 import numpy as np
 
 from pipeline import lock, records
-from pipeline.cache import store
+from pipeline.cache import lazy, store
 from pipeline.configs import FeaturesConfig, HeadConfig, asdict, fields, narrow
 from pipeline.errors import PipelineError
-from pipeline.heads import artifacts, registry
+from pipeline.heads import artifacts, registry, stream
 from pipeline.reports import errors, evaluate
 from pipeline.reports.audit import leaks
 
@@ -194,7 +194,9 @@ def run_head(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     head = registry.get(cfg.head)
     params = head.resolve(extra)
     check_outputs(cfg)
-    cache = store.load(resolve_cache(cfg, log))
+    cache = store.load(resolve_cache(cfg, log), budget=lazy.parse_budget(cfg.memory_budget))
+    if lazy.is_lazy(cache):  # past MEMORY_BUDGET
+        return stream.train_past_budget(cache, cfg, head.name, params, log)
     return train_head(cache, cfg, head.name, params, log)
 
 
