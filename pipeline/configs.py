@@ -39,7 +39,9 @@ class FeaturesConfig:
     weights: str = opt("imagenet", "imagenet (Keras cache / package), none (random), or a weights file")
     size: int = opt(0, "input size in pixels (0 = the backbone's default)")
     alpha: float = opt(0.0, "width multiplier for MobileNet families (0 = the family's default)")
-    pooling: str = opt("avg", "avg | max | flatten")
+    pooling: str = opt("avg", "avg | max | flatten | gem (generalised mean of the last feature map, exponent GEM_P)")
+    gem_p: float = opt(3.0, "POOLING=gem: the exponent p of mean(x^p)^(1/p) (1 = avg; large tends to max); part of "
+                            "the cache key only with POOLING=gem")
     interpolation: str = opt("bilinear", "resize: nearest | bilinear | bicubic | lanczos | area")
     dtype: str = opt("float32", "stored feature dtype: float32 | float16")
     precision: str = opt("float32", "backbone compute: float32 | bfloat16 | float16 (Keras mixed precision; "

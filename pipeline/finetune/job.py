@@ -175,7 +175,8 @@ def prepare(cfg: FinetuneConfig, extra: dict | None = None, log=print) -> Job:
                             f"{plan.dim}; retrain it with make head HEAD=dense")
     keras.utils.set_random_seed(cfg.head_seed)
     augment = augmentation(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, seed=cfg.head_seed)
-    model = build_model(plan.spec, plan.size, base, plan.cfg.pooling, est.model_, augment)
+    model = build_model(plan.spec, plan.size, base, plan.cfg.pooling, est.model_, augment,
+                        gem_p=plan.cfg.gem_p)
     table = parameter_table(model, base, plan.spec, policy)
     info = apply_unfreeze(base, plan.spec, policy)
     compile_model(model, cfg.optimizer, cfg.finetune_lr, cfg.momentum)

@@ -20,22 +20,23 @@ def augmentation(flip="horizontal", rotation=0.1, zoom=0.1, contrast=0.1, seed=0
     return keras.Sequential(layers, name="augment") if layers else None
 
 
-def build_model(spec, size, base, pooling, head_model, augment=None):
+def build_model(spec, size, base, pooling, head_model, augment=None, gem_p=3.0):
     """Raw (N, size, size, 3) pixels in [0, 255] -> ``augment`` -> the backbone's preprocessing -> ``base``
-    (always called with ``training=False``, see :class:`InferenceMode`) -> ``pooling`` -> a copy of ``head_model`` (features -> probabilities)
+    (always called with ``training=False``, see :class:`InferenceMode`) -> ``pooling`` (``gem_p``: GeM's exponent)
+    -> a copy of ``head_model`` (features -> probabilities)
     with its trained weights: fine-tuning leaves the cached head as it was. Layer names are fixed, so a
     rebuilt model takes a backup's weights."""
     import keras
 
-    from pipeline.backbones.extractor import POOLING_LAYERS
+    from pipeline.backbones.extractor import pooling_layer
     from pipeline.backbones.layers import InferenceMode, Preprocess
 
-    pool = choose(pooling, POOLING_LAYERS, "pooling")
+    pool = pooling_layer(pooling, gem_p)
     inputs = keras.Input((size, size, 3), name="pixels")
     x = augment(inputs) if augment is not None else inputs
     x = Preprocess(spec.preprocess, name="preprocess")(x)
     x = InferenceMode(base, name="backbone")(x)  # training=False even inside fit (Dropout off)
-    x = pool(name=f"{pooling}_pool")(x)
+    x = pool(x)
     head = keras.models.clone_model(head_model)
     head.set_weights(head_model.get_weights())
     outputs = head(x)
