@@ -131,7 +131,9 @@ class FinetuneConfig(HeadConfig):
     weight_decay: float = opt(0.0, "decoupled weight decay (biases excluded; OPTIMIZER=adam with it is AdamW)")
     label_smoothing: float = opt(0.0, "label smoothing of the fine-tuning loss (its val loss, and the head-only "
                                       "baseline's, are then smoothed too)")
-    finetune_patience: int = opt(3, "epochs without val-loss improvement before stopping (best weights kept)")
+    finetune_patience: int = opt(3, "epochs without val-loss improvement before stopping (best weights kept); with "
+                                    "SCHEDULE=cosine no epoch counts until the rate has fallen to a quarter of "
+                                    "its peak (the defaults then always run all FINETUNE_EPOCHS)")
     resume: bool = opt(True, "resume an interrupted fine-tune from its backup (0: start over)")
     verbose: int = opt(1, "Keras progress: 1 = progress bars on a terminal (else as 2), 2 = one line per epoch, "
                           "0 = off")

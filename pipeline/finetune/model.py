@@ -5,6 +5,8 @@ label-smoothed)."""
 
 from __future__ import annotations
 
+import math
+
 from pipeline.configs import OPTIMIZERS
 from pipeline.errors import PipelineError, choose
 
@@ -44,6 +46,7 @@ def build_model(spec, size, base, pooling, head_model, augment=None, gem_p=3.0):
 
 
 SCHEDULES = ("cosine", "constant")
+PROTECT_RATE = 0.25  # early stopping counts only epochs after the cosine rate has fallen to this share of its peak
 
 
 def check_options(schedule="constant", warmup=0.0, weight_decay=0.0, label_smoothing=0.0):
@@ -69,6 +72,20 @@ def learning_rate_schedule(peak, schedule="constant", total_steps=0, warmup=0.0)
         return keras.optimizers.schedules.CosineDecay(peak, total_steps)
     return keras.optimizers.schedules.CosineDecay(0.0, max(1, total_steps - warm), warmup_target=peak,
                                                   warmup_steps=warm)
+
+
+def protected_epochs(epochs, steps_per_epoch, schedule="cosine", warmup=0.0) -> int:
+    """How many first epochs early stopping never counts (Keras ``EarlyStopping(start_from_epoch=...)``): with
+    the cosine schedule, every epoch up to the one by whose end the rate has passed its peak and fallen to
+    PROTECT_RATE of it (three quarters of its decay done), so that a run never stops in its high-rate part;
+    0 with a constant rate. The steps are counted as :func:`learning_rate_schedule` counts them."""
+    if schedule != "cosine" or epochs < 1 or steps_per_epoch < 1:
+        return 0
+    total = epochs * steps_per_epoch
+    warm = int(round(warmup * total))
+    decay = max(1, total - warm)
+    fraction = math.acos(2 * PROTECT_RATE - 1) / math.pi  # (1 + cos(pi f)) / 2 = PROTECT_RATE
+    return min(epochs, math.ceil((warm + fraction * decay) / steps_per_epoch - 1e-9))
 
 
 def make_optimizer(optimizer="adam", learning_rate=1e-5, momentum=0.9, weight_decay=0.0):
