@@ -9,13 +9,12 @@ import time
 import numpy as np
 
 from pipeline import records
-from pipeline.cache import store
 from pipeline.configs import SCORINGS, HeadConfig
 from pipeline.errors import PipelineError
 from pipeline.heads import artifacts, registry
 from pipeline.reports import evaluate
 from pipeline.reports import figures as plotter
-from pipeline.heads.train import check_outputs, check_splits, finish, fit, resolve_cache, views_of
+from pipeline.heads.train import check_outputs, check_splits, finish, fit, load_cache, views_of
 
 
 def _sweep_names(text):
@@ -63,7 +62,7 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     if cfg.scoring not in SCORINGS:
         raise PipelineError(f"unknown scoring {cfg.scoring!r}; valid: {', '.join(SCORINGS)}")
     check_outputs(cfg)
-    cache = store.load(resolve_cache(cfg, log))
+    cache = load_cache(cfg, log)
     check_splits(cache)
     X = np.concatenate([cache.splits["train"].features, cache.splits["val"].features])
     y = np.concatenate([cache.splits["train"].labels, cache.splits["val"].labels])

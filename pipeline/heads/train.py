@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from pipeline import lock, records
-from pipeline.cache import store
+from pipeline.cache import ensemble, store
 from pipeline.configs import FeaturesConfig, HeadConfig, asdict, fields, narrow
 from pipeline.errors import PipelineError
 from pipeline.heads import artifacts, registry
@@ -52,6 +52,22 @@ def resolve_cache(cfg: HeadConfig, log=print) -> str:
         raise PipelineError(f"no feature cache for this configuration ({plan.path}); make it with: "
                             f"{features_command(fcfg)}")
     return served
+
+
+def load_cache(cfg, log=print) -> store.Cache:
+    """The cache a head (sweep, audit) works on, loaded: :func:`resolve_cache`'s file, or with
+    ``BACKBONE=a+b`` every member's cache resolved on its own and joined (:mod:`pipeline.cache.ensemble`)."""
+    if cfg.cache or not ensemble.is_ensemble(cfg.backbone):
+        return store.load(resolve_cache(cfg, log))
+    members = ensemble.member_configs(cfg)
+    paths = []
+    for i, member in enumerate(members, 1):
+        log(f"ensemble member {i} of {len(members)}: {member.backbone}" + (f"@{member.size}" if member.size else ""))
+        paths.append(resolve_cache(member, log))
+    cache = ensemble.join(paths, cfg.backbone)
+    log(f"ensemble of {len(members)} caches joined by image content: {cache.config['feature_dim']} features "
+        "(each member L2-normalised, then standardised)")
+    return cache
 
 
 def check_outputs(cfg: HeadConfig) -> None:
@@ -196,7 +212,7 @@ def run_head(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     head = registry.get(cfg.head)
     params = head.resolve(extra)
     check_outputs(cfg)
-    cache = store.load(resolve_cache(cfg, log))
+    cache = load_cache(cfg, log)
     return train_head(cache, cfg, head.name, params, log)
 
 

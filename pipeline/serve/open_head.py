@@ -24,6 +24,9 @@ def cache_config(rec: dict, rec_path: str) -> tuple[dict, dict | None, str | Non
     said so in the note."""
     from pipeline.cache import store
 
+    if "+" in str((rec.get("config") or {}).get("backbone") or ""):
+        raise PipelineError(f"{rec_path}: a head on a feature ensemble ({rec['config']['backbone']}) runs on cached "
+                            "features only: predict and export of an ensemble are not built yet")
     cache_path = rec.get("cache_path") or ""
     if cache_path and os.path.exists(cache_path):
         try:

@@ -14,7 +14,7 @@ from pipeline.cache import store
 from pipeline.configs import AuditConfig
 from pipeline.errors import PipelineError
 from pipeline.heads import artifacts
-from pipeline.heads.train import resolve_cache
+from pipeline.heads.train import load_cache
 from pipeline.reports import html
 from pipeline.reports.audit import Skipped, scored, sections
 
@@ -105,7 +105,7 @@ def audit_cache(cache: store.Cache, cfg: AuditConfig, log=print) -> dict:
 def run(cfg: AuditConfig, log=print) -> dict:
     """The audit of the cache of ``cfg`` (made first when missing and EXTRACT=1)."""
     check_options(cfg)
-    return audit_cache(store.load(resolve_cache(cfg, log)), cfg, log)
+    return audit_cache(load_cache(cfg, log), cfg, log)
 
 
 def step(cfg: AuditConfig, extra: dict | None = None) -> None:
