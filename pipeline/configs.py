@@ -39,7 +39,9 @@ class FeaturesConfig:
     weights: str = opt("imagenet", "imagenet (Keras cache / package), none (random), or a weights file")
     size: int = opt(0, "input size in pixels (0 = the backbone's default)")
     alpha: float = opt(0.0, "width multiplier for MobileNet families (0 = the family's default)")
-    pooling: str = opt("avg", "avg | max | flatten")
+    pooling: str = opt("avg", "avg | max | flatten | gem (generalised mean of the last feature map, exponent GEM_P)")
+    gem_p: float = opt(3.0, "POOLING=gem: the exponent p of mean(x^p)^(1/p) (1 = avg; large tends to max); part of "
+                            "the cache key only with POOLING=gem")
     interpolation: str = opt("bilinear", "resize: nearest | bilinear | bicubic | lanczos | area")
     dtype: str = opt("float32", "stored feature dtype: float32 | float16")
     precision: str = opt("float32", "backbone compute: float32 | bfloat16 | float16 (Keras mixed precision; "
@@ -131,7 +133,9 @@ class FinetuneConfig(HeadConfig):
     weight_decay: float = opt(0.0, "decoupled weight decay (biases excluded; OPTIMIZER=adam with it is AdamW)")
     label_smoothing: float = opt(0.0, "label smoothing of the fine-tuning loss (its val loss, and the head-only "
                                       "baseline's, are then smoothed too)")
-    finetune_patience: int = opt(3, "epochs without val-loss improvement before stopping (best weights kept)")
+    finetune_patience: int = opt(3, "epochs without val-loss improvement before stopping (best weights kept); with "
+                                    "SCHEDULE=cosine no epoch counts until the rate has fallen to a quarter of "
+                                    "its peak (the defaults then always run all FINETUNE_EPOCHS)")
     resume: bool = opt(True, "resume an interrupted fine-tune from its backup (0: start over)")
     verbose: int = opt(1, "Keras progress: 1 = progress bars on a terminal (else as 2), 2 = one line per epoch, "
                           "0 = off")

@@ -70,3 +70,35 @@ def test_no_environment_test_hooks():
     found = {f"{_rel(p)}: {m}" for p in MODULES for m in re.findall(r"PIPELINE_[A-Z_]+", p.read_text())
              if m not in allowed}
     assert not found, "environment hooks: " + ", ".join(sorted(found))
+
+
+LAYERS = ("data", "backbones", "cache", "reports", "heads", "finetune", "serve", "bench")  # the data's way
+
+
+def _layer(module: str):
+    """Where ``module`` (dotted) stands on the data's way: -1 the utilities at the top of the package (errors,
+    records, configs, ...), then LAYERS in order, the CLI last; None outside the package."""
+    parts = module.split(".")
+    if parts[0] != "pipeline":
+        return None
+    if len(parts) > 1 and parts[1] in LAYERS:
+        return LAYERS.index(parts[1])
+    return len(LAYERS) if len(parts) > 1 and parts[1] in ("cli", "steps", "__main__") else -1
+
+
+def test_imports_run_down_the_data_way_only():
+    """A package imports only packages before it (data -> backbones -> cache -> reports -> heads -> finetune ->
+    serve -> bench); the utilities import none of them; only the API (``pipeline/__init__``) and the CLI sit on
+    top of everything."""
+    up = []
+    for p in MODULES:
+        module = ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if module == "pipeline.__init__":
+            continue
+        me = _layer(module)
+        for node in ast.walk(_tree(p)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"pipeline.{a.name}" for a in node.names if node.module == "pipeline"]
+            up += [f"{_rel(p)}:{node.lineno} -> {n}" for n in names if _layer(n) is not None and _layer(n) > me]
+    assert not up, "imports up the data's way: " + ", ".join(up)

@@ -5,24 +5,34 @@ from __future__ import annotations
 import keras
 
 from pipeline.backbones import registry
-from pipeline.backbones.layers import Preprocess
+from pipeline.backbones.layers import GeneralizedMeanPooling2D, Preprocess
 from pipeline.errors import choose
 
 POOLING_LAYERS = {
     "avg": keras.layers.GlobalAveragePooling2D,
     "max": keras.layers.GlobalMaxPooling2D,
     "flatten": keras.layers.Flatten,
+    "gem": GeneralizedMeanPooling2D,
 }
+GEM_P = 3.0  # the default generalised-mean exponent (FeaturesConfig.gem_p)
+
+
+def pooling_layer(pooling, gem_p=GEM_P):
+    """The pooling layer of ``pooling`` (named ``<pooling>_pool``); ``gem`` takes its exponent ``gem_p``."""
+    cls = choose(pooling, POOLING_LAYERS, "pooling")
+    if pooling == "gem":
+        return cls(p=gem_p, name="gem_pool")
+    return cls(name=f"{pooling}_pool")
 
 
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
-def build(spec, size, weights, pooling, alpha=None, seed=0, precision="float32", keras_home=""):
+def build(spec, size, weights, pooling, alpha=None, seed=0, precision="float32", keras_home="", gem_p=GEM_P):
     """(extractor, base): ``extractor`` maps (N, size, size, 3) pixels in [0, 255] to pooled float32
-    features. ``precision`` other than float32: the layers compute in it (Keras mixed precision, weights
-    kept in float32)."""
-    pool = choose(pooling, POOLING_LAYERS, "pooling")
+    features (``gem_p``: the exponent of ``pooling="gem"``). ``precision`` other than float32: the layers
+    compute in it (Keras mixed precision, weights kept in float32)."""
+    pool = pooling_layer(pooling, gem_p)
     policy = choose(precision, PRECISIONS, "precision")
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
@@ -32,7 +42,7 @@ def build(spec, size, weights, pooling, alpha=None, seed=0, precision="float32",
         inputs = keras.Input((size, size, 3), name="pixels")
         x = Preprocess(spec.preprocess, name="preprocess")(inputs)
         x = base(x, training=False)
-        outputs = pool(name=f"{pooling}_pool")(x)
+        outputs = pool(x)
         if policy != "float32":
             outputs = keras.layers.Activation("linear", dtype="float32", name="to_float32")(outputs)
     finally:

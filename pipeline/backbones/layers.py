@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import keras
 
-from pipeline.errors import choose
+from pipeline.errors import PipelineError, choose
 
 LITE0_MEAN, LITE0_STD = 127.0, 128.0
 
@@ -69,3 +69,31 @@ class InferenceMode(keras.layers.Layer):
         config = dict(config)
         config["layer"] = keras.saving.deserialize_keras_object(config["layer"])
         return cls(**config)
+
+
+GEM_EPS = 1e-6  # activations are clamped at this before the power (ReLU outputs are 0 at places)
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class GeneralizedMeanPooling2D(keras.layers.Layer):
+    """Generalised-mean (GeM) pooling of a (N, H, W, C) feature map: ``mean_{H,W}(max(x, eps)^p)^(1/p)`` per
+    channel, computed in float32. ``p=1`` is average pooling; a large ``p`` tends to max pooling. ``p`` is a
+    fixed option, not a trained weight."""
+
+    def __init__(self, p=3.0, eps=GEM_EPS, **kwargs):
+        super().__init__(**kwargs)
+        p = float(p)
+        if not p > 0 or p != p or p == float("inf"):
+            raise PipelineError(f"GEM_P={p:g}: the generalised-mean exponent must be a finite number above 0")
+        self.p, self.eps = p, float(eps)
+
+    def call(self, x):
+        x = keras.ops.maximum(keras.ops.cast(x, "float32"), self.eps)
+        m = keras.ops.mean(keras.ops.power(x, self.p), axis=(1, 2))
+        return keras.ops.power(m, 1.0 / self.p)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "p": self.p, "eps": self.eps}

@@ -33,7 +33,8 @@ def made_from(identity: dict) -> dict:
     (:class:`pipeline.cache.plan.Plan`): the backbone, its weights digest, size, alpha, preprocessing, pooling,
     BatchNorm folding, the extraction version, this store's format and the converting packages' versions. Not
     the images, the stored dtype, the views (outside the graph) nor the precision (a compile-time hint)."""
-    return {**{k: identity.get(k) for k in FIELDS}, "weights_sha256": identity["weights"]["sha256"],
+    gem = {"gem_p": identity["gem_p"]} if "gem_p" in identity else {}  # POOLING=gem only: other keys unchanged
+    return {**{k: identity.get(k) for k in FIELDS}, **gem, "weights_sha256": identity["weights"]["sha256"],
             "format": FORMAT, "versions": records.versions(VERSIONS)}
 
 

@@ -75,7 +75,7 @@ def _entries():
 
 LITE = ("lite0", "lite1", "lite2")  # constructors built by pipeline.backbones.lite, not keras.applications
 BACKBONES = {b.name: b for b in _entries()}
-POOLINGS = ("avg", "max", "flatten")
+POOLINGS = ("avg", "max", "flatten", "gem")  # gem: generalised mean, GEM_P
 
 
 def get(name: str) -> Backbone:

@@ -53,7 +53,8 @@ class Context:
             from pipeline.backbones import extractor
 
             model, _ = extractor.build(self.spec, self.size, cfg.weights, cfg.pooling, alpha=cfg.alpha or None,
-                                       seed=cfg.seed, precision=precision, keras_home=cfg.keras_home)
+                                       seed=cfg.seed, precision=precision, keras_home=cfg.keras_home,
+                                       gem_p=cfg.gem_p)
             self.cache[key] = model
         return self.cache[key]
 

@@ -174,11 +174,12 @@ def _guide(ctx, fcfg, cache_dir) -> dict:
     t0 = time.perf_counter()
     keras.utils.set_random_seed(cfg.seed)
     fx, base = extractor.build(spec, size, fcfg.weights, fcfg.pooling, alpha=fcfg.alpha or None, seed=fcfg.seed,
-                               keras_home=fcfg.keras_home)
+                               keras_home=fcfg.keras_home, gem_p=fcfg.gem_p)
     base.trainable = False
     head = dense.build_model(int(fx.output_shape[-1]), len(ds.class_names))  # DenseHead's defaults
     model = build_model(spec, size, base, fcfg.pooling, head,
-                        augmentation(fcfg.flip, fcfg.rotation, fcfg.zoom, fcfg.contrast, seed=cfg.seed))
+                        augmentation(fcfg.flip, fcfg.rotation, fcfg.zoom, fcfg.contrast, seed=cfg.seed),
+                        gem_p=fcfg.gem_p)
     dense.compile_model(model)
     clock = Clock()
     keep_best = keras.callbacks.EarlyStopping(monitor="val_loss", patience=epochs, restore_best_weights=True)

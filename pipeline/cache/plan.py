@@ -41,6 +41,8 @@ class Plan:
         self.spec = registry.get(cfg.backbone)
         choose(cfg.dtype, DTYPES, "dtype")
         choose(cfg.pooling, dict.fromkeys(registry.POOLINGS), "pooling")
+        if cfg.pooling == "gem" and not 0 < cfg.gem_p < float("inf"):
+            raise PipelineError(f"GEM_P={cfg.gem_p:g}: the generalised-mean exponent must be a finite number above 0")
         choose(cfg.interpolation, images.INTERPOLATIONS, "interpolation")
         choose(cfg.precision, dict.fromkeys(PRECISIONS), "precision")
         choose(cfg.engine, dict.fromkeys(ENGINES), "engine")
@@ -129,7 +131,7 @@ class Plan:
         runtimes.check_precision(cfg.runtime, cfg.precision)  # e.g. bfloat16 on a CPU without it: one line
         model, base = extractor.build(self.spec, self.size, cfg.weights, cfg.pooling, alpha=cfg.alpha or None,
                                       seed=cfg.seed, precision=runtimes.keras_precision(cfg.runtime, cfg.precision),
-                                      keras_home=cfg.keras_home)
+                                      keras_home=cfg.keras_home, gem_p=cfg.gem_p)
         sha, dim = registry.weights_digest(base), int(model.output_shape[-1])
         if getattr(self, "key", None) is not None and (sha, dim) != (self.identity["weights"]["sha256"], self.dim):
             self.log("the weights differ from what the cache folder remembered: the key is recomputed")
@@ -152,6 +154,8 @@ class Plan:
             "fold_batchnorm": cfg.fold_batchnorm,
             "extract_version": EXTRACT_VERSION,
         }
+        if cfg.pooling == "gem":  # only then: every other pooling keeps the key it always had
+            self.identity["gem_p"] = float(cfg.gem_p)
         if cfg.views:  # only then: a cache without views keeps the key it always had
             self.identity["views"] = {"count": cfg.views, "seed": cfg.seed, "flip": cfg.flip,
                                       "rotation": cfg.rotation, "zoom": cfg.zoom, "contrast": cfg.contrast}

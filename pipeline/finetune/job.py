@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from pipeline import records
-from pipeline.cache import store
+from pipeline.cache import resolve, store
 from pipeline.configs import FLIPS, OPTIMIZERS, FeaturesConfig, FinetuneConfig, HeadConfig, fields, narrow
 from pipeline.data import sources
 from pipeline.errors import PipelineError, choose
@@ -107,7 +107,7 @@ def _resolve_cache(cfg, plan, log):
         return served
     if not cfg.extract:
         raise PipelineError(f"no feature cache for this configuration ({plan.path}); make it with: "
-                            f"{head_train.features_command(plan.cfg)}")
+                            f"{resolve.features_command(plan.cfg)}")
     path = extract.ensure(plan)
     extract.report_skipped(plan)
     return path
@@ -175,7 +175,8 @@ def prepare(cfg: FinetuneConfig, extra: dict | None = None, log=print) -> Job:
                             f"{plan.dim}; retrain it with make head HEAD=dense")
     keras.utils.set_random_seed(cfg.head_seed)
     augment = augmentation(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, seed=cfg.head_seed)
-    model = build_model(plan.spec, plan.size, base, plan.cfg.pooling, est.model_, augment)
+    model = build_model(plan.spec, plan.size, base, plan.cfg.pooling, est.model_, augment,
+                        gem_p=plan.cfg.gem_p)
     table = parameter_table(model, base, plan.spec, policy)
     info = apply_unfreeze(base, plan.spec, policy)
     compile_model(model, cfg.optimizer, cfg.finetune_lr, cfg.momentum)

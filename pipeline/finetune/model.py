@@ -5,6 +5,8 @@ label-smoothed)."""
 
 from __future__ import annotations
 
+import math
+
 from pipeline.configs import OPTIMIZERS
 from pipeline.errors import PipelineError, choose
 
@@ -20,22 +22,23 @@ def augmentation(flip="horizontal", rotation=0.1, zoom=0.1, contrast=0.1, seed=0
     return keras.Sequential(layers, name="augment") if layers else None
 
 
-def build_model(spec, size, base, pooling, head_model, augment=None):
+def build_model(spec, size, base, pooling, head_model, augment=None, gem_p=3.0):
     """Raw (N, size, size, 3) pixels in [0, 255] -> ``augment`` -> the backbone's preprocessing -> ``base``
-    (always called with ``training=False``, see :class:`InferenceMode`) -> ``pooling`` -> a copy of ``head_model`` (features -> probabilities)
+    (always called with ``training=False``, see :class:`InferenceMode`) -> ``pooling`` (``gem_p``: GeM's exponent)
+    -> a copy of ``head_model`` (features -> probabilities)
     with its trained weights: fine-tuning leaves the cached head as it was. Layer names are fixed, so a
     rebuilt model takes a backup's weights."""
     import keras
 
-    from pipeline.backbones.extractor import POOLING_LAYERS
+    from pipeline.backbones.extractor import pooling_layer
     from pipeline.backbones.layers import InferenceMode, Preprocess
 
-    pool = choose(pooling, POOLING_LAYERS, "pooling")
+    pool = pooling_layer(pooling, gem_p)
     inputs = keras.Input((size, size, 3), name="pixels")
     x = augment(inputs) if augment is not None else inputs
     x = Preprocess(spec.preprocess, name="preprocess")(x)
     x = InferenceMode(base, name="backbone")(x)  # training=False even inside fit (Dropout off)
-    x = pool(name=f"{pooling}_pool")(x)
+    x = pool(x)
     head = keras.models.clone_model(head_model)
     head.set_weights(head_model.get_weights())
     outputs = head(x)
@@ -43,6 +46,7 @@ def build_model(spec, size, base, pooling, head_model, augment=None):
 
 
 SCHEDULES = ("cosine", "constant")
+PROTECT_RATE = 0.25  # early stopping counts only epochs after the cosine rate has fallen to this share of its peak
 
 
 def check_options(schedule="constant", warmup=0.0, weight_decay=0.0, label_smoothing=0.0):
@@ -68,6 +72,20 @@ def learning_rate_schedule(peak, schedule="constant", total_steps=0, warmup=0.0)
         return keras.optimizers.schedules.CosineDecay(peak, total_steps)
     return keras.optimizers.schedules.CosineDecay(0.0, max(1, total_steps - warm), warmup_target=peak,
                                                   warmup_steps=warm)
+
+
+def protected_epochs(epochs, steps_per_epoch, schedule="cosine", warmup=0.0) -> int:
+    """How many first epochs early stopping never counts (Keras ``EarlyStopping(start_from_epoch=...)``): with
+    the cosine schedule, every epoch up to the one by whose end the rate has passed its peak and fallen to
+    PROTECT_RATE of it (three quarters of its decay done), so that a run never stops in its high-rate part;
+    0 with a constant rate. The steps are counted as :func:`learning_rate_schedule` counts them."""
+    if schedule != "cosine" or epochs < 1 or steps_per_epoch < 1:
+        return 0
+    total = epochs * steps_per_epoch
+    warm = int(round(warmup * total))
+    decay = max(1, total - warm)
+    fraction = math.acos(2 * PROTECT_RATE - 1) / math.pi  # (1 + cos(pi f)) / 2 = PROTECT_RATE
+    return min(epochs, math.ceil((warm + fraction * decay) / steps_per_epoch - 1e-9))
 
 
 def make_optimizer(optimizer="adam", learning_rate=1e-5, momentum=0.9, weight_decay=0.0):

@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from pipeline import records
+from pipeline.cache import resolve
 from pipeline.configs import asdict
 from pipeline.finetune import artifact
 from pipeline.finetune.job import HEAD_NAME, NAME, Job
@@ -69,7 +70,7 @@ def finish(job: Job, result: dict, log=None) -> dict:
     rows = result["rows"]
     history, n1 = combined_history(job.head.history_, rows)
     secs = [r["seconds"] for r in rows]
-    stem = artifacts.cache_stem(cache.path)
+    stem = resolve.stem(cache.path)
     out = os.path.join(cfg.reports_dir, stem, NAME)
     m = {"head": HEAD_NAME, "head_record": os.path.abspath(job.head_record_path),
          "head_params": job.head_record.get("params"), "unfreeze": job.unfreeze, "parameters": job.parameters,

@@ -209,6 +209,29 @@ def _best(rows, threshold):
     return b["val_loss"], b["epoch"]
 
 
+def early_stopping(cfg, steps, baseline_loss):
+    """Keras' ``EarlyStopping`` of phase 2: on val loss from ``baseline_loss`` with FINETUNE_PATIENCE, counting
+    no epoch inside the schedule's protected ones (:func:`pipeline.finetune.model.protected_epochs`). It
+    restores nothing: the best epoch's checkpoint, which sees every epoch, is loaded after ``fit``."""
+    import keras
+
+    from pipeline.finetune.model import protected_epochs
+
+    start = protected_epochs(cfg.finetune_epochs, steps, cfg.schedule, cfg.warmup)
+    return keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=cfg.finetune_patience,
+                                         baseline=baseline_loss, start_from_epoch=start)
+
+
+def _protection(job) -> str:
+    """The log's words on the protected epochs."""
+    from pipeline.finetune.model import protected_epochs
+
+    n = protected_epochs(job.cfg.finetune_epochs, steps_per_epoch(job), job.cfg.schedule, job.cfg.warmup)
+    # the earliest epoch (from 1) it can stop at: Keras' first counted epoch always beats its initial best (inf)
+    first = min(n + max(job.cfg.finetune_patience, 2), job.cfg.finetune_epochs)
+    return f", not stopping before epoch {first}: the rate decays until then" if n else ""
+
+
 def train(job: Job, callbacks=(), log=None) -> dict:
     """Phase 2: fit end to end on the train images (augmented afresh every epoch, shuffled every epoch),
     early-stopping on the val images; resumes a backup of the same configuration. Returns {"rows": every
@@ -230,14 +253,13 @@ def train(job: Job, callbacks=(), log=None) -> dict:
     start_at = f" (from {job.unfreeze['from_layer']})" if job.unfreeze["from_layer"] else " (backbone frozen)"
     log(f"phase 2: fine-tuning on {len(tr)} train images (val {len(va)}), UNFREEZE={cfg.unfreeze}{start_at}, "
         f"{opt_text}, batch {cfg.batch}, up to "
-        f"{cfg.finetune_epochs} epochs (patience {cfg.finetune_patience})")
+        f"{cfg.finetune_epochs} epochs (patience {cfg.finetune_patience}{_protection(job)})")
     if cfg.finetune_epochs > start:
         cbs = [_Seconds(),
                keras.callbacks.ModelCheckpoint(os.path.join(folder, "best-{epoch:03d}.keras"), monitor="val_loss",
                                                mode="min", save_best_only=True, initial_value_threshold=best_loss),
                keras.callbacks.CSVLogger(os.path.join(folder, LOG), append=True),
-               keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=cfg.finetune_patience,
-                                             baseline=best_loss, restore_best_weights=True),
+               early_stopping(cfg, steps_per_epoch(job), best_loss),
                keras.callbacks.BackupAndRestore(os.path.join(folder, "backup"), double_checkpoint=True),
                *callbacks]
         class_weight = keras_class_weight(job.head.class_weight, job.cache.splits["train"].labels,

@@ -19,19 +19,15 @@ import re
 import numpy as np
 
 from pipeline import artifacts as saved, records
+from pipeline.cache import resolve
 from pipeline.errors import PipelineError
 
 FORMAT = "pipeline-head/1"
 SUFFIX = {"sklearn": ".joblib", "keras": ".keras"}
 
 
-def cache_stem(cache_path: str) -> str:
-    """The cache file's name without ``.h5``: models and reports of a cache live under this name."""
-    return os.path.splitext(os.path.basename(cache_path))[0]
-
-
 def head_dir(models_dir: str, cache_path: str) -> str:
-    return os.path.join(models_dir, cache_stem(cache_path))
+    return os.path.join(models_dir, resolve.stem(cache_path))
 
 
 def record_path(models_dir: str, cache_path: str, name: str) -> str:

@@ -9,12 +9,13 @@ import time
 import numpy as np
 
 from pipeline import records
-from pipeline.cache import store
+from pipeline.cache import resolve
+from pipeline.cache.resolve import load_cache
 from pipeline.configs import SCORINGS, HeadConfig
 from pipeline.errors import PipelineError
 from pipeline.heads import artifacts, registry
 from pipeline.reports import evaluate
-from pipeline.heads.train import check_outputs, check_splits, finish, fit, resolve_cache, views_of
+from pipeline.heads.train import check_outputs, check_splits, finish, fit, views_of
 
 
 def _sweep_names(text):
@@ -62,7 +63,7 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     if cfg.scoring not in SCORINGS:
         raise PipelineError(f"unknown scoring {cfg.scoring!r}; valid: {', '.join(SCORINGS)}")
     check_outputs(cfg)
-    cache = store.load(resolve_cache(cfg, log))
+    cache = load_cache(cfg, log)
     check_splits(cache)
     X = np.concatenate([cache.splits["train"].features, cache.splits["val"].features])
     y = np.concatenate([cache.splits["train"].labels, cache.splits["val"].labels])
@@ -89,7 +90,7 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     est = head.build(params, seed=cfg.head_seed)
     log(f"best: {win['head']} {head.describe(params)}; refitting on train+val")
     secs = fit(win["head"], est, X, y)
-    stem = artifacts.cache_stem(cache.path)
+    stem = resolve.stem(cache.path)
     lb_path = os.path.join(cfg.reports_dir, stem, "sweep", "leaderboard.json")
     evaluate.write_json(lb_path, {"scoring": cfg.scoring, "cv": cfg.cv, "seed": cfg.head_seed,
                                   "leaderboard": board})

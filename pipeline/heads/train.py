@@ -1,56 +1,22 @@
 """``head``: fit one head on the cache's train split (the dense head early-stops on val), report val accuracy
 and the full test metrics, save the head and its reports. The pieces the sweep and fine-tuning share live
-here too: resolving the cache, checking its splits, evaluating and saving a fitted head."""
+here too: checking the cache's splits, evaluating and saving a fitted head."""
 
 from __future__ import annotations
 
 import os
-import shlex
 import time
 
 import numpy as np
 
 from pipeline import lock, records
-from pipeline.cache import lazy, store
-from pipeline.configs import FeaturesConfig, HeadConfig, asdict, fields, narrow
+from pipeline.cache import lazy, resolve, store
+from pipeline.cache.resolve import load_cache
+from pipeline.configs import HeadConfig, asdict
 from pipeline.errors import PipelineError
 from pipeline.heads import artifacts, registry, stream
 from pipeline.reports import errors, evaluate
 from pipeline.reports.audit import leaks
-
-
-def features_config(cfg: HeadConfig) -> FeaturesConfig:
-    return narrow(cfg, FeaturesConfig)
-
-
-def features_command(fcfg: FeaturesConfig) -> str:
-    """The ``make features`` command that makes the cache of ``fcfg``."""
-    default = FeaturesConfig()
-    args = [f"{n.upper()}={getattr(fcfg, n)}" for n in fields(FeaturesConfig)
-            if getattr(fcfg, n) != getattr(default, n)]
-    return " ".join(["make features"] + [shlex.quote(a) for a in args])
-
-
-def resolve_cache(cfg: HeadConfig, log=print) -> str:
-    """The cache file to train on: ``CACHE``, else the one of the features options — made by running
-    ``features`` (a no-op when up to date), or, with ``EXTRACT=0``, an error naming the command."""
-    if cfg.cache:
-        if not os.path.exists(cfg.cache):
-            raise PipelineError(f"{cfg.cache}: no such cache file; make it with make features")
-        return cfg.cache
-    from pipeline.cache import extract
-
-    fcfg = features_config(cfg)
-    if cfg.extract:
-        return extract.run(fcfg, log=log)
-    plan = extract.Plan(fcfg, log=log, lazy=True)
-    if plan.up_to_date():
-        return plan.path
-    served = plan.serve()  # VIEWS=K: a cache of this configuration with more views serves it
-    if served is None:
-        raise PipelineError(f"no feature cache for this configuration ({plan.path}); make it with: "
-                            f"{features_command(fcfg)}")
-    return served
 
 
 def check_outputs(cfg: HeadConfig) -> None:
@@ -143,7 +109,7 @@ def finish(est, cache, cfg, name, head, params, extra, log=print, on_val=True) -
     if "test" in tta:
         log(f"test accuracy {test['accuracy']:.4f}, with TTA (flip) {tta['test']['accuracy']:.4f}")
         extra = {**extra, "tta": {"augmentation": "horizontal flip, scores averaged with the clean row's", **tta}}
-    stem = artifacts.cache_stem(cache.path)
+    stem = resolve.stem(cache.path)
     out = os.path.join(cfg.reports_dir, stem, name)
     m = {"head": head, "params": {k: artifacts.jsonable(v) for k, v in params.items()}, **extra,
          **({"val": val} if val else {}), "test": test}
@@ -194,7 +160,7 @@ def run_head(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     head = registry.get(cfg.head)
     params = head.resolve(extra)
     check_outputs(cfg)
-    cache = store.load(resolve_cache(cfg, log), budget=lazy.parse_budget(cfg.memory_budget))
+    cache = load_cache(cfg, log)
     if lazy.is_lazy(cache):  # past MEMORY_BUDGET
         return stream.train_past_budget(cache, cfg, head.name, params, log)
     return train_head(cache, cfg, head.name, params, log)

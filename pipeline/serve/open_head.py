@@ -24,6 +24,9 @@ def cache_config(rec: dict, rec_path: str) -> tuple[dict, dict | None, str | Non
     said so in the note."""
     from pipeline.cache import store
 
+    if "+" in str((rec.get("config") or {}).get("backbone") or ""):
+        raise PipelineError(f"{rec_path}: a head on a feature ensemble ({rec['config']['backbone']}) runs on cached "
+                            "features only: predict and export of an ensemble are not built yet")
     cache_path = rec.get("cache_path") or ""
     if cache_path and os.path.exists(cache_path):
         try:
@@ -43,6 +46,11 @@ def cache_config(rec: dict, rec_path: str) -> tuple[dict, dict | None, str | Non
     return ({**asdict(FeaturesConfig()), **{k: v for k, v in config.items() if k in asdict(FeaturesConfig())}},
             None, f"{problem}: the extractor is rebuilt from the head record's options, and its weights cannot "
                   "be checked against the cache")
+
+
+def _gem_p(fc: dict) -> float:
+    """POOLING=gem's exponent of features options ``fc`` (a cache made before GEM_P existed: the default)."""
+    return float(fc.get("gem_p") or FeaturesConfig().gem_p)
 
 
 def rebuild_extractor(fc: dict, identity: dict | None, where: str, precision: str | None = None):
@@ -65,7 +73,7 @@ def rebuild_extractor(fc: dict, identity: dict | None, where: str, precision: st
     try:
         model, base = extractor.build(spec, size, weights, fc["pooling"], alpha=fc.get("alpha") or None,
                                       seed=int(fc.get("seed") or 0), precision=precision or fc.get("precision")
-                                      or "float32", keras_home=fc.get("keras_home") or "")
+                                      or "float32", keras_home=fc.get("keras_home") or "", gem_p=_gem_p(fc))
     except PipelineError as e:
         raise PipelineError(f"{where}: cannot rebuild its {spec.name} extractor: {e}") from None
     if identity:
@@ -152,12 +160,12 @@ def open_head(rec_path, log, fold):
     if kind == "dense" and not openvino:
         from pipeline.finetune.model import build_model
 
-        model = build_model(spec, size, base, fc["pooling"], est.model_, augment=None)
+        model = build_model(spec, size, base, fc["pooling"], est.model_, augment=None, gem_p=_gem_p(fc))
 
         def keras_model():
             if (fc.get("precision") or "float32") == "float32":
                 return model
-            return build_model(spec, size, base32(), fc["pooling"], est.model_, augment=None)
+            return build_model(spec, size, base32(), fc["pooling"], est.model_, augment=None, gem_p=_gem_p(fc))
 
         return Runner(rec_path, rec, kind, classes, size, interp, "probability",
                       compiled_call(model, size, fold=fold), keras_model=keras_model, **common)
@@ -172,14 +180,14 @@ def open_head(rec_path, log, fold):
         if kind == "dense":
             from pipeline.finetune.model import build_model
 
-            return build_model(spec, size, base32(), fc["pooling"], est.model_, augment=None)
-        return linear_model(est, rec, spec, size, base32(), fc["pooling"])
+            return build_model(spec, size, base32(), fc["pooling"], est.model_, augment=None, gem_p=_gem_p(fc))
+        return linear_model(est, rec, spec, size, base32(), fc["pooling"], gem_p=_gem_p(fc))
 
     return Runner(rec_path, rec, kind, classes, size, interp,
                   "probability" if hasattr(est, "predict_proba") else "score", call, keras_model=keras_model, **common)
 
 
-def linear_model(est, rec, spec, size, base, pooling):
+def linear_model(est, rec, spec, size, base, pooling, gem_p=3.0):
     """A linear scikit-learn head (logreg, linear SVM, with the StandardScaler in front) on the backbone as one
     Keras model: the scaler folded into one Dense layer of the classifier's coefficients, then softmax
     (multinomial logistic regression), sigmoid (binary) or nothing (the SVM's decision values)."""
@@ -210,4 +218,4 @@ def linear_model(est, rec, spec, size, base, pooling):
     dense_layer = keras.layers.Dense(k, activation=act, name="head_output")
     head = keras.Model(inputs, dense_layer(inputs), name=f"{rec.get('head')}open_head")
     dense_layer.set_weights([coef.T.astype(np.float32), bias.astype(np.float32)])
-    return build_model(spec, size, base, pooling, head, augment=None)
+    return build_model(spec, size, base, pooling, head, augment=None, gem_p=gem_p)

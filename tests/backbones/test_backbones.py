@@ -83,7 +83,7 @@ def test_preprocess_modes_match_keras_and_leave_input_alone(mode, pixel, expecte
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(PipelineError, match="unknown backbone 'resnet9'.*mobilenet_v2.*vgg16"):
         backbones.get("resnet9")
-    with pytest.raises(PipelineError, match="unknown pooling 'mean'; valid: avg, flatten, max"):
+    with pytest.raises(PipelineError, match="unknown pooling 'mean'; valid: avg, flatten, gem, max"):
         extractor.build(backbones.get("mobilenet"), 32, "none", "mean")
 
 

@@ -114,7 +114,7 @@ def test_fewer_views_are_served_by_a_current_cache_with_more(flowers, capsys):
     from pipeline.configs import FeaturesConfig, FinetuneConfig, HeadConfig
     from pipeline.errors import PipelineError
     from pipeline.finetune import job
-    from pipeline.heads.train import resolve_cache
+    from pipeline.cache.resolve import resolve_cache
 
     folder = flowers / "a"
     more = pipeline.features(**opts(flowers), cache_dir=str(folder))  # 3 views (made by the first test)

@@ -352,3 +352,59 @@ def test_phase2_schedule_steps_label_smoothing_plain_progress_lines_and_the_resu
     assert ft_train.identity(constant)["schedule_steps"] is None and ft_train.identity(
         dataclasses.replace(constant, cfg=dataclasses.replace(constant.cfg, finetune_epochs=7))) == ft_train.identity(
         constant)  # with a constant rate more epochs can resume a backup
+
+
+# --- early stopping never ends the run inside its warmup + cosine schedule's high-rate part ----------------------
+
+@pytest.mark.parametrize("epochs,steps,warmup", [(10, 3, 0.1), (10, 50, 0.1), (4, 7, 0.0), (30, 2, 0.3)])
+def test_protected_epochs_end_where_the_schedule_has_fallen_to_a_quarter_of_its_peak(epochs, steps, warmup):
+    n = ft_model.protected_epochs(epochs, steps, "cosine", warmup)
+    rate = ft_model.learning_rate_schedule(1.0, "cosine", epochs * steps, warmup)  # the optimizer's own schedule
+    assert 0 < n <= epochs
+    assert float(rate(n * steps)) <= ft_model.PROTECT_RATE + 1e-6 < float(rate((n - 1) * steps))
+    assert ft_model.protected_epochs(epochs, steps, "constant", warmup) == 0  # nothing decays: nothing to protect
+
+
+def test_with_the_defaults_the_schedule_runs_to_its_end():
+    cfg = FinetuneConfig()
+    n = ft_model.protected_epochs(cfg.finetune_epochs, 10, cfg.schedule, cfg.warmup)
+    assert n + max(cfg.finetune_patience, 2) >= cfg.finetune_epochs  # the earliest stop is the last epoch
+
+
+class ConstantVal(keras.callbacks.Callback):
+    """The same val loss every epoch (set before EarlyStopping reads it)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_loss"] = 1.0
+
+
+def test_constant_val_loss_cannot_stop_inside_the_protected_epochs_then_stops():
+    cfg = FinetuneConfig(finetune_epochs=10, finetune_patience=1, warmup=0.1)
+    stop = ft_train.early_stopping(cfg, steps=5, baseline_loss=1.0)
+    n = ft_model.protected_epochs(10, 5, "cosine", 0.1)
+    assert stop.start_from_epoch == n == 7
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(N_CLASSES, activation="softmax")])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    x, y = np.zeros((20, 4), "float32"), np.arange(20) % N_CLASSES
+    history = model.fit(x, y, batch_size=4, epochs=10, verbose=0, callbacks=[ConstantVal(), stop])
+    # the first epoch counted beats Keras' initial best (inf) but not the baseline; the next spends patience 1
+    assert len(history.epoch) == n + 2
+    unprotected = FinetuneConfig(finetune_epochs=10, finetune_patience=1, schedule="constant")
+    history = model.fit(x, y, batch_size=4, epochs=10, verbose=0,
+                        callbacks=[ConstantVal(), ft_train.early_stopping(unprotected, 5, 1.0)])
+    assert len(history.epoch) == 2  # a constant rate protects nothing
+
+
+def test_a_real_fine_tune_with_a_constant_val_loss_runs_through_its_protected_epochs(flowers):
+    """A rate so small that no weight changes: val loss the same every epoch, never better than the head."""
+    root, cfg, extra = flowers
+    still = dataclasses.replace(cfg, finetune_lr=1e-30, finetune_epochs=10, finetune_patience=1, warmup=0.1,
+                                resume=False)
+    job = ft_job.prepare(still, extra, log=lambda m: None)
+    msgs = []
+    result = ft_train.train(job, log=msgs.append)
+    n = ft_model.protected_epochs(10, ft_train.steps_per_epoch(job), "cosine", 0.1)
+    losses = [r["val_loss"] for r in result["rows"]]
+    assert n == 7 and np.ptp(losses) < 1e-6
+    assert n + 2 <= len(result["rows"]) <= n + 3 <= 10  # never inside the protected epochs; stops after them
+    assert any(f"not stopping before epoch {n + 2}" in m for m in msgs)

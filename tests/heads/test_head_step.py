@@ -11,12 +11,11 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from synthetic import write_arrays, write_cache, xor
 
 from pipeline import cli
-from pipeline.cache import store
+from pipeline.cache import resolve, store
 from pipeline.configs import FeaturesConfig
 from pipeline.heads import artifacts
 from pipeline.reports import evaluate
 from pipeline.heads import registry as heads
-from pipeline.heads import train as head_train
 
 
 def run(capsys, *argv):
@@ -245,7 +244,7 @@ def test_extract_0_names_the_make_features_command(capsys, tmp_path, dirs):
 
 def test_features_command_lists_only_what_differs():
     cfg = FeaturesConfig(data="my photos", size=160)
-    assert head_train.features_command(cfg) == "make features 'DATA=my photos' SIZE=160"
+    assert resolve.features_command(cfg) == "make features 'DATA=my photos' SIZE=160"
 
 
 @pytest.mark.parametrize("option", ["MODELS_DIR", "REPORTS_DIR"])

@@ -20,6 +20,8 @@ SPLITS = ("train", "val", "test")
 def stored_hashes(cache) -> dict | None:
     """{split: content sha256 of every row} as the cache file stores them (rows that did not decode left out,
     as :func:`pipeline.cache.store.load` does); None when the file has no such column."""
+    if getattr(cache, "hashes", None) is not None:  # an ensemble's joined cache (pipeline.cache.ensemble)
+        return cache.hashes
     out = {}
     with h5py.File(cache.path, "r") as f:
         for s in cache.splits:

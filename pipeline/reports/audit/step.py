@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import records
-from pipeline.cache import store
+from pipeline.cache import resolve, store
+from pipeline.cache.resolve import load_cache
 from pipeline.configs import AuditConfig
 from pipeline.errors import PipelineError
-from pipeline.heads import artifacts
-from pipeline.heads.train import resolve_cache
 from pipeline.reports import html
 from pipeline.reports.audit import Skipped, scored, sections
 
@@ -80,7 +79,7 @@ def check_options(cfg: AuditConfig) -> None:
 
 def audit_cache(cache: store.Cache, cfg: AuditConfig, log=print) -> dict:
     """Every section on a loaded cache; writes the audit folder; {"page", "summary", section: summary}."""
-    stem = artifacts.cache_stem(cache.path)
+    stem = resolve.stem(cache.path)
     out = os.path.join(cfg.reports_dir, stem, "audit")
     os.makedirs(out, exist_ok=True)
     counts = ", ".join(f"{s} {len(sp.labels)}" for s, sp in cache.splits.items())
@@ -105,7 +104,7 @@ def audit_cache(cache: store.Cache, cfg: AuditConfig, log=print) -> dict:
 def run(cfg: AuditConfig, log=print) -> dict:
     """The audit of the cache of ``cfg`` (made first when missing and EXTRACT=1)."""
     check_options(cfg)
-    return audit_cache(store.load(resolve_cache(cfg, log)), cfg, log)
+    return audit_cache(load_cache(cfg, log), cfg, log)
 
 
 def step(cfg: AuditConfig, extra: dict | None = None) -> None:
