@@ -105,6 +105,7 @@ class AuditConfig(FeaturesConfig):
 
     cache: str = _like(HeadConfig, "cache")
     extract: bool = _like(HeadConfig, "extract")
+    memory_budget: str = _like(HeadConfig, "memory_budget")
     head_seed: int = _like(HeadConfig, "head_seed")
     reports_dir: str = opt("reports", "where the audit goes (<reports>/<cache>/audit/)")
     folds: int = opt(5, "label issues: stratified folds of the out-of-fold probabilities over train+val")
