@@ -87,6 +87,10 @@ class HeadConfig(FeaturesConfig):
     cv: int = opt(5, "sweep: stratified folds over train+val")
     scoring: str = opt("accuracy", "sweep: " + " | ".join(SCORINGS))
     jobs: int = opt(-1, "sweep: parallel fits through joblib (-1 = every core)")
+    calibrate: str = opt("none", "after fitting: none | temperature (fitted on val, stored in the head's record, "
+                                 "applied by predict and the exports)")
+    reject_recall: float = opt(0.95, "unknown images: a threshold on the max calibrated probability keeping this "
+                                     "share of known val images, stored in the record (0 = none)")
 
 
 def _like(cls, name):

@@ -6,12 +6,14 @@ A dense head becomes the fine-tune model without augmentation; a linear scikit-l
 SVM) one Dense layer holding its coefficients with the StandardScaler folded in (:func:`pipeline.serve.
 keras_form.linear_model`); other scikit-learn heads have no Keras form and are refused.
 
-Verification (:mod:`pipeline.serve.verify`): the artifact is loaded with its own runtime (Keras, TensorFlow, onnxruntime, ai-edge-litert,
-OpenVINO) and run on up to ``VERIFY_IMAGES`` test images of the cache (or ``IMAGES``); its outputs must equal
-the Keras model's within ``TOLERANCE`` (max absolute difference, printed and recorded). Only then is it put in
-place: exported into a temporary folder beside the destination, named after its content
-(``<name>-<sha12>.onnx``, a folder ``<name>-<sha12>`` for SavedModel and OpenVINO) in one rename, then the
-record ``<name>.json`` written atomically (the switch), then what the record no longer names removed.
+Verification (:mod:`pipeline.serve.verify`): the artifact is loaded with its own runtime (Keras, TensorFlow,
+onnxruntime, ai-edge-litert, OpenVINO) and run on up to ``VERIFY_IMAGES`` test images of the cache (or
+``IMAGES``); its outputs must equal the Keras model's within ``TOLERANCE`` (max absolute difference, printed
+and recorded). Only then is it put in place: exported into a temporary folder beside the destination, named
+after its content (``<name>-<sha12>.onnx``, a folder ``<name>-<sha12>`` for SavedModel and OpenVINO) in one
+rename, then the record ``<name>.json`` written atomically (the switch), then what the record no longer names
+removed. The record carries the model's temperature and unknown-image threshold (``make head CALIBRATE``,
+``REJECT_RECALL``), an ONNX file its ``metadata_props`` too.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ RUNS = {  # how the record's user runs the artifact (x: float32 (N, size, size, 
 RUNTIME_PACKAGES = {"keras": "keras", "tensorflow": "tensorflow", "onnxruntime": "onnxruntime",
                     "ai_edge_litert": "ai-edge-litert", "openvino": "openvino"}
 EXPORT_PACKAGES = ("tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "openvino")
+CARRIED = ("temperature", "reject_threshold", "reject_score")  # of make head CALIBRATE / REJECT_RECALL
 
 
 def out_paths(out: str, runner, fmt: Format) -> tuple[str, str]:
@@ -129,6 +132,12 @@ def _open(cfg: ExportConfig, log):
     return fmt, runner
 
 
+def carried(runner) -> dict:
+    """What predict applies on top of the artifact's outputs, from the model's record: ``temperature``,
+    ``reject_threshold`` and ``reject_score`` where it has them (also in an ONNX file's ``metadata_props``)."""
+    return {k: runner.record[k] for k in CARRIED if runner.record.get(k) is not None}
+
+
 def _record(runner, fmt: Format, path: str, sha: str, files: dict, verification: dict) -> dict:
     """The export's record: what the artifact is, takes and gives, how to run it, where it comes from."""
     src, n = runner.source, len(runner.classes)
@@ -150,7 +159,8 @@ def _record(runner, fmt: Format, path: str, sha: str, files: dict, verification:
         "source": {"record": os.path.abspath(runner.path), "kind": runner.kind, "name": src.get("name"),
                    "head": runner.record.get("head"), "sha256": src.get("sha256"), "backbone": src.get("backbone"),
                    "cache_key": src.get("cache_key"), "cache_path": src.get("cache_path")},
-        "verification": verification, "versions": records.versions((*records.VERSIONED, *EXPORT_PACKAGES)),
+        **carried(runner), "verification": verification,
+        "versions": records.versions((*records.VERSIONED, *EXPORT_PACKAGES)),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -167,7 +177,7 @@ def run(cfg: ExportConfig, extra=None, log=print) -> str:
     with lock.locked(os.path.join(folder, ".export"), log=log):  # one export at a time into a folder
         path, sha, files, verification = verify.write_verified(
             model, fmt, folder, name, pixels, runner.size, cfg.tolerance, cfg.batch, reference_model=original,
-            output=runner.output, score_tolerance=cfg.score_tolerance)
+            output=runner.output, score_tolerance=cfg.score_tolerance, metadata=carried(runner))
         verification["on"] = where
         record = _record(runner, fmt, path, sha, files, verification)
         saved.switch(rec_path, record, stale(name), {os.path.basename(path)})  # until here the previous one stands

@@ -1,5 +1,6 @@
 """Export verification: the images an export is checked on, and the artifact written by Keras, loaded back
-with its own runtime, compared with the Keras model and only then put in place (see :mod:`pipeline.serve.export`)."""
+with its own runtime, compared with the Keras model and only then put in place (see :mod:`pipeline.serve.export`).
+The ``onnx`` package (an optional extra) is imported lazily, by the ONNX export alone."""
 
 from __future__ import annotations
 
@@ -98,6 +99,16 @@ def write_artifact(model, fmt: Format, target: str, size: int) -> None:
                             f"'pipeline[{fmt.extra or fmt.name}]'") from None
 
 
+def add_onnx_metadata(path: str, metadata: dict) -> None:
+    """Write ``metadata`` ({key: value}, values as text) into the ONNX file's ``metadata_props``."""
+    import onnx
+
+    model = onnx.load(path)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        **{k: str(v) for k, v in metadata.items()}})
+    onnx.save(model, path)
+
+
 def compare(fmt: Format, got, reference, n_images, output, tolerance, score_tolerance) -> dict:
     """How the artifact's outputs ``got`` differ from the Keras model's ``reference``: a PipelineError past the
     tolerance, else the figures of the record's ``verification``."""
@@ -123,19 +134,22 @@ def compare(fmt: Format, got, reference, n_images, output, tolerance, score_tole
 
 def write_verified(model, fmt: Format, folder: str, name: str, pixels: np.ndarray, size: int, tolerance: float,
                    batch: int = 32, reference_model=None, output="probability",
-                   score_tolerance: float = 1e-3) -> tuple[str, str, dict, dict]:
+                   score_tolerance: float = 1e-3, metadata: dict | None = None) -> tuple[str, str, dict, dict]:
     """(artifact path, sha256, {file: sha256} of a folder, verification) of ``model`` exported as ``fmt`` into a
     temporary folder in ``folder``, loaded back with its runtime, compared on ``pixels`` with the Keras model
     (``reference_model``, default ``model``) and only then renamed into place as ``<name>-<sha12><ext>``.
 
     Probabilities may differ by ``tolerance`` at most. Decision values (``output="score"``) are unbounded and
     amplify float rounding in the features by the coefficients (the scaler's 1/std): their difference is taken
-    relative to the largest |value| (at least 1), up to ``score_tolerance``."""
+    relative to the largest |value| (at least 1), up to ``score_tolerance``. ``metadata`` goes into an ONNX
+    file's ``metadata_props``."""
     reference = batched(compiled_call(reference_model or model, size, fold=False), pixels, batch)  # as built
     with saved.staging(folder, name) as work:
         target = os.path.join(work, "artifact" + fmt.ext)
         t0 = time.perf_counter()
         write_artifact(model, fmt, target, size)
+        if fmt.name == "onnx" and metadata:
+            add_onnx_metadata(target, metadata)
         export_secs = time.perf_counter() - t0
         t0 = time.perf_counter()
         call = exports.runtime(fmt, target, size, fold=False)
