@@ -9,11 +9,15 @@ The Python API, for notebooks and scripts (the CLI is ``python -m pipeline``):
   views of the train images in ``c.views`` (``c.views.upto(k)``: the first k of each), with ``TTA=1`` the
   mirrored val/test rows in ``c.tta["val"]``, ``c.tta["test"]`` (row for row with ``c.val``, ``c.test``);
 - :func:`audit` looks at the data through the cache (the options of ``make audit``) and writes
-  ``<reports>/<cache>/audit/index.html``; returns its summary.
+  ``<reports>/<cache>/audit/index.html``; returns its summary;
+- :func:`predict` labels images with a saved model (fine-tuned, head or export), its record's temperature and
+  unknown-image threshold applied.
 """
 
+import os
+
 __version__ = "0.1.0"
-__all__ = ["audit", "features", "load_cache"]
+__all__ = ["audit", "features", "load_cache", "predict"]
 
 
 def load_cache(path: str, key: str | None = None):
@@ -53,3 +57,15 @@ def audit(**options) -> dict:
     if unknown:
         raise PipelineError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     return step.run(AuditConfig(**options))
+
+
+def predict(images, model: str = "", models_dir: str = "models", top_k: int = 3) -> list[dict]:
+    """Label image files and folders (a path or a list of them) with a saved model (``model``: a record, model
+    file or folder; default as ``make predict``): per readable image {"path", "top": [(class, probability),
+    ...]}, and "unknown" (bool) when the record has an unknown-image threshold. The record's temperature is
+    applied to the probabilities. Unreadable files are left out."""
+    from pipeline.serve import find, predict as serve
+
+    paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    files, _, _ = serve.image_paths([str(p) for p in paths])
+    return serve.label(find.open_model(str(model), models_dir, log=lambda m: None), files, top_k)[0]

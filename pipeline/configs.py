@@ -91,6 +91,10 @@ class HeadConfig(FeaturesConfig):
     jobs: int = opt(-1, "sweep: parallel fits through joblib (-1 = every core)")
     memory_budget: str = opt("2GiB", "a cache whose rows, as float64, exceed this is read from disk a block at a "
                                      "time: logreg then streams (SGD), dense reads batches, the others refuse")
+    calibrate: str = opt("none", "after fitting: none | temperature (fitted on val, stored in the head's record, "
+                                 "applied by predict and the exports)")
+    reject_recall: float = opt(0.95, "unknown images: a threshold on the max calibrated probability keeping this "
+                                     "share of known val images, stored in the record (0 = none)")
 
 
 def _like(cls, name):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
-from pipeline.backbones import registry
+from pipeline.backbones import fold as folding, registry
 from pipeline.backbones.layers import GeneralizedMeanPooling2D, Preprocess
 from pipeline.errors import choose
 
@@ -53,8 +54,6 @@ def build(spec, size, weights, pooling, alpha=None, seed=0, precision="float32",
 def inference(model, fold=False):
     """``x -> model(x, training=False)``; ``fold``: with its BatchNorm folded into the convolutions
     (:func:`pipeline.backbones.fold.folded`, which also counts them; the model is not changed)."""
-    from pipeline.backbones import fold as folding
-
     return folding.folded(model) if fold else (lambda x: model(x, training=False))
 
 
@@ -63,7 +62,5 @@ def compiled_call(model, size, fold=False):
     BatchNorm folded into the convolutions (:mod:`pipeline.backbones.fold`; the model is not changed). Autograph is
     off: a Keras model has no Python control flow to convert, and converting it costs a third of the
     tracing time."""
-    import tensorflow as tf
-
     spec = tf.TensorSpec((None, size, size, 3), tf.uint8)
     return tf.function(inference(model, fold), input_signature=[spec], autograph=False)

@@ -14,6 +14,7 @@ import inspect
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from pipeline import keras_internals as internals
 from pipeline.backbones.layers import InferenceMode
@@ -114,8 +115,6 @@ class _Plan:
 
 def _conv(conv, x, kernel, bias):
     """``conv``'s convolution with another kernel, plus a bias."""
-    import tensorflow as tf
-
     if isinstance(conv, keras.layers.DepthwiseConv2D):
         y = keras.ops.depthwise_conv(x, kernel, strides=conv.strides, padding=conv.padding,
                                      dilation_rate=conv.dilation_rate, data_format=conv.data_format)

@@ -9,7 +9,8 @@ folder and renamed, the record last: a record names complete files only, and a c
 record names (removed by the next save of that id). A model is read only after its record matches and the
 bytes read hash to the record's; anything else is a one-line warning, and the model is converted again.
 Weights are stored in float32 (``compress_to_fp16=False``): the stored model computes what the converted one
-does, bit for bit.
+does, bit for bit. OpenVINO (an optional extra) is imported lazily, by :func:`save`, the one function that
+needs its Python API.
 """
 
 from __future__ import annotations

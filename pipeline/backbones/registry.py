@@ -1,7 +1,9 @@
 """Registry of frozen pretrained backbones, as data, and the headless model built from an entry.
 
 Each entry pairs a keras.applications constructor with its own preprocessing mode, default and
-minimum input size, pooled feature size and, where the family has one, ``alpha``.
+minimum input size, pooled feature size and, where the family has one, ``alpha``. Keras is imported lazily,
+by :func:`build_base`: listing and resolving backbones (``python -m pipeline backbones``, a current cache) imports
+no TensorFlow.
 """
 
 from __future__ import annotations

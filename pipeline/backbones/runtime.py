@@ -18,16 +18,22 @@ OpenVINO's, not Keras'. A stored model is compiled without TensorFlow.
 Either call maps uint8 ``(N, size, size, 3)`` pixels, any N, to float32 features and its result has ``.numpy()``.
 ONNX Runtime was measured too (tf2onnx, CPU execution provider: 0.5-0.7x TensorFlow's folded call on the
 2-core AMD EPYC this was written on), so it is not offered.
+
+OpenVINO (an optional extra) and TensorFlow (the Keras extractor, :mod:`.extractor`) are imported lazily, by
+the functions that need them: a stored OpenVINO model is read and run without TensorFlow.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
 from pipeline import keras_internals
+from pipeline.backbones import openvino_store
 from pipeline.errors import PipelineError, choose
 
 RUNTIMES = ("tensorflow", "openvino")
@@ -135,8 +141,6 @@ def stored_call(cache_dir, identity, size, precision, build, log=print):
     """The :class:`OpenVINOCall` of the extractor of a cache ``identity`` (:class:`pipeline.cache.plan.Plan`): its
     OpenVINO model stored in ``cache_dir`` when it checks out (nothing built, TensorFlow not imported), else
     ``build()`` (the Keras extractor, in float32) converted and stored."""
-    from pipeline.backbones import openvino_store
-
     core = openvino_core()
     fold = bool(identity.get("fold_batchnorm"))
     model = openvino_store.get(cache_dir, openvino_store.made_from(identity),
@@ -149,9 +153,6 @@ def _read(core, concrete):
     file that OpenVINO's C++ TensorFlow frontend reads. ``openvino.convert_model`` on the function itself
     gives the same model but walks the graph through Python callbacks: 2-4 s for MobileNetV2 against 0.2-0.3 s
     here, and slower still while the decode threads hold the GIL."""
-    import shutil
-    import tempfile
-
     import tensorflow as tf
 
     folder = tempfile.mkdtemp(prefix="pipeline-openvino-")

@@ -7,7 +7,8 @@ missing). Phase 2 trains end to end on the images at a low learning rate, BatchN
 the moving statistics), early-stopping on val loss from the head-only starting point, resumable after a
 kill. The result is evaluated like ``make head`` and exported as one ``.keras`` file taking raw images.
 Modules: :mod:`.unfreeze`, :mod:`.model`, :mod:`.job` (prepare), :mod:`.train` (phase 2), :mod:`.report`,
-:mod:`.artifact` (the exported file and its record).
+:mod:`.artifact` (the exported file and its record). The modules that build and train import Keras; they are
+imported lazily here, since predict reads fine-tuned records (:mod:`.artifact`) through this package.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ from __future__ import annotations
 import datetime as dt
 import time
 
+from pipeline import lock
 from pipeline.configs import FinetuneConfig
+from pipeline.heads import artifacts
 
 
 def run(cfg: FinetuneConfig, extra: dict | None = None, log=print, callbacks=()) -> dict:
     """The ``finetune`` step: prepare, train (resuming a backup), evaluate, report, export. ``callbacks``
     are added to phase 2's fit. Returns the written paths and, under ``job``, the in-memory job."""
-    from pipeline import lock
     from pipeline.finetune.job import prepare
     from pipeline.finetune.report import finish
     from pipeline.finetune.train import train
-    from pipeline.heads import artifacts
 
     started = time.perf_counter()
     job = prepare(cfg, extra, log)

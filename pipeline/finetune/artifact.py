@@ -3,7 +3,8 @@ preprocessing inside) beside a JSON record ``finetune.json`` — format, class n
 interpolation, config, metrics, versions, the file's name and sha256 — both written atomically, the model file
 under a name of its content so that the record's rename is the switch (as for heads,
 :mod:`pipeline.heads.artifacts`). Loading checks the record first (format, file unchanged, versions) and only
-then loads the model, with ``safe_mode=True``."""
+then loads the model, with ``safe_mode=True``. Keras is imported lazily, by what loads or runs the model:
+predict reads every record through this module, for models that run without TensorFlow too."""
 
 from __future__ import annotations
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import keras
+
 from pipeline import records
-from pipeline.cache import resolve, store
+from pipeline.cache import extract, resolve, store
+from pipeline.cache.plan import Plan
 from pipeline.configs import FLIPS, OPTIMIZERS, FeaturesConfig, FinetuneConfig, HeadConfig, fields, narrow
-from pipeline.data import sources
+from pipeline.data import loading, sources
 from pipeline.errors import PipelineError, choose
 from pipeline.finetune.model import augmentation, build_model, check_options, compile_model, find_base
 from pipeline.finetune.unfreeze import (
@@ -54,8 +57,6 @@ class Job:
 
     def images(self, split, labels=False, shuffle=False):
         """Batches of the split's raw pixels, decoded as for the cache (same size and interpolation)."""
-        from pipeline.data import loading
-
         return loading.dataset(self.plan.ds, self.split(split), self.size, self.plan.cfg.interpolation,
                              self.cfg.batch, labels=labels, shuffle_seed=self.cfg.head_seed if shuffle else None)
 
@@ -95,8 +96,6 @@ def _check_options(cfg: FinetuneConfig) -> Unfreeze:
 
 
 def _resolve_cache(cfg, plan, log):
-    from pipeline.cache import extract
-
     extract.report_duplicates(plan)
     if plan.up_to_date():
         log(f"up to date: {plan.path}")
@@ -149,10 +148,6 @@ def dense_head(cfg: FinetuneConfig, extra: dict | None, cache: store.Cache, log=
 def prepare(cfg: FinetuneConfig, extra: dict | None = None, log=print) -> Job:
     """Resolve the cache (extracting it when missing), get the dense head (training it when missing), build
     the end-to-end model on the same backbone, apply the unfreeze policy, compile. Nothing is fitted."""
-    import keras
-
-    from pipeline.cache.plan import Plan
-
     policy = _check_options(cfg)
     head_train.check_outputs(cfg)
     registry.get(HEAD_NAME).resolve(extra)  # bad head hyper-parameters fail before any work

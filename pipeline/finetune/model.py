@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import math
 
+import keras
+
+from pipeline.backbones.extractor import pooling_layer
+from pipeline.backbones.layers import InferenceMode, Preprocess
 from pipeline.configs import OPTIMIZERS
+from pipeline.data import augment
 from pipeline.errors import PipelineError, choose
 
 
 def augmentation(flip="horizontal", rotation=0.1, zoom=0.1, contrast=0.1, seed=0):
     """The augmentation layers (active only in training) as one Sequential, or None when all are off: the
     same layers cached views are drawn from (:func:`pipeline.data.augment.layers`)."""
-    import keras
-
-    from pipeline.data import augment
-
     layers = augment.layers(flip, rotation, zoom, contrast, seed)
     return keras.Sequential(layers, name="augment") if layers else None
 
@@ -28,11 +29,6 @@ def build_model(spec, size, base, pooling, head_model, augment=None, gem_p=3.0):
     -> a copy of ``head_model`` (features -> probabilities)
     with its trained weights: fine-tuning leaves the cached head as it was. Layer names are fixed, so a
     rebuilt model takes a backup's weights."""
-    import keras
-
-    from pipeline.backbones.extractor import pooling_layer
-    from pipeline.backbones.layers import InferenceMode, Preprocess
-
     pool = pooling_layer(pooling, gem_p)
     inputs = keras.Input((size, size, 3), name="pixels")
     x = augment(inputs) if augment is not None else inputs
@@ -62,8 +58,6 @@ def check_options(schedule="constant", warmup=0.0, weight_decay=0.0, label_smoot
 def learning_rate_schedule(peak, schedule="constant", total_steps=0, warmup=0.0):
     """The rate of phase 2: ``peak`` throughout (constant), or (cosine) a linear warmup from 0 to ``peak`` over
     ``warmup`` of the ``total_steps``, then a cosine decay to 0 at the last step."""
-    import keras
-
     check_options(schedule, warmup)
     if schedule == "constant" or total_steps < 1:
         return peak
@@ -91,8 +85,6 @@ def protected_epochs(epochs, steps_per_epoch, schedule="cosine", warmup=0.0) -> 
 def make_optimizer(optimizer="adam", learning_rate=1e-5, momentum=0.9, weight_decay=0.0):
     """Adam (AdamW when ``weight_decay``: decoupled, biases excluded) or SGD with momentum (and decoupled
     decay). ``learning_rate``: a number or a schedule."""
-    import keras
-
     choose(optimizer, dict.fromkeys(OPTIMIZERS), "optimizer")
     if optimizer == "sgd":
         cls, kwargs = keras.optimizers.SGD, {"momentum": momentum}
@@ -109,8 +101,6 @@ def make_optimizer(optimizer="adam", learning_rate=1e-5, momentum=0.9, weight_de
 def loss_and_metric(binary, label_smoothing=0.0):
     """(loss, accuracy metric, whether labels must be one-hot): the dense head's loss, with ``label_smoothing``
     categorical cross-entropy on one-hot labels (Keras' sparse loss has no smoothing)."""
-    import keras
-
     if binary:
         return (keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing) if label_smoothing
                 else "binary_crossentropy"), keras.metrics.BinaryAccuracy(name="accuracy"), False
@@ -139,6 +129,4 @@ def compile_model(model, optimizer="adam", learning_rate=1e-5, momentum=0.9, *, 
 
 def find_base(extractor_model):
     """The backbone model inside the extractor."""
-    import keras
-
     return next(layer for layer in extractor_model.layers if isinstance(layer, keras.Model))

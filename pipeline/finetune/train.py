@@ -15,11 +15,15 @@ import os
 import shutil
 import time
 
+import keras
+import tensorflow as tf
+
 from pipeline import records
 from pipeline.errors import PipelineError
+from pipeline.finetune import model as ft_model
 from pipeline.finetune.job import NAME, Job
 from pipeline.heads import artifacts
-from pipeline.heads.dense import fit_verbose, keras_class_weight
+from pipeline.heads.dense import batches, fit_verbose, keras_class_weight
 
 LOG = "epochs.csv"  # one row per finished epoch, resumed runs included
 
@@ -56,8 +60,6 @@ def identity(job: Job) -> dict:
 def compile_phase2(job: Job):
     """Recompile ``job.model`` with every phase-2 option: the optimizer (AdamW with WEIGHT_DECAY), the rate
     schedule over :func:`total_steps`, label smoothing. Returns whether the labels must be one-hot."""
-    from pipeline.finetune import model as ft_model
-
     c = job.cfg
     ft_model.check_options(c.schedule, c.warmup, c.weight_decay, c.label_smoothing)
     ft_model.compile_model(job.model, c.optimizer, c.finetune_lr, c.momentum, schedule=c.schedule, warmup=c.warmup,
@@ -83,29 +85,21 @@ def describe_optimizer(cfg) -> str:
 
 def _one_hot(dataset, n_classes):
     """(pixels, label) batches -> (pixels, one-hot label) batches, for the label-smoothed loss."""
-    import tensorflow as tf
-
     def one_hot(x, y):
         return x, tf.one_hot(y, n_classes)
 
     return dataset.map(one_hot, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-class _Seconds:
+class Seconds(keras.callbacks.Callback):
     """Adds each epoch's wall seconds to its logs (before ``CSVLogger`` writes them)."""
 
-    def __new__(cls):
-        import keras
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0 = time.perf_counter()
 
-        class Seconds(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self.t0 = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                if logs is not None:
-                    logs["seconds"] = time.perf_counter() - self.t0
-
-        return Seconds()
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["seconds"] = time.perf_counter() - self.t0
 
 
 def read_rows(path, before=math.inf) -> list[dict]:
@@ -174,12 +168,9 @@ def baseline(job: Job) -> dict:
     """Loss and accuracy of the head-only model on val: the cached head on the cached val features (the
     end-to-end model computes the same before any fine-tune step), with phase 2's loss (label-smoothed with
     LABEL_SMOOTHING, so that the val losses compared are the same function)."""
-    from pipeline.finetune.model import loss_and_metric
-    from pipeline.heads.dense import batches
-
     va = job.cache.splits["val"]
     head = _copy(job.head.model_)
-    loss, metric, one_hot = loss_and_metric(head.output_shape[-1] == 1, job.cfg.label_smoothing)
+    loss, metric, one_hot = ft_model.loss_and_metric(head.output_shape[-1] == 1, job.cfg.label_smoothing)
     head.compile(loss=loss, metrics=[metric])
     data = batches(va.features, va.labels, 256)
     if one_hot:
@@ -189,8 +180,6 @@ def baseline(job: Job) -> dict:
 
 
 def _copy(model):
-    import keras
-
     twin = keras.models.clone_model(model)
     twin.set_weights(model.get_weights())
     return twin
@@ -236,8 +225,6 @@ def train(job: Job, callbacks=(), log=None) -> dict:
     """Phase 2: fit end to end on the train images (augmented afresh every epoch, shuffled every epoch),
     early-stopping on the val images; resumes a backup of the same configuration. Returns {"rows": every
     epoch's logs and seconds (resumed ones included), "baseline", "best_epoch", "resumed_at"}."""
-    import keras
-
     log = log or job.log
     cfg = job.cfg
     folder = run_dir(job)
@@ -255,7 +242,7 @@ def train(job: Job, callbacks=(), log=None) -> dict:
         f"{opt_text}, batch {cfg.batch}, up to "
         f"{cfg.finetune_epochs} epochs (patience {cfg.finetune_patience}{_protection(job)})")
     if cfg.finetune_epochs > start:
-        cbs = [_Seconds(),
+        cbs = [Seconds(),
                keras.callbacks.ModelCheckpoint(os.path.join(folder, "best-{epoch:03d}.keras"), monitor="val_loss",
                                                mode="min", save_best_only=True, initial_value_threshold=best_loss),
                keras.callbacks.CSVLogger(os.path.join(folder, LOG), append=True),

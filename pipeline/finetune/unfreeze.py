@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import keras
 import numpy as np
 
 from pipeline.configs import UNFREEZE_HELP
@@ -52,8 +53,6 @@ def parse_unfreeze(text) -> Unfreeze:
 
 def backbone_layers(base) -> list:
     """The backbone's layers in order, without its input layer: what the policies count."""
-    import keras
-
     return [layer for layer in base.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
@@ -123,8 +122,6 @@ def set_trainable(base, value: bool) -> None:
 def freeze_batchnorm(base) -> int:
     """Set ``trainable=False`` on every BatchNormalization layer (nested ones too): they then run in
     inference mode and ``fit`` never updates their moving statistics. Returns how many there are."""
-    import keras
-
     bns = [layer for layer in _walk(base) if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in bns:
         layer.trainable = False

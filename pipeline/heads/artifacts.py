@@ -1,6 +1,8 @@
 """Saved heads: ``<models>/<cache-stem>/<name>-<sha12>.joblib`` (scikit-learn) or ``.keras`` (dense) beside a
 JSON record ``<name>.json``: config, head and parameters, the cache key and path it was trained on, class names,
-metrics, versions, the file's name and sha256 and (dense) the training history.
+metrics, versions, the file's name and sha256 and (dense) the training history; with ``CALIBRATE`` and
+``REJECT_RECALL`` (:mod:`pipeline.heads.calibrate`) ``temperature``, ``reject_threshold``, ``reject_score`` and
+their ``calibration`` figures (absent from older records: they predict uncalibrated).
 
 Saved as :mod:`pipeline.artifacts` saves: the model file written in a temporary folder and renamed to a name of
 its content, so a new save never replaces the file the current record names; the switch is the record's rename,

@@ -14,7 +14,7 @@ from pipeline.cache import lazy, resolve, store
 from pipeline.cache.resolve import load_cache
 from pipeline.configs import HeadConfig, asdict
 from pipeline.errors import PipelineError
-from pipeline.heads import artifacts, registry, stream
+from pipeline.heads import artifacts, calibrate, registry, stream
 from pipeline.reports import errors, evaluate
 from pipeline.reports.audit import leaks
 
@@ -114,13 +114,34 @@ def finish(est, cache, cfg, name, head, params, extra, log=print, on_val=True) -
     m = {"head": head, "params": {k: artifacts.jsonable(v) for k, v in params.items()}, **extra,
          **({"val": val} if val else {}), "test": test}
     history = getattr(est, "history_", None)
+    calib = calibrated(est, cache, cfg, on_val, log)
     with lock.locked(artifacts.head_dir(cfg.models_dir, cache.path), log=log):  # one writer per models folder
         found = _analyse(est, cache, cfg, out, label, m, log)  # first: metrics.json counts what it found
         paths = {**evaluate.write_reports(out, m, f"{label} on {stem}", history), **found}
         paths["record"] = artifacts.save(est, name=name, head=head, params=params, cache=cache,
-                                         config=asdict(cfg), metrics=m, models_dir=cfg.models_dir, history=history)
+                                         config=asdict(cfg), metrics=m, models_dir=cfg.models_dir, history=history,
+                                         extra=calib)
     log(f"saved {paths['record']} and reports in {out}/")
     return paths
+
+
+def calibrated(est, cache, cfg, on_val, log=print) -> dict:
+    """The record's calibration fields (:func:`pipeline.heads.calibrate.fit`) of ``CALIBRATE`` and ``REJECT_RECALL``,
+    fitted on val: none when val was trained on or the head gives no probabilities (said so)."""
+    calibrate.check(cfg.calibrate, cfg.reject_recall)
+    if cfg.calibrate == "none" and not cfg.reject_recall:
+        return {}
+    why = ("val was trained on" if not on_val else
+           "the head gives decision values, not probabilities" if not hasattr(est, "predict_proba") else "")
+    if why:
+        log(f"note: no temperature nor unknown-image threshold: {why}")
+        return {}
+    split = {s: (registry.scores(est, cache.splits[s].features), np.searchsorted(est.classes_, cache.splits[s].labels))
+             for s in ("val", "test")}
+    found = calibrate.fit(*split["val"], *split["test"], cfg.calibrate, cfg.reject_recall)
+    for line in calibrate.describe(found):
+        log(line)
+    return found
 
 
 def _analyse(est, cache, cfg, out, label, m, log) -> dict:
@@ -159,6 +180,7 @@ def run_head(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     """Train head ``cfg.head`` (hyper-parameters in ``extra``) on the cache; returns the written paths."""
     head = registry.get(cfg.head)
     params = head.resolve(extra)
+    calibrate.check(cfg.calibrate, cfg.reject_recall)
     check_outputs(cfg)
     cache = load_cache(cfg, log)
     if lazy.is_lazy(cache):  # past MEMORY_BUDGET

@@ -1,12 +1,13 @@
 """Which model a command means (a record, a model file, a folder, or the default), opened as a runner after
-its record checks out."""
+its record checks out. Keras is imported lazily, for a fine-tuned model: predict imports this module for
+models that run without TensorFlow too."""
 
 from __future__ import annotations
 
 import glob
 import os
 
-from pipeline import records
+from pipeline import quiet, records
 from pipeline.data import images
 from pipeline.errors import PipelineError
 from pipeline.finetune import artifact
@@ -98,8 +99,6 @@ def open_model(path: str = "", models_dir: str = "models", log=print, fold=True)
 
 
 def _finetuned(rec_path, fold):
-    from pipeline import quiet
-
     quiet.tensorflow()
     from pipeline.backbones.extractor import compiled_call
 

@@ -1,5 +1,8 @@
 """Exported artifacts (``make export``) as runners: their record and files checked, then run by their own
-runtime."""
+runtime.
+
+Each runtime (Keras/TensorFlow, onnxruntime, ai-edge-litert, OpenVINO) is imported lazily, by the format that
+needs it: they are optional extras, and predict imports this module for every model, TensorFlow-free ones too."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import records
+from pipeline import quiet, records
 from pipeline.artifacts import tree_digest
 from pipeline.data.loading import cores
 from pipeline.errors import PipelineError
@@ -83,68 +86,81 @@ def runtime(fmt: Format, path: str, size: int, fold: bool = True):
     """``call(pixels) -> outputs`` of an exported artifact, run by its own runtime (float32 pixels in 0..255;
     uint8 batches are cast); ``fold`` applies to the .keras format only."""
     need(fmt, [fmt.runtime])
-    threads = cores()
     if fmt.runtime in ("keras", "tensorflow"):
-        from pipeline import quiet
-
         quiet.tensorflow()
     if fmt.name == "keras":
-        import keras
-        import tensorflow as tf
-
-        from pipeline.backbones import layers  # noqa: F401  registers Preprocess and InferenceMode
-        from pipeline.backbones.extractor import inference
-
-        try:
-            model = keras.saving.load_model(path, safe_mode=True, compile=False)
-        except Exception as e:  # keras raises ValueError, TypeError, OSError... for damaged archives
-            raise PipelineError(f"{path}: cannot be loaded ({str(e).splitlines()[0][:200]}); rerun make export") \
-                from None
-        call = tf.function(inference(model, fold), autograph=False,
-                           input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
-        return lambda x: call(np.asarray(x, np.float32)).numpy()
+        return _keras(path, size, fold)
     if fmt.name == "tf_saved_model":
         import tensorflow as tf
 
         loaded = tf.saved_model.load(path)  # kept by the closure: its functions reference its variables
         return lambda x: loaded.serve(tf.constant(np.asarray(x, np.float32))).numpy()
     if fmt.name == "onnx":
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: np.asarray(x, np.float32)})[0]
+        return _onnx(path)
     if fmt.name == "litert":
-        from ai_edge_litert.interpreter import Interpreter
-
-        interpreter = Interpreter(model_path=path, num_threads=threads)
-        inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
-        state = {"shape": None}
-
-        def run(x):
-            x = np.ascontiguousarray(x, np.float32)
-            if state["shape"] != x.shape:
-                interpreter.resize_tensor_input(inp, x.shape)
-                interpreter.allocate_tensors()
-                state["shape"] = x.shape
-            interpreter.set_tensor(inp, x)
-            interpreter.invoke()
-            return interpreter.get_tensor(out).copy()
-
-        return run
+        return _litert(path)
     if fmt.name == "openvino":
-        import openvino as ov
-
-        core = ov.Core()
-        compiled = core.compile_model(core.read_model(os.path.join(path, "model.xml"), os.path.join(path, "model.bin")),
-                                      "CPU", {**OPENVINO_CONFIG, "INFERENCE_NUM_THREADS": threads})
-        request = compiled.create_infer_request()
-        output = compiled.output(0)
-        return lambda x: request.infer([np.asarray(x, np.float32)])[output].copy()
+        return _openvino(path)
     raise PipelineError(f"unknown export format {fmt.name!r}")
+
+
+def _keras(path, size, fold):
+    import keras
+    import tensorflow as tf
+
+    from pipeline.backbones import layers  # noqa: F401  registers Preprocess and InferenceMode
+    from pipeline.backbones.extractor import inference
+
+    try:
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as e:  # keras raises ValueError, TypeError, OSError... for damaged archives
+        raise PipelineError(f"{path}: cannot be loaded ({str(e).splitlines()[0][:200]}); rerun make export") \
+            from None
+    call = tf.function(inference(model, fold), autograph=False,
+                       input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
+    return lambda x: call(np.asarray(x, np.float32)).numpy()
+
+
+def _onnx(path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = cores()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: np.asarray(x, np.float32)})[0]
+
+
+def _litert(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path, num_threads=cores())
+    inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+    state = {"shape": None}
+
+    def run(x):
+        x = np.ascontiguousarray(x, np.float32)
+        if state["shape"] != x.shape:
+            interpreter.resize_tensor_input(inp, x.shape)
+            interpreter.allocate_tensors()
+            state["shape"] = x.shape
+        interpreter.set_tensor(inp, x)
+        interpreter.invoke()
+        return interpreter.get_tensor(out).copy()
+
+    return run
+
+
+def _openvino(path):
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(os.path.join(path, "model.xml"), os.path.join(path, "model.bin")),
+                                  "CPU", {**OPENVINO_CONFIG, "INFERENCE_NUM_THREADS": cores()})
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+    return lambda x: request.infer([np.asarray(x, np.float32)])[output].copy()
 
 
 def open_export(rec_path: str, fold: bool = True) -> Runner:

@@ -1,20 +1,25 @@
 """Heads as runners: a dense head end to end; a scikit-learn head on the features of the extractor of its
 cache, rebuilt from the cache's record and checked against it (the weights digest); on a cache made with
-RUNTIME=openvino, either head on the features of the cache's stored OpenVINO model; linear heads as a Dense
-layer."""
+RUNTIME=openvino, either head on the features of the cache's stored OpenVINO model (TensorFlow not imported).
+
+Keras (the extractor, :mod:`pipeline.serve.keras_form`) is imported lazily, where a model needs it and only
+after ``KERAS_HOME`` is set and TensorFlow quietened: a head on an OpenVINO cache predicts without it."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import records
+from pipeline import quiet, records
+from pipeline.backbones import registry as backbones, runtime
+from pipeline.cache import store
 from pipeline.configs import FeaturesConfig, asdict
 from pipeline.data import images
 from pipeline.errors import PipelineError
-from pipeline.heads import artifacts
-from pipeline.serve.runner import LINEAR_HEADS, Runner
+from pipeline.heads import artifacts, registry
+from pipeline.serve.runner import Runner
 
 # --- heads: the extractor of the cache, rebuilt and checked ----------------------------------------------------
 
@@ -22,11 +27,6 @@ def cache_config(rec: dict, rec_path: str) -> tuple[dict, dict | None, str | Non
     """(features options, the cache's identity or None, a note or None) of a head record: the cache file's own
     record when the file is there (and is the cache the head was trained on), else the head record's options,
     said so in the note."""
-    from pipeline.cache import store
-
-    if "+" in str((rec.get("config") or {}).get("backbone") or ""):
-        raise PipelineError(f"{rec_path}: a head on a feature ensemble ({rec['config']['backbone']}) runs on cached "
-                            "features only: predict and export of an ensemble are not built yet")
     cache_path = rec.get("cache_path") or ""
     if cache_path and os.path.exists(cache_path):
         try:
@@ -48,7 +48,7 @@ def cache_config(rec: dict, rec_path: str) -> tuple[dict, dict | None, str | Non
                   "be checked against the cache")
 
 
-def _gem_p(fc: dict) -> float:
+def gem_p(fc: dict) -> float:
     """POOLING=gem's exponent of features options ``fc`` (a cache made before GEM_P existed: the default)."""
     return float(fc.get("gem_p") or FeaturesConfig().gem_p)
 
@@ -57,12 +57,9 @@ def rebuild_extractor(fc: dict, identity: dict | None, where: str, precision: st
     """(spec, size, extractor, base) of the features options ``fc``: the extractor of ``make features``, with
     the weights file the cache recorded. With the cache's ``identity`` the weights digest must be the one the
     cache was made with."""
-    from pipeline import quiet
-
     records.use_keras_home(fc.get("keras_home") or "")  # before Keras is imported: Keras reads it once
     quiet.tensorflow()
     from pipeline.backbones import extractor
-    from pipeline.backbones import registry as backbones
 
     spec = backbones.get(fc["backbone"])
     size = backbones.resolve_size(spec, fc.get("size"))
@@ -73,7 +70,7 @@ def rebuild_extractor(fc: dict, identity: dict | None, where: str, precision: st
     try:
         model, base = extractor.build(spec, size, weights, fc["pooling"], alpha=fc.get("alpha") or None,
                                       seed=int(fc.get("seed") or 0), precision=precision or fc.get("precision")
-                                      or "float32", keras_home=fc.get("keras_home") or "", gem_p=_gem_p(fc))
+                                      or "float32", keras_home=fc.get("keras_home") or "", gem_p=gem_p(fc))
     except PipelineError as e:
         raise PipelineError(f"{where}: cannot rebuild its {spec.name} extractor: {e}") from None
     if identity:
@@ -93,9 +90,6 @@ def openvino_features(fc: dict, identity: dict | None, cache_path: str, where: s
     the cache's precision hint: the features the cache holds. Without a stored model the extractor is rebuilt
     (its weights digest checked against the cache's), converted and stored; without the cache's identity it is
     rebuilt from the head record's options and converted."""
-    from pipeline.backbones import registry as backbones
-    from pipeline.backbones import runtime
-
     runtime.check("openvino")
     spec = backbones.get(fc["backbone"])
     size = backbones.resolve_size(spec, fc.get("size"))
@@ -117,105 +111,85 @@ def openvino_features(fc: dict, identity: dict | None, cache_path: str, where: s
     return spec, size, call
 
 
-def open_head(rec_path, log, fold):
-    from pipeline.heads import registry
+@dataclass
+class Features:
+    """What computes a head's features from pixels: the backbone ``spec`` at ``size``, ``call`` (uint8 pixels ->
+    features), ``dim``; with TensorFlow the Keras ``extractor`` and its ``base`` (None on an OpenVINO cache)."""
 
+    spec: object
+    size: int
+    dim: int
+    call: object = None
+    extractor: object = None
+    base: object = None
+
+
+def head_features(fc, identity, rec, rec_path, log, fold) -> Features:
+    """The :class:`Features` of a head record: the cache's stored OpenVINO model on a RUNTIME=openvino cache
+    (for a dense head too), else the Keras extractor rebuilt and checked (traced when first called)."""
+    if fc.get("runtime") == "openvino":  # the features as the cache holds them
+        spec, size, call = openvino_features(fc, identity, rec.get("cache_path") or "", rec_path, log)
+        return Features(spec, size, call.dim, call)
+    spec, size, model, base = rebuild_extractor(fc, identity, rec_path)  # imports TensorFlow, quietly
+    from pipeline.backbones.extractor import compiled_call
+
+    return Features(spec, size, int(model.output_shape[-1]), compiled_call(model, size, fold=fold), model, base)
+
+
+def open_head(rec_path, log, fold) -> Runner:
+    """The :class:`Runner` of a head record, after its record and file check out (:func:`artifacts.check`)."""
     rec, _ = artifacts.check(rec_path)  # the file's sha256 and the versions, before anything is built or unpickled
+    if "+" in str((rec.get("config") or {}).get("backbone") or ""):
+        raise PipelineError(f"{rec_path}: a head on a feature ensemble ({rec['config']['backbone']}) runs on cached "
+                            "features only: predict and export of an ensemble are not built yet")
     names = rec.get("class_names") or []
     try:
         classes = [names[int(c)] for c in rec["classes"]]
     except (IndexError, TypeError, ValueError, KeyError):
         raise PipelineError(f"{rec_path}: its classes and class names disagree; retrain with make head") from None
     fc, identity, note = cache_config(rec, rec_path)
-    openvino = fc.get("runtime") == "openvino"
-    if openvino:  # the features as the cache holds them, for a dense head too
-        spec, size, features = openvino_features(fc, identity, rec.get("cache_path") or "", rec_path, log)
-        base, dim = None, features.dim
-    else:
-        from pipeline import quiet
-
-        quiet.tensorflow()  # before the extractor module imports Keras, hence TensorFlow
-        from pipeline.backbones.extractor import compiled_call
-
-        spec, size, extractor_model, base = rebuild_extractor(fc, identity, rec_path)
-        dim = int(extractor_model.output_shape[-1])
-    est, rec = artifacts.load(rec_path, expect_key=rec.get("cache_key"))
-    wants = int(getattr(est, "n_features_in_", dim))
-    if wants != dim:
-        raise PipelineError(f"{rec_path}: takes {wants} features, its {spec.name} extractor gives {dim}; "
-                            "retrain it with make head")
     fold = bool(fc.get("fold_batchnorm", True)) and fold
-    src = {"name": rec.get("name"), "head": rec.get("head"), "backbone": spec.name, "cache_path": rec.get("cache_path"),
-           "cache_key": rec.get("cache_key"), "features": fc, "identity": identity, "sha256": rec["sha256"],
+    feats = head_features(fc, identity, rec, rec_path, log, fold)
+    est, rec = artifacts.load(rec_path, expect_key=rec.get("cache_key"))
+    wants = int(getattr(est, "n_features_in_", feats.dim))
+    if wants != feats.dim:
+        raise PipelineError(f"{rec_path}: takes {wants} features, its {feats.spec.name} extractor gives {feats.dim}; "
+                            "retrain it with make head")
+    openvino = feats.extractor is None
+    src = {"name": rec.get("name"), "head": rec.get("head"), "backbone": feats.spec.name,
+           "cache_path": rec.get("cache_path"), "cache_key": rec.get("cache_key"), "features": fc,
+           "identity": identity, "sha256": rec["sha256"],
            "runtime": "openvino" if openvino else "tensorflow"}  # what computes the features
-    common = dict(notes=[note] if note else [], source=src, max_pixels=int(fc.get("max_pixels") or images.MAX_PIXELS))
-    interp = fc.get("interpolation") or "bilinear"
     kind = "dense" if rec["kind"] == "keras" else "sklearn"
+    float32 = (fc.get("precision") or "float32") == "float32"
 
-    def base32():  # what export exports: float32 (the weights are float32)
-        if base is not None and (fc.get("precision") or "float32") == "float32":
-            return base
-        return rebuild_extractor(fc, identity, rec_path, precision="float32")[3]
+    built = None
+    if kind == "dense" and not openvino:  # one Keras model end to end
+        from pipeline.backbones.extractor import compiled_call
+        from pipeline.serve import keras_form
 
-    if kind == "dense" and not openvino:
-        from pipeline.finetune.model import build_model
+        built = keras_form.head_model(est, rec, kind, feats.spec, feats.size, feats.base, fc["pooling"],
+                                      gem_p(fc))
+        call, output = compiled_call(built, feats.size, fold=fold), "probability"
+    else:
+        dtype = fc.get("dtype") or "float32"
 
-        model = build_model(spec, size, base, fc["pooling"], est.model_, augment=None, gem_p=_gem_p(fc))
+        def call(pixels):
+            return registry.scores(est, np.asarray(feats.call(pixels)).astype(dtype))  # as stored in the cache
 
-        def keras_model():
-            if (fc.get("precision") or "float32") == "float32":
-                return model
-            return build_model(spec, size, base32(), fc["pooling"], est.model_, augment=None, gem_p=_gem_p(fc))
+        output = "probability" if hasattr(est, "predict_proba") else "score"
 
-        return Runner(rec_path, rec, kind, classes, size, interp, "probability",
-                      compiled_call(model, size, fold=fold), keras_model=keras_model, **common)
-    if not openvino:
-        features = compiled_call(extractor_model, size, fold=fold)
-    dtype = fc.get("dtype") or "float32"
+    def keras_model():  # what export exports: float32 (the weights are float32)
+        from pipeline.serve import keras_form
 
-    def call(pixels):
-        return registry.scores(est, np.asarray(features(pixels)).astype(dtype))  # as stored in the cache
+        if built is not None and float32:
+            return built
+        base = feats.base if feats.base is not None and float32 else \
+            rebuild_extractor(fc, identity, rec_path, precision="float32")[3]
+        return keras_form.head_model(est, rec, kind, feats.spec, feats.size, base, fc["pooling"], gem_p(fc))
 
-    def keras_model():
-        if kind == "dense":
-            from pipeline.finetune.model import build_model
-
-            return build_model(spec, size, base32(), fc["pooling"], est.model_, augment=None, gem_p=_gem_p(fc))
-        return linear_model(est, rec, spec, size, base32(), fc["pooling"], gem_p=_gem_p(fc))
-
-    return Runner(rec_path, rec, kind, classes, size, interp,
-                  "probability" if hasattr(est, "predict_proba") else "score", call, keras_model=keras_model, **common)
+    return Runner(rec_path, rec, kind, classes, feats.size, fc.get("interpolation") or "bilinear", output, call,
+                  notes=[note] if note else [], keras_model=keras_model, source=src,
+                  max_pixels=int(fc.get("max_pixels") or images.MAX_PIXELS))
 
 
-def linear_model(est, rec, spec, size, base, pooling, gem_p=3.0):
-    """A linear scikit-learn head (logreg, linear SVM, with the StandardScaler in front) on the backbone as one
-    Keras model: the scaler folded into one Dense layer of the classifier's coefficients, then softmax
-    (multinomial logistic regression), sigmoid (binary) or nothing (the SVM's decision values)."""
-    import keras
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
-
-    from pipeline.finetune.model import build_model
-
-    steps = [s for _, s in est.steps] if isinstance(est, Pipeline) else [est]
-    clf, front = steps[-1], steps[:-1]
-    if not isinstance(clf, (LogisticRegression, LinearSVC)) or any(not isinstance(s, StandardScaler) for s in front):
-        raise PipelineError(f"{rec.get('head')} head: only linear heads ({', '.join(LINEAR_HEADS)}) become a Keras "
-                            "layer, and dense heads and fine-tuned models export as they are; this one can only "
-                            "run with make predict")
-    coef = np.asarray(clf.coef_, np.float64)  # (k, d), k = 1 for two classes
-    bias = np.asarray(clf.intercept_, np.float64).reshape(-1) * np.ones(coef.shape[0])
-    for s in reversed(front):  # x -> (x - mean) / scale, folded into the weights
-        scale = np.asarray(s.scale_, np.float64) if s.scale_ is not None else np.ones(coef.shape[1])
-        mean = np.asarray(s.mean_, np.float64) if s.mean_ is not None and s.with_mean else np.zeros(coef.shape[1])
-        coef = coef / scale
-        bias = bias - coef @ mean
-    k, d = coef.shape
-    act = ("softmax" if k > 1 else "sigmoid") if isinstance(clf, LogisticRegression) else None
-    inputs = keras.Input((d,), name="features")
-    dense_layer = keras.layers.Dense(k, activation=act, name="head_output")
-    head = keras.Model(inputs, dense_layer(inputs), name=f"{rec.get('head')}open_head")
-    dense_layer.set_weights([coef.T.astype(np.float32), bias.astype(np.float32)])
-    return build_model(spec, size, base, pooling, head, augment=None, gem_p=gem_p)

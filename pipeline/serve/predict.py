@@ -106,8 +106,9 @@ def decode_batches(files, size, interpolation="bilinear", batch=32, max_pixels=i
 
 
 def label(runner: Runner, files, top_k=3, batch=32):
-    """(results, problems): per readable file {"path", "top": [(class, score), ...]} in input order; per
-    unreadable file (path, reason)."""
+    """(results, problems): per readable file {"path", "top": [(class, score), ...]} in input order, and
+    ``"unknown"`` (true when its maximum probability is below the record's threshold) when the model has one;
+    per unreadable file (path, reason)."""
     classes = runner.classes
     k = max(1, min(top_k, len(classes)))
     results, problems = [], []
@@ -115,28 +116,35 @@ def label(runner: Runner, files, top_k=3, batch=32):
         problems += bad
         if not good:
             continue
-        for path, row in zip(good, runner.scores(pixels)):
+        scores = runner.scores(pixels)
+        unknown = runner.unknown(scores)
+        for j, (path, row) in enumerate(zip(good, scores)):
             order = np.argsort(-row, kind="stable")[:k]
-            results.append({"path": path, "top": [(classes[i], float(row[i])) for i in order]})
+            results.append({"path": path, "top": [(classes[i], float(row[i])) for i in order],
+                            **({"unknown": bool(unknown[j])} if unknown is not None else {})})
     return results, problems
 
 
 def write_output(path, results, problems, output="probability") -> None:
     """``OUTPUT``: JSON when it ends in .json, else TSV (csv-quoted, so a tab, newline or quote in a path keeps
-    its row), written atomically. ``output``: what the numbers are (probability, or score for decision values)."""
+    its row), written atomically. ``output``: what the numbers are (probability, or score for decision values).
+    With a threshold, each prediction says ``unknown`` (JSON true/false; a TSV column, ``unknown`` or empty)."""
     if path.lower().endswith(".json"):
         records.write_json(path, {"predictions": [{"path": r["path"], "top": [{"label": c, output: p}
-                                                                              for c, p in r["top"]]}
+                                                                              for c, p in r["top"]],
+                                                   **({"unknown": r["unknown"]} if "unknown" in r else {})}
                                                   for r in results],
                                   "unreadable": [{"path": p, "reason": why} for p, why in problems]})
         return
     k = max((len(r["top"]) for r in results), default=0)
-    head = ["path"] + [f"{x}_{i}" for i in range(1, k + 1) for x in ("label", output)] + ["error"]
+    flag = any("unknown" in r for r in results)
+    head = ["path"] + [f"{x}_{i}" for i in range(1, k + 1) for x in ("label", output)] + ["unknown"] * flag + ["error"]
     rows = [head]
     for r in results:
-        rows.append([r["path"], *[f"{v}" for c, p in r["top"] for v in (c, f"{p:.6f}")], ""])
+        said = ["unknown" if r.get("unknown") else ""] * flag
+        rows.append([r["path"], *[f"{v}" for c, p in r["top"] for v in (c, f"{p:.6f}")], *said, ""])
     for p, why in problems:
-        rows.append([p] + [""] * (2 * k) + [why])
+        rows.append([p] + [""] * (2 * k + flag) + [why])
     with records.atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
             csv.writer(f, delimiter="\t").writerows(rows)  # \r\n rows: a \r in a path is quoted too
@@ -174,12 +182,18 @@ def run(cfg: PredictConfig, extra=None, log=print, err=None) -> int:
     problems += bad
     width = max(len(r["path"]) for r in results) if results else 0
     for r in results:
-        log(f"{r['path']:<{width}}  " + "  ".join(f"{c} {p:.3f}" for c, p in r["top"]))
+        log(f"{r['path']:<{width}}  " + "  ".join(f"{c} {p:.3f}" for c, p in r["top"])
+            + ("  unknown" if r.get("unknown") else ""))
     for p, why in problems:
         err(f"skipped {p}: {why}")
     if cfg.output:
         write_output(cfg.output, results, problems, runner.output)
     note = f", {ignored} non-image file(s) ignored" if ignored else ""
+    if runner.reject_threshold is not None and runner.output == "probability":
+        note += (f"; {sum(r['unknown'] for r in results)} unknown (max probability below "
+                 f"{runner.reject_threshold:.3f})")
+    if runner.temperature is not None:
+        note += f"; probabilities at temperature {runner.temperature:.3f}"
     what = "" if runner.output == "probability" else " (decision values, not probabilities)"
     err(f"labelled {len(results)} image(s) with {describe(runner)}{what}{note}"
         + (f"; {len(problems)} could not be read" if problems else ""))

