@@ -57,7 +57,8 @@ def curves_figure(history: dict, title: str = "", phase_start: int | None = None
             ax.axvline(phase_start + 0.5, color="gray", linestyle="--", label="fine-tuning starts")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="epoch", ylabel=metric)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a history without this metric draws an empty panel
+            ax.legend()
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

@@ -7,14 +7,13 @@ import csv
 import os
 import shlex
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from pipeline import records
 from pipeline.configs import PredictConfig
 from pipeline.data import images
-from pipeline.data.loading import cores
+from pipeline.data import loading
 from pipeline.errors import PipelineError
 from pipeline.serve.runner import Runner
 from pipeline.serve.find import open_model
@@ -84,25 +83,25 @@ def split_images(text: str) -> list[str]:
 
 
 def decode_batches(files, size, interpolation="bilinear", batch=32, max_pixels=images.MAX_PIXELS):
-    """Yield (paths, uint8 pixels, problems) per batch of ``files``, decoded in parallel as for training (whole
-    image to size x size, ``interpolation``); an unreadable file is a (path, reason) problem."""
-    def decode(path):
-        try:
-            return images.load_resized(path, size, interpolation, max_pixels), None
-        except images.BadImage as e:
-            return None, str(e)
+    """Yield (paths, uint8 pixels, problems) per batch of ``files``, decoded ahead in threads as extraction
+    decodes (:class:`pipeline.data.loading.Batches`; whole image to size x size, ``interpolation``); an
+    unreadable file is a (path, reason) problem."""
+    failed = {}
 
-    with ThreadPoolExecutor(max_workers=min(8, 2 * cores())) as pool:
-        for start in range(0, len(files), batch):
+    def load(path):
+        try:
+            return images.load_resized(path, size, interpolation, max_pixels)
+        except images.BadImage as e:
+            failed[path] = str(e)
+            return np.zeros((size, size, 3), np.uint8)
+
+    todo = [(start, files[start:start + batch]) for start in range(0, len(files), batch)]
+    with loading.Batches(load, todo, (size, size, 3)) as stream:
+        for start, pixels in stream:
             chunk = files[start:start + batch]
-            good, pixels, problems = [], [], []
-            for path, (x, why) in zip(chunk, pool.map(decode, chunk)):
-                if x is None:
-                    problems.append((path, why))
-                else:
-                    good.append(path)
-                    pixels.append(x)
-            yield good, (np.stack(pixels) if pixels else None), problems
+            keep = [j for j, path in enumerate(chunk) if path not in failed]
+            yield ([chunk[j] for j in keep], pixels[keep] if keep else None,
+                   [(path, failed[path]) for path in chunk if path in failed])
 
 
 def label(runner: Runner, files, top_k=3, batch=32):
