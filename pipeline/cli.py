@@ -12,6 +12,7 @@ import shlex
 import shutil
 import sys
 
+from pipeline import quiet, records, steps
 from pipeline.errors import PipelineError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -23,7 +24,6 @@ TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 def _steps():
-    from pipeline import steps
 
     return steps.STEPS
 
@@ -184,11 +184,9 @@ def main(argv=None) -> int:
             return 0
         cfg, extra = parse(name, step, rest)
         if getattr(cfg, "keras_home", ""):
-            from pipeline import records
 
             records.use_keras_home(cfg.keras_home)  # before Keras is imported: Keras reads it once
         if step.tensorflow:
-            from pipeline import quiet
 
             quiet.tensorflow()
         return int(step.load()(cfg, extra) or 0)

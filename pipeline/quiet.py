@@ -1,4 +1,5 @@
-"""TensorFlow imported without its start-up noise, by whichever step first needs it."""
+"""TensorFlow imported without its start-up noise, by whichever step first needs it.
+It is what imports TensorFlow lazily for everyone: a step that needs no TensorFlow never loads it."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from importlib import metadata
 
@@ -122,7 +123,6 @@ def use_keras_home(folder: str) -> None:
     if not folder:
         return
     folder = os.path.abspath(folder)
-    import sys
 
     if "keras" in sys.modules:
         current = keras_home()  # what Keras read at its import, unless the environment changed since

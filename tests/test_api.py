@@ -1,5 +1,6 @@
 """The Python API for notebooks: the README's example runs as written; loading needs no TensorFlow."""
 
+import pytest
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_the_readme_example_runs_as_written(tmp_path):
     require_shared()
     code = readme_example().replace('"../shared/', f'"{SHARED}/')

@@ -115,6 +115,7 @@ V2_ALPHAS = "0.35, 0.5, 0.75, 1.0, 1.3, 1.4"
      f"WEIGHTS={MOBILENET_V2_FILE} does not fit mobilenet_v2 with SIZE=224, ALPHA=0.33 (Keras: ", True),
     (["BACKBONE=mobilenet_v3_small", "SIZE=96"], "mobilenet_v3_small ImageNet weights are not in the Keras cache", True),
 ])
+@pytest.mark.slow
 def test_a_bad_backbone_option_is_one_line_on_stderr_and_writes_no_cache(tmp_path, args, said, scanned):
     """Values the registry knows are bad fail before the scan; those only Keras finds (a weights file of another
     width, ImageNet weights offline) fail in one line without Keras' warnings (conftest's KERAS_HOME holds only

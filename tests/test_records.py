@@ -40,6 +40,7 @@ def test_keras_home_given_after_keras_was_imported_is_a_one_line_error(tmp_path)
         records.use_keras_home(str(tmp_path / "other"))
 
 
+@pytest.mark.slow
 def test_keras_home_option_is_honoured_by_the_command(tmp_path):
     """KERAS_HOME= reaches Keras before it is imported: ImageNet weights are found in the given folder although
     the environment points at an empty one."""

@@ -17,6 +17,8 @@ from pipeline.cache import extract as features
 from pipeline.cache import store
 from pipeline.configs import FeaturesConfig
 
+pytestmark = pytest.mark.slow
+
 PER_CLASS = 20  # 100 photos of 5 classes
 SIZE = 160
 

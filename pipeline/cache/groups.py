@@ -3,7 +3,8 @@ VIEWS and TTA add (``train_views``: K augmented views of every train image, imag
 ``test_tta``: every val and test image mirrored left to right, row for row its split). A group is its rows'
 dataset items and a kind; :class:`Pixels` is the per-group transform of a batch's decoded clean pixels, and
 :meth:`Group.key` the identity under which a row is lent by an earlier cache (:mod:`pipeline.cache.reuse`):
-the image's content hash, with the view index or ``tta`` for the added groups."""
+the image's content hash, with the view index or ``tta`` for the added groups.
+The augmentation (Keras) is imported lazily, where views are made: a head on a current cache loads no Keras."""
 
 from __future__ import annotations
 

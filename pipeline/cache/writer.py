@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -198,7 +199,6 @@ class Background:
     ``wait``."""
 
     def __init__(self, name):
-        from concurrent.futures import ThreadPoolExecutor
 
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
         self.pending = None

@@ -1,6 +1,8 @@
 """Augmentation: the Keras layers ``make finetune`` trains with (FLIP, ROTATION, ZOOM, CONTRAST), and the
 same layers drawn deterministically per image for cached views: view j of an image comes from a seed
-derived from (its content hash, j, SEED), whatever the batch, the order or the other images."""
+derived from (its content hash, j, SEED), whatever the batch, the order or the other images.
+Keras and TensorFlow are imported lazily, in the functions that draw: checking the options (a head on a
+cache with views) must not load them."""
 
 from __future__ import annotations
 

@@ -4,19 +4,20 @@ for extraction) and a tf.data pipeline (:func:`dataset`, for training end to end
 Worker threads (one per core) decode the next batches into preallocated arrays, at most ``ahead`` batches
 ahead. When the consumer needs a batch that is not ready it decodes the rest of it itself, so decoding never
 waits for a worker. Pillow releases the GIL while it decodes and resizes, so threads run truly in parallel.
-"""
+
+TensorFlow is imported lazily, in :func:`dataset` (training only): extraction may run on OpenVINO."""
 
 from __future__ import annotations
 
 import threading
 from collections import deque
 
+import joblib
 import numpy as np
 
 
 def cores() -> int:
     """Cores this process may use (affinity and container limits respected: joblib's count)."""
-    import joblib
 
     return max(1, joblib.cpu_count())
 

@@ -2,7 +2,8 @@
 
 A source is either a class-folder tree (optionally with separate ``train``/``val``/``test`` trees) or a
 built-in in-memory set (``digits``). Raw files are only ever read.
-"""
+
+scikit-learn (the digits) is imported lazily: scanning a tree does not need it."""
 
 from __future__ import annotations
 

@@ -202,20 +202,14 @@ def early_stopping(cfg, steps, baseline_loss):
     """Keras' ``EarlyStopping`` of phase 2: on val loss from ``baseline_loss`` with FINETUNE_PATIENCE, counting
     no epoch inside the schedule's protected ones (:func:`pipeline.finetune.model.protected_epochs`). It
     restores nothing: the best epoch's checkpoint, which sees every epoch, is loaded after ``fit``."""
-    import keras
-
-    from pipeline.finetune.model import protected_epochs
-
-    start = protected_epochs(cfg.finetune_epochs, steps, cfg.schedule, cfg.warmup)
+    start = ft_model.protected_epochs(cfg.finetune_epochs, steps, cfg.schedule, cfg.warmup)
     return keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=cfg.finetune_patience,
                                          baseline=baseline_loss, start_from_epoch=start)
 
 
 def _protection(job) -> str:
     """The log's words on the protected epochs."""
-    from pipeline.finetune.model import protected_epochs
-
-    n = protected_epochs(job.cfg.finetune_epochs, steps_per_epoch(job), job.cfg.schedule, job.cfg.warmup)
+    n = ft_model.protected_epochs(job.cfg.finetune_epochs, steps_per_epoch(job), job.cfg.schedule, job.cfg.warmup)
     # the earliest epoch (from 1) it can stop at: Keras' first counted epoch always beats its initial best (inf)
     first = min(n + max(job.cfg.finetune_patience, 2), job.cfg.finetune_epochs)
     return f", not stopping before epoch {first}: the rate decays until then" if n else ""

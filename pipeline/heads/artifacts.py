@@ -9,7 +9,9 @@ its content, so a new save never replaces the file the current record names; the
 and only then are the files no record names (older saves, temporary files of killed ones) removed. Loading
 checks the record first — the file's sha256, the cache key when one is expected, the versions — and only then
 unpickles (joblib) or loads the Keras model, always with ``safe_mode=True``.
-"""
+
+Keras and the dense head are imported lazily, where a dense head is saved or loaded: a scikit-learn head's
+loop loads no TensorFlow."""
 
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import glob
 import os
 import re
 
+import joblib
 import numpy as np
 
-from pipeline import artifacts as saved, records
+from pipeline import artifacts as saved, quiet, records
 from pipeline.cache import resolve
 from pipeline.errors import PipelineError
 
@@ -86,8 +89,6 @@ def save(estimator, *, name, head, params, cache, config, metrics, models_dir, h
         if kind == "keras":
             estimator.model_.save(tmp)
         else:
-            import joblib
-
             joblib.dump(estimator, tmp)
 
     path, sha = write_content_named(os.path.dirname(rec_path), name, SUFFIX[kind], write)
@@ -144,8 +145,6 @@ def load(path: str, expect_key: str | None = None):
     back as a :class:`pipeline.heads.dense.DenseHead` with ``model_``, ``classes_`` and ``history_``."""
     rec, model_path = check(path, expect_key)
     if rec["kind"] == "keras":
-        from pipeline import quiet
-
         quiet.tensorflow()
         import keras
 
@@ -157,8 +156,6 @@ def load(path: str, expect_key: str | None = None):
         est.n_features_in_ = int(est.model_.input_shape[-1])
         est.history_ = rec.get("history")
     else:
-        import joblib
-
         est = joblib.load(model_path)
     return est, rec
 

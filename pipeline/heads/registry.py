@@ -7,7 +7,9 @@ main regularisation for the sweep, and whether it takes class weights.
 
 Parameter names never repeat an option of the ``head`` step (``ALPHA``, ``WEIGHTS`` and ``SEED`` select
 the cache), hence ``L2`` for the MLP's alpha and ``VOTE`` for k-NN's weights.
-"""
+
+scikit-learn and the dense head (Keras) are imported lazily, in the factories: listing the registry
+(``make heads``) and a scikit-learn head's loop load neither more than they use."""
 
 from __future__ import annotations
 

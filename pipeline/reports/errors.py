@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import records
+from pipeline.data import images
 from pipeline.reports import figures
 
 SHEET = 16  # photos on the contact sheet
@@ -47,7 +48,6 @@ def write_csv(path, rows, k=3) -> None:
 def plot_sheet(path, rows, root, title="") -> bool:
     """The contact sheet of the first ``SHEET`` rows whose photo can be read under ``root``, drawn by
     :func:`draw_sheet`; False when none can (an in-memory source, or files moved away)."""
-    from pipeline.data import images
 
     shown = []
     for r in rows:

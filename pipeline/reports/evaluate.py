@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
+                             precision_recall_fscore_support, top_k_accuracy_score)
 
 from pipeline import records
 from pipeline.reports import figures
@@ -20,13 +22,6 @@ def metrics(y_true, y_pred, class_names, scores=None) -> dict:
     """Accuracy, balanced accuracy, per-class precision/recall/F1/support, macro and weighted averages,
     top-k accuracy (more than two classes and ``scores`` (N, n_classes) given) and the confusion matrix
     (rows: true class, columns: predicted), all over every class of ``class_names``."""
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        confusion_matrix,
-        precision_recall_fscore_support,
-        top_k_accuracy_score,
-    )
 
     labels = list(range(len(class_names)))
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)

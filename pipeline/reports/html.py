@@ -13,6 +13,7 @@ import io
 import os
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from pipeline import records
@@ -43,7 +44,6 @@ def data_uri(data: bytes, mime: str) -> str:
 
 def png_bytes(fig) -> bytes:
     """A matplotlib Figure drawn on the Agg canvas, as PNG bytes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)

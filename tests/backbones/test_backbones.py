@@ -12,6 +12,7 @@ from pipeline.backbones import registry as backbones
 from pipeline.errors import PipelineError
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(backbones.BACKBONES))
 def test_every_backbone_builds_and_pools_to_its_feature_size(name):
     spec = backbones.get(name)
@@ -24,6 +25,7 @@ def test_every_backbone_builds_and_pools_to_its_feature_size(name):
     assert out.shape == (2, spec.features) and np.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_pooling_modes_and_alpha():
     spec = backbones.get("mobilenet")
     avg, _ = extractor.build(spec, 64, "none", "avg", alpha=0.25)
@@ -93,6 +95,7 @@ def test_size_below_minimum_is_a_clear_error():
     assert backbones.resolve_size(backbones.get("xception"), 0) == 299
 
 
+@pytest.mark.slow
 def test_imagenet_weights_offline_and_not_cached_name_the_file():
     with pytest.raises(PipelineError) as e:
         backbones.build_base(backbones.get("mobilenet_v2"), 96, "imagenet")
@@ -157,6 +160,7 @@ def test_an_error_that_is_not_a_refused_value_keeps_its_traceback():
         backbones.build_base(spec, 32, "none")
 
 
+@pytest.mark.slow
 def test_a_failed_build_drops_keras_warnings_and_says_one_line():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -169,6 +173,7 @@ def test_a_failed_build_drops_keras_warnings_and_says_one_line():
     assert [str(w.message) for w in caught] == []
 
 
+@pytest.mark.slow
 def test_a_build_at_a_size_without_its_own_file_is_quiet_and_loads_the_default_sizes_weights():
     spec = backbones.get("mobilenet")  # 96: Keras loads the cached 224 file itself, warning "input_shape ..."
     reference = backbones.build_base(spec, 224, "imagenet", alpha=0.25)

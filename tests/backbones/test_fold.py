@@ -77,6 +77,7 @@ def test_folding_leaves_the_model_and_its_weights_as_they_were():
     np.testing.assert_array_equal(model(x, training=False).numpy(), want)
 
 
+@pytest.mark.slow
 def test_a_real_backbone_folds_every_batchnorm_and_gives_the_same_features():
     """MobileNetV2 alpha 0.35 with its ImageNet statistics: all 52 BatchNorms follow a convolution."""
     require_shared()
@@ -91,6 +92,7 @@ def test_a_real_backbone_folds_every_batchnorm_and_gives_the_same_features():
     assert np.abs(want).max() > 1  # real statistics: folding changed real numbers, not zeros
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
 def test_other_families_fold_all_their_batchnorms(name):
     model, base = extractor.build(backbones.get(name), 64, "none", "avg")

@@ -51,6 +51,7 @@ def test_a_bad_exponent_is_one_line():
         layers.GeneralizedMeanPooling2D(p=0)
 
 
+@pytest.mark.slow
 def test_a_real_backbone_with_gem_folds_and_pools_its_last_feature_map():
     spec = backbones.get("mobilenet_v2")
     model, base = extractor.build(spec, 64, str(MOBILENET_V2_FILE), "gem", alpha=0.35, gem_p=3.0)
@@ -70,6 +71,7 @@ def _features(tmp_path, data, **options):
                              **options)
 
 
+@pytest.mark.slow
 def test_gem_has_a_cache_key_of_its_own_and_gem_p_enters_it_only_with_gem(tmp_path):
     data = make_tree(tmp_path / "data", per_class=3)
     paths = {(pool, p): _features(tmp_path, data, pooling=pool, gem_p=p)
@@ -86,6 +88,8 @@ def test_gem_has_a_cache_key_of_its_own_and_gem_p_enters_it_only_with_gem(tmp_pa
         _features(tmp_path, data, pooling="gem", gem_p=-1.0)
 
 
+@pytest.mark.slow
+@pytest.mark.openvino
 @needs_openvino
 def test_gem_through_openvino_equals_tensorflow(tmp_path):
     data = flowers_subset(tmp_path / "data", 2)
@@ -104,6 +108,7 @@ def _features_of(tmp_path, data, **options):
                              test_fraction=0.0, batch=4, **options)
 
 
+@pytest.mark.slow
 def test_a_head_on_a_gem_cache_predicts_from_raw_images_what_it_predicts_on_the_cache(tmp_path, capsys):
     from pipeline.cache import store
     from pipeline.heads import artifacts

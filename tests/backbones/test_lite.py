@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 
 DAISY = 985  # ImageNet class 'daisy'
 # Keras' save_weights converts TF variables with np.array(), which numpy 2 flags; not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")]
 
 
 class Evil:

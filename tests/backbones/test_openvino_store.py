@@ -18,6 +18,8 @@ import pipeline
 from pipeline import records
 from pipeline.backbones import openvino_store
 
+pytestmark = [pytest.mark.slow, pytest.mark.openvino]
+
 SOURCE = {"backbone": "tiny", "size": 4, "weights_sha256": "0" * 64, "format": openvino_store.FORMAT}
 
 

@@ -11,6 +11,8 @@ import pipeline
 from pipeline.backbones import runtime
 from pipeline.errors import PipelineError
 
+pytestmark = [pytest.mark.slow, pytest.mark.openvino]
+
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
 
 TOLERANCE = 1e-4  # f32: the two runtimes sum in other orders; measured ~1e-5 on features of magnitude ~6

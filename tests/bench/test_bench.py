@@ -16,6 +16,7 @@ def finite_positive(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_consistent_reports(tmp_path, capsys):
     data = make_tree(tmp_path / "data", classes=("cat", "dog", "fox"), per_class=8, size=(40, 32))
     argv = ["bench", f"DATA={data}", "BACKBONE=mobilenet_v2", "ALPHA=0.35", "WEIGHTS=none", "SIZE=32",
@@ -114,6 +115,8 @@ def test_combined_limit_adds_the_time_per_image():
     assert overhead.combined(300.0, 150.0) == pytest.approx(100.0)  # 1/300 + 1/150 s = 1/100 s per image
 
 
+@pytest.mark.slow
+@pytest.mark.openvino
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
 def test_overhead_with_openvino_counts_its_call_as_the_backbone(tmp_path, capsys):
     data = make_tree(tmp_path / "data", classes=("cat", "dog"), per_class=4, size=(40, 32))

@@ -13,6 +13,7 @@ from pipeline.bench import gpu
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_script_without_gpu_writes_cpu_figures_and_says_so(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
     p = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--n", "8"], env=env, capture_output=True,
@@ -28,6 +29,7 @@ def test_script_without_gpu_writes_cpu_figures_and_says_so(tmp_path):
     assert d["per_core"] == pytest.approx(d["all_cores"] / d["cores"])
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_gpu_figures_measure_backbone_and_extraction(tmp_path):
     bare = gpu.backbone_rate("mobilenet_v2", 4, "float32", 8)

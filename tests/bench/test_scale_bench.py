@@ -7,6 +7,8 @@ from pipeline.bench import scale, synthetic
 from pipeline.configs import BenchConfig
 from pipeline.errors import PipelineError
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.slow
 def test_children_measure_open_fit_predict_in_memory_and_lazily(tmp_path):

@@ -8,6 +8,8 @@ from conftest import MOBILENET_V2_FILE, make_tree
 
 from pipeline import cli
 
+pytestmark = pytest.mark.slow
+
 
 def test_views_section_reports_every_count_the_guide_and_their_ratios(tmp_path, capsys):
     data = make_tree(tmp_path / "data", classes=("cat", "dog", "fox"), per_class=8, size=(40, 32))

@@ -16,6 +16,8 @@ from pipeline.cache import extract as features
 from pipeline.cache.plan import Plan
 from pipeline.configs import FeaturesConfig
 
+pytestmark = pytest.mark.slow
+
 
 def cfg(root, cache="cache", **kw):
     base = dict(data=str(root / "data"), backbone="mobilenet_v2", weights="none", size=32, alpha=0.35,

@@ -20,6 +20,8 @@ from pipeline.errors import PipelineError
 from pipeline.heads import artifacts
 from pipeline.heads import registry as heads
 
+pytestmark = pytest.mark.slow
+
 MEMBERS = "mobilenet_v2@64+mobilenet_v2@32"
 
 

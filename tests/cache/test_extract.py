@@ -17,6 +17,8 @@ from pipeline.cache import extract as features
 from pipeline.cache import store
 from pipeline.configs import FeaturesConfig
 
+pytestmark = pytest.mark.slow
+
 
 def cfg(tmp_path, **kw):
     base = dict(data=str(tmp_path / "data"), backbone="mobilenet_v2", weights="none", size=32, alpha=0.35,

@@ -27,6 +27,8 @@ from pipeline.cache import ray_engine, shards, store  # noqa: E402
 from pipeline.configs import FeaturesConfig  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
 PINNED = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "2"}  # actors and the in-process reference
 OPTIONS = dict(backbone="mobilenet_v2", weights="none", size=32, alpha=0.35, val_fraction=0.25, test_fraction=0.25,
                batch=4, chunk=8)

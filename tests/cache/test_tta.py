@@ -12,6 +12,8 @@ from pipeline.cache import engine, extract, store
 from pipeline.cache.plan import Plan
 from pipeline.configs import FeaturesConfig
 
+pytestmark = pytest.mark.slow
+
 KEY_FIELDS = {"manifest", "backbone", "weights", "size", "alpha", "interpolation", "preprocessing", "pooling",
               "dtype", "precision", "fold_batchnorm", "extract_version"}  # the identity before TTA existed
 

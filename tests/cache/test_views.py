@@ -9,6 +9,8 @@ import pipeline
 from pipeline.cache import store
 from pipeline.heads.sweep import grouped_folds
 
+pytestmark = pytest.mark.slow
+
 
 def opts(root, **kw):
     return {"data": str(root / "data"), "backbone": "mobilenet_v2", "alpha": 0.35, "weights": str(MOBILENET_V2_FILE),

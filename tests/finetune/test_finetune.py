@@ -45,6 +45,7 @@ def non_bn_params(layers):
     return sum(n_params(layer.weights) for layer in layers if not isinstance(layer, keras.layers.BatchNormalization))
 
 
+@pytest.mark.slow
 def test_fit_step_with_partial_unfreeze_keeps_batchnorm_and_frozen_weights(tiny):
     spec, base, head, model = tiny
     info = unfreeze.apply_unfreeze(base, spec, unfreeze.parse_unfreeze("block_16"))
@@ -74,6 +75,7 @@ def test_fit_step_with_partial_unfreeze_keeps_batchnorm_and_frozen_weights(tiny)
     assert unfreeze.count_params(model)["trainable"] == expected + n_params(head.weights)
 
 
+@pytest.mark.slow
 def test_trainable_counts_follow_each_policy(tiny):
     spec, base, head, model = tiny
     layers = unfreeze.backbone_layers(base)
@@ -106,6 +108,7 @@ def test_trainable_counts_follow_each_policy(tiny):
     assert unfreeze.count_params(model)["trainable"] == expected["block_16"]  # the chosen policy stays applied
 
 
+@pytest.mark.slow
 def test_unknown_unfreeze_name_lists_the_block_names(tiny):
     spec, base, _, _ = tiny
     with pytest.raises(PipelineError) as e:
@@ -134,6 +137,7 @@ def flowers(tmp_path_factory):
     return root, cfg, {"EPOCHS": "30"}
 
 
+@pytest.mark.slow
 def test_the_model_starts_from_the_cached_head(flowers):
     root, cfg, extra = flowers
     msgs = []
@@ -153,6 +157,7 @@ class Interrupt(keras.callbacks.Callback):
         raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_interrupted_fine_tune_resumes_then_reports_and_exports(flowers):
     root, cfg, extra = flowers
     with pytest.raises(KeyboardInterrupt):
@@ -199,6 +204,7 @@ def test_interrupted_fine_tune_resumes_then_reports_and_exports(flowers):
                                artifact.probabilities(job.call, [pixels]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_fine_tune_that_never_beats_the_head_returns_exactly_the_head_only_weights(flowers):
     """The promise kept with public Keras API only: every epoch worse on val (a rate that wrecks the weights)
     -> after fit the model holds the head-only weights, bit for bit."""
@@ -218,6 +224,7 @@ def test_a_fine_tune_that_never_beats_the_head_returns_exactly_the_head_only_wei
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_cli_unknown_unfreeze_fails_in_one_line_before_any_work(flowers, capsys, tmp_path):
     root, cfg, _ = flowers
     args = [f"{k.upper()}={v}" for k, v in (("data", cfg.data), ("backbone", "mobilenet_v2"), ("weights", "none"),
@@ -242,6 +249,7 @@ def test_make_passes_finetune_options_and_head_parameters():
     assert cfg.finetune_lr == 1e-4 and cfg.unfreeze == "all" and cfg.head == "dense" and extra == {"HIDDEN": "64"}
 
 
+@pytest.mark.slow
 def test_backbone_stays_in_inference_mode_inside_fit():
     """EfficientNet's drop-connect Dropout layers must not switch on when fit calls with training=True."""
     spec = backbones.get("efficientnet_b0")
@@ -318,6 +326,7 @@ def test_optimizers_adamw_decays_weights_but_not_biases():
     np.testing.assert_array_equal(model.layers[0].bias.numpy(), 1.0)
 
 
+@pytest.mark.slow
 def test_phase2_schedule_steps_label_smoothing_plain_progress_lines_and_the_resume_identity(flowers, capsys):
     root, cfg, extra = flowers
     smooth = dataclasses.replace(cfg, label_smoothing=0.2, warmup=0.3, resume=False, finetune_epochs=2,
@@ -395,6 +404,7 @@ def test_constant_val_loss_cannot_stop_inside_the_protected_epochs_then_stops():
     assert len(history.epoch) == 2  # a constant rate protects nothing
 
 
+@pytest.mark.slow
 def test_a_real_fine_tune_with_a_constant_val_loss_runs_through_its_protected_epochs(flowers):
     """A rate so small that no weight changes: val loss the same every epoch, never better than the head."""
     root, cfg, extra = flowers

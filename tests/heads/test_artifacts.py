@@ -140,6 +140,7 @@ def folder_bytes(folder):
     return {p: open(os.path.join(folder, p), "rb").read() for p in os.listdir(folder)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", [KeyboardInterrupt, SystemExit])
 @pytest.mark.parametrize("name", ["logreg", "dense"])
 def test_a_kill_between_the_model_file_and_its_record_keeps_the_previous_head(cache, tmp_path, monkeypatch,

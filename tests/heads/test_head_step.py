@@ -17,6 +17,8 @@ from pipeline.heads import artifacts
 from pipeline.reports import evaluate
 from pipeline.heads import registry as heads
 
+pytestmark = pytest.mark.slow
+
 
 def run(capsys, *argv):
     code = cli.main(list(argv))

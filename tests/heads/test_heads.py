@@ -131,6 +131,7 @@ def test_dense_early_stopping_restores_best_weights(tmp_path):
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(h.history_)
 
 
+@pytest.mark.slow
 def test_same_seed_same_predictions_other_seed_differs(blobs):
     tr, te = blobs.splits["train"], blobs.splits["test"]
     for name in ("dense", "mlp", "random_forest"):
@@ -154,6 +155,7 @@ def test_class_weights_reach_the_estimators(tmp_path):
         assert est.get_params()[key] == "balanced"
 
 
+@pytest.mark.slow
 def test_cache_is_faithful_to_the_backbone_in_the_loop(tmp_path):
     """A dense head on cached features == the same head trained end to end with the frozen backbone in
     the loop: same images and order, no augmentation, same seed and batches."""

@@ -13,6 +13,7 @@ from pipeline.heads import registry
 from pipeline.heads.stream import StreamingLogReg
 
 
+@pytest.mark.slow
 def test_streamed_logreg_reaches_in_memory_logreg_accuracy(tmp_path):
     path = synthetic.write_cache(tmp_path / "mid.h5", 20000, dim=128, classes=10)
     eager = store.load(path)
@@ -60,6 +61,7 @@ def test_heads_that_cannot_scale_refuse_in_one_line(tmp_path, small, capsys, nam
     assert "use HEAD=logreg (streamed) or HEAD=dense" in err
 
 
+@pytest.mark.slow
 def test_dense_past_the_budget_trains_from_the_file(tmp_path, small, capsys):
     assert head(tmp_path, small, "HEAD=dense", "EPOCHS=10", "BATCH_SIZE=128", "LEARNING_RATE=0.01",
                 "MEMORY_BUDGET=64k") == 0

@@ -14,6 +14,8 @@ from PIL import Image
 import pipeline
 from pipeline.reports.audit import step
 
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 

@@ -11,6 +11,8 @@ from synthetic import blobs, write_arrays
 from pipeline.cache import store
 from pipeline.reports.audit import Skipped, labels
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory):

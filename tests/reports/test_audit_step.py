@@ -19,6 +19,8 @@ import pipeline
 from pipeline import cli
 from pipeline.reports.audit import step
 
+pytestmark = pytest.mark.slow
+
 HEADINGS = [title for _, title, _ in step.SECTIONS]
 FILES = ["exact_duplicates.csv", "index.html", "label_issues.csv", "near_duplicates.csv", "outliers.csv",
          "summary.json", "unknown_scores.csv"]

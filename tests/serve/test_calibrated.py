@@ -19,6 +19,8 @@ from pipeline.heads import artifacts, registry
 from pipeline.reports.audit import calibration
 from pipeline.serve import export
 
+pytestmark = pytest.mark.slow
+
 OVER_CONFIDENT = {"logreg": {"C": "1000"}}  # hardly regularised on 24 train images: sure of everything
 
 

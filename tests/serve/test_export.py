@@ -27,6 +27,8 @@ from pipeline.heads import artifacts, dense
 from pipeline.serve import open_export as formats
 from pipeline.serve import find
 
+pytestmark = pytest.mark.slow
+
 FORMATS = ["keras", "tf_saved_model", "onnx", "litert", "openvino"]
 HEADS = {"dense": {"HIDDEN": "8", "EPOCHS": "5"}, "logreg": {}, "linear_svm": {}, "knn": {}}
 

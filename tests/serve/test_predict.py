@@ -23,6 +23,8 @@ from pipeline.finetune import model as ft_model
 from pipeline.heads import dense
 from pipeline.serve import find
 
+pytestmark = pytest.mark.slow
+
 CLASSES = ["cat", "dog", "fox"]
 
 

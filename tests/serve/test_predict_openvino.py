@@ -14,6 +14,8 @@ from conftest import MOBILENET_V2_FILE, ROOT, flowers_subset
 
 from pipeline import cli
 
+pytestmark = [pytest.mark.slow, pytest.mark.openvino]
+
 HEADS = {"logreg": {}, "dense": {"HIDDEN": "8", "EPOCHS": "5"}}
 
 

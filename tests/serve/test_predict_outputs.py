@@ -12,6 +12,8 @@ from test_predict import cached_scores, flowers_models
 
 from pipeline import cli
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory):

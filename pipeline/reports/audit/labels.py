@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import numpy as np
+from cleanlab.filter import find_label_issues
+from cleanlab.rank import get_label_quality_scores
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
@@ -45,8 +47,6 @@ def out_of_fold(X, y, folds=5, seed=0) -> np.ndarray:
 def find(X, y, names, paths, splits, folds=5, seed=0) -> dict:
     """Label issues of the rows (X, y): {"rows": the flagged, worst first, "quality": every row's score,
     "flagged": mask, "probs": out-of-fold probabilities (N, len(names))}."""
-    from cleanlab.filter import find_label_issues
-    from cleanlab.rank import get_label_quality_scores
 
     check_folds(y, len(names), folds, names)
     present = np.unique(y)
