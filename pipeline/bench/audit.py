@@ -99,8 +99,13 @@ def extras(ctx, fcfg, cache) -> tuple[dict, np.ndarray]:
     row = {str(p): i for i, p in enumerate(sp.paths)}
     names = extra.class_names
     info["features"] = sp.features[[row[n] for n in info["names"]]]
-    info["hashes"] = [hashlib.sha256(open(os.path.join(root, n), "rb").read()).hexdigest() for n in info["names"]]
+    info["hashes"] = [_sha256(os.path.join(root, n)) for n in info["names"]]
     return info, sp.features[sp.labels == names.index("digits")]
+
+
+def _sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def run(ctx):
@@ -110,6 +115,10 @@ def run(ctx):
     fcfg = features_config(cfg, data=data_path(cfg), views=0, tta=False)
     with quiet():
         cache = store.load(extract.run(fcfg, log=lambda m: None))
+    empty = [s for s in ("train", "val", "test") if s not in cache.splits or not len(cache.splits[s].labels)]
+    if empty or len(cache.class_names) < 3:
+        raise PipelineError(f"AUDIT_DATA={cfg.audit_data}: needs train, val and test images of at least 3 classes "
+                            f"(empty: {', '.join(empty) or 'none'}; {len(cache.class_names)} classes)")
     X = np.concatenate([cache.train.features, cache.val.features]).astype(np.float32)
     y = np.concatenate([cache.train.labels, cache.val.labels])
     res = {"cache": cache.path, "counts": {s: int(len(sp.labels)) for s, sp in cache.splits.items()}}
