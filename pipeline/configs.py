@@ -16,7 +16,7 @@ OPTIMIZERS = ("adam", "sgd")
 UNFREEZE_HELP = ("a layer name or block prefix onwards (block_16, block5_conv1), N (the last N layers), "
                  "a fraction (0.3 of the layers), blocks:N (the last N blocks), all, none")
 BENCH_SECTIONS = ("overhead", "caching", "ceiling", "memory", "noop", "quality", "headloop", "peer")
-BENCH_OPT_IN = ("views", "scale")  # long sections, run only when SECTIONS names them
+BENCH_OPT_IN = ("views", "scale", "audit")  # long sections, run only when SECTIONS names them
 # fine-tuning's defaults before the phase-2 schedule was measured (README: fine-tuning defaults)
 OLD_FINETUNE = "old defaults: UNFREEZE=blocks:2 FINETUNE_LR=1e-5 SCHEDULE=constant"
 DEFAULT_QUALITY = ("efficientnet_lite0::imagenet,"
@@ -207,6 +207,10 @@ class BenchConfig(FeaturesConfig):
     views_counts: str = opt("0,4,8", "views: the VIEWS compared (one cache of the largest serves the others)")
     views_epochs: int = opt(20, "views: epochs of the dense heads and of the guide's end-to-end fit")
     scale_max: int = opt(100_000, "scale: the largest synthetic cache, in rows (10000, 100000 or 1000000)")
+    audit_data: str = opt("{shared}/datasets/flowers5", "audit: the class-folder tree audited ({shared} as QUALITY)")
+    audit_noise: float = opt(0.05, "audit: share of train+val labels flipped at random")
+    audit_seeds: int = opt(3, "audit: seeds of the label flips (figures are their mean)")
+    audit_plant: int = opt(10, "audit: train images planted into test as copies (exact, resized, JPEG)")
     memory_budget: str = _like(HeadConfig, "memory_budget")
     reports_dir: str = opt("reports", "where bench-<date>.json and .md are written")
     tag: str = opt("", "suffix of the report names, e.g. before / after")

@@ -1,6 +1,8 @@
-"""Label issues: out-of-fold probabilities of a cross-validated logistic regression on the cached features
-(train+val, stratified folds, seeded, features standardised), then cleanlab's confident learning
-(``find_label_issues``) and its label quality score (``get_label_quality_scores``, lowest = most suspect)."""
+"""Label issues: out-of-fold probabilities on the cached features (train+val), then cleanlab's confident
+learning (``find_label_issues``) and its label quality score (``get_label_quality_scores``, lowest = most
+suspect). The probabilities blend two views of the data: a strongly regularised logistic regression
+(standardised features, ``OOF_C``) cross-validated in stratified folds (seeded), and a leave-one-out cosine
+k-nearest-neighbour vote (``KNN_K`` neighbours weighted by exp(similarity / ``KNN_TEMPERATURE``))."""
 
 from __future__ import annotations
 
@@ -13,14 +15,16 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline.reports.audit import Skipped
+from pipeline.reports.audit import Skipped, knn
 
 COLUMNS = ("path", "split", "given", "suggested", "quality", "p_given", "p_suggested")
+OOF_C = 1e-3  # the out-of-fold logistic regression's inverse regularisation
+KNN_K, KNN_TEMPERATURE, KNN_SMOOTHING = 20, 0.1, 1e-3
 
 
-def logistic(seed=0):
+def logistic(seed=0, C=1.0):
     """The audit's linear head: standardised features, multinomial logistic regression."""
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
 
 
 def check_folds(y, n_classes, folds, names) -> None:
@@ -37,11 +41,29 @@ def check_folds(y, n_classes, folds, names) -> None:
                       "or lower FOLDS")
 
 
-def out_of_fold(X, y, folds=5, seed=0) -> np.ndarray:
-    """Out-of-fold predicted probabilities (N, classes present, in label order)."""
+def logistic_oof(X, y, folds=5, seed=0, C=OOF_C) -> np.ndarray:
+    """Out-of-fold probabilities of :func:`logistic` (N, classes present, in label order; labels 0..K-1)."""
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     with threadpool_limits(1, user_api="blas"):
-        return cross_val_predict(logistic(seed), X, y, cv=cv, method="predict_proba")
+        return cross_val_predict(logistic(seed, C), X, y, cv=cv, method="predict_proba")
+
+
+def knn_vote(X, y, k=KNN_K, temperature=KNN_TEMPERATURE) -> np.ndarray:
+    """Leave-one-out probabilities (N, K) of labels 0..K-1: each row's ``k`` most cosine-similar other rows
+    vote for their labels, weighted by exp(similarity / ``temperature``), smoothed."""
+    n_classes = int(y.max()) + 1
+    sims, idx = knn.nearest(X, X, k, same=True)
+    w = np.exp((sims.astype(np.float64) - 1) / temperature)
+    votes = np.zeros((len(y), n_classes))
+    np.add.at(votes, (np.repeat(np.arange(len(y)), idx.shape[1]), y[idx].ravel()), w.ravel())
+    votes += KNN_SMOOTHING * np.maximum(votes.sum(axis=1, keepdims=True), 1e-12)
+    return votes / votes.sum(axis=1, keepdims=True)
+
+
+def out_of_fold(X, y, folds=5, seed=0) -> np.ndarray:
+    """Out-of-fold predicted probabilities (N, classes present, in label order; labels 0..K-1): the mean of
+    :func:`logistic_oof` and :func:`knn_vote`."""
+    return 0.5 * logistic_oof(X, y, folds, seed) + 0.5 * knn_vote(X, y)
 
 
 def find(X, y, names, paths, splits, folds=5, seed=0) -> dict:

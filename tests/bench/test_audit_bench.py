@@ -1,0 +1,58 @@
+"""The ``audit`` bench section on a tiny real cache (a few flowers5 photos per class, MobileNetV2 0.35 at 32 px):
+every figure it reports, as rates in [0, 1]; planted exact copies found by content hash; the audit command run
+without TensorFlow. The goals are not asserted (tiny data)."""
+
+import json
+
+import pytest
+from conftest import MOBILENET_V2_FILE, flowers_subset
+
+from pipeline import cli
+from pipeline.bench import audit, auditparts
+
+
+@pytest.mark.slow
+def test_audit_section_reports_every_figure(tmp_path, capsys):
+    data = flowers_subset(tmp_path / "data", per_class=12)
+    argv = ["bench", "SECTIONS=audit", f"AUDIT_DATA={data}", "AUDIT_SEEDS=2", "AUDIT_PLANT=2",
+            "BACKBONE=mobilenet_v2", "ALPHA=0.35", "SIZE=32", f"WEIGHTS={MOBILENET_V2_FILE}", "BATCH=16",
+            "VAL_FRACTION=0.25", "TEST_FRACTION=0.25", f"CACHE_DIR={tmp_path / 'cache'}",
+            f"REPORTS_DIR={tmp_path / 'reports'}", "TAG=audit"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    [path] = (tmp_path / "reports").glob("bench-*-audit.json")
+    sections = json.loads(path.read_text())["sections"]
+    assert list(sections) == ["audit"] and "error" not in sections["audit"], sections
+    sec = sections["audit"]
+    assert set(auditparts.LEVERS) <= set(sec["labels"])
+    for lever in auditparts.LEVERS:
+        r = sec["labels"][lever]
+        assert len(r["per_seed"]["auroc"]) == 2 and r["flipped"] >= 1
+        for fig in ("auroc", "top_n_precision", "recall", "precision"):
+            assert 0 <= r["mean"][fig] <= 1, (lever, fig)
+        assert r["mean"]["extra_on_clean"] <= r["mean"]["extra"] <= r["mean"]["flagged"]
+    assert len(sec["open_set"]["per_class"]) == 5
+    for part in (sec["open_set"]["mean"], sec["far_ood"]):
+        for score in auditparts.SCORES:
+            assert 0 <= part[score]["auroc"] <= 1 and 0 <= part[score]["rejected"] <= 1
+    for head in audit.HEADS:
+        c = sec["calibration"][head]
+        assert c["temperature"] > 0
+        for when in ("before", "after"):
+            lo, hi = c[when]["ece_interval"]
+            assert c[when]["nll"] > 0 and 0 <= lo <= hi <= 1
+    leaks = sec["leaks"]
+    assert leaks["planted"] == 6 and set(leaks["near_found"]) == {"exact", "jpeg", "resized"}
+    assert leaks["exact_found"] == 1.0  # by content hash, whatever the features
+    assert leaks["clean_false"] == leaks["clean_pairs"] - leaks["clean_same_photo"] >= 0
+    assert sec["cost"]["tensorflow"] is False and sec["cost"]["modules"] > 100 and sec["cost"]["seconds"] > 0
+    assert isinstance(sec["met"], bool)
+    for text in ("blend (default): AUROC of the label quality", "near OOD (class held out, mean): combined",
+                 "far OOD (digits among photos): knn_similarity", "dense (T=", "planted resized copies found",
+                 "TensorFlow imported", "goal: leaks"):
+        assert text in out, text
+
+
+def test_audit_options_are_checked(capsys):
+    assert cli.main(["bench", "SECTIONS=audit", "AUDIT_NOISE=1.5"]) == 2
+    assert "AUDIT_NOISE=1.5" in capsys.readouterr().err
