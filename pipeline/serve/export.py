@@ -25,9 +25,10 @@ import re
 import keras
 
 from pipeline import artifacts as saved, keras_internals, lock, records
+from pipeline.backbones.extractor import compiled_call
 from pipeline.configs import ExportConfig
 from pipeline.errors import PipelineError, choose
-from pipeline.serve import find, open_export as exports, verify
+from pipeline.serve import card, find, judge, open_export as exports, quantize, verify
 from pipeline.serve.runner import EXPORT_FORMAT, HEAD_FORMAT, LINEAR_HEADS
 from pipeline.serve.open_export import FORMATS, Format
 
@@ -45,10 +46,10 @@ EXPORT_PACKAGES = ("tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "openvino
 CARRIED = ("temperature", "reject_threshold", "reject_score")  # of make head CALIBRATE / REJECT_RECALL
 
 
-def out_paths(out: str, runner, fmt: Format) -> tuple[str, str]:
+def out_paths(out: str, runner, fmt: Format, mode: str = "none") -> tuple[str, str]:
     """(folder, name) of the record ``<folder>/<name>.json``: ``OUT`` ending in .json is the record, another
-    ``OUT`` a folder; by default ``<the model's folder>/export/`` and ``<model>-<format>``."""
-    name = f"{runner.source.get('name') or 'model'}-{fmt.name}"
+    ``OUT`` a folder; by default ``<the model's folder>/export/`` and ``<model>-<format>[-<QUANTIZE>]``."""
+    name = f"{runner.source.get('name') or 'model'}-{fmt.name}" + (f"-{mode}" if mode != "none" else "")
     if out.endswith(".json"):
         folder, name = os.path.dirname(os.path.abspath(out)), os.path.basename(out)[:-len(".json")]
         if not name:
@@ -117,8 +118,13 @@ def _open(cfg: ExportConfig, log):
     """(format, runner) of the model ``MODEL`` names, after the options and what cannot be exported are refused."""
     fmt = choose(cfg.format, FORMATS, "export format")
     exports.need(fmt, (*fmt.export_needs, fmt.runtime))  # before anything is built
-    if not cfg.tolerance > 0 or not cfg.score_tolerance > 0 or cfg.verify_images < 1 or cfg.batch < 1:
-        raise PipelineError("TOLERANCE, SCORE_TOLERANCE, VERIFY_IMAGES and BATCH must be positive")
+    quantize.check(fmt.name, cfg.quantize)
+    if not cfg.tolerance > 0 or not cfg.score_tolerance > 0 or cfg.verify_images < 1 or cfg.batch < 1 \
+            or cfg.representative < 1 or cfg.latency_runs < 1:
+        raise PipelineError("TOLERANCE, SCORE_TOLERANCE, VERIFY_IMAGES, BATCH, REPRESENTATIVE and LATENCY_RUNS must "
+                            "be positive")
+    if not 0 <= cfg.min_accuracy <= 1 or not cfg.max_drop >= 0:
+        raise PipelineError("MIN_ACCURACY is a fraction (0..1) and MAX_DROP points (>= 0)")
     src_path = find.find_model(cfg.model, cfg.models_dir, log=log)
     _refuse_early(src_path)
     runner = find.open_model(src_path, cfg.models_dir, log=log)
@@ -136,6 +142,24 @@ def carried(runner) -> dict:
     """What predict applies on top of the artifact's outputs, from the model's record: ``temperature``,
     ``reject_threshold`` and ``reject_score`` where it has them (also in an ONNX file's ``metadata_props``)."""
     return {k: runner.record[k] for k in CARRIED if runner.record.get(k) is not None}
+
+
+def judged(cfg: ExportConfig, runner, model, fmt: Format, name: str):
+    """``(call, path) -> judgement`` on the whole test split, refusing an export below the floor; None when
+    neither QUANTIZE, JUDGE, MIN_ACCURACY nor MAX_DROP asks for it."""
+    if cfg.quantize == "none" and not cfg.judge and cfg.min_accuracy == 0 and cfg.max_drop >= 100:
+        return None
+    what = f"FORMAT={fmt.name} QUANTIZE={cfg.quantize}"
+    pixels, labels = judge.test_set(runner, what)
+    reference = verify.batched(compiled_call(model, runner.size, fold=False), pixels, cfg.batch)
+
+    def run_(call, path):
+        row = judge.judge(call, reference, pixels, labels, path, runner.output, cfg.latency_runs, cfg.batch)
+        judge.check_floor(row, cfg.min_accuracy, cfg.max_drop, what)
+        return {**row, "columns": list(judge.COLUMNS), "rows": judge.rows(name, row),
+                "min_accuracy": cfg.min_accuracy, "max_drop": cfg.max_drop}
+
+    return run_
 
 
 def _record(runner, fmt: Format, path: str, sha: str, files: dict, verification: dict) -> dict:
@@ -168,26 +192,49 @@ def _record(runner, fmt: Format, path: str, sha: str, files: dict, verification:
 def run(cfg: ExportConfig, extra=None, log=print) -> str:
     """The ``export`` step: returns the record's path."""
     fmt, runner = _open(cfg, log)
-    folder, name = out_paths(cfg.out, runner, fmt)
+    folder, name = out_paths(cfg.out, runner, fmt, cfg.quantize)
     records.writable_dir(folder, "OUT")
     original = runner.keras_model()
     model = without_augmentation(original)
     pixels, where = verify.verification_pixels(runner, cfg, log)
     rec_path = os.path.join(folder, name + ".json")
+    judging = judged(cfg, runner, original, fmt, name)
+    rep = judge.representative(runner, cfg.representative) if cfg.quantize == "int8" else None
     with lock.locked(os.path.join(folder, ".export"), log=log):  # one export at a time into a folder
-        path, sha, files, verification = verify.write_verified(
+        path, sha, files, verification, judgement = verify.write_verified(
             model, fmt, folder, name, pixels, runner.size, cfg.tolerance, cfg.batch, reference_model=original,
-            output=runner.output, score_tolerance=cfg.score_tolerance, metadata=carried(runner))
+            output=runner.output, score_tolerance=cfg.score_tolerance, metadata=carried(runner),
+            mode=cfg.quantize, representative=rep, judged=judging)
         verification["on"] = where
-        record = _record(runner, fmt, path, sha, files, verification)
+        record = {**_record(runner, fmt, path, sha, files, verification), "quantize": _quantized(cfg, fmt),
+                  **({"judgement": judgement} if judgement else {})}
         saved.switch(rec_path, record, stale(name), {os.path.basename(path)})  # until here the previous one stands
+        card_path = card.write(rec_path, record)
+    _report(runner, fmt, cfg, path, record, where, log)
+    log(f"record: {rec_path}  (make predict MODEL={rec_path} IMAGES=...); model card: {card_path}")
+    if record.get("judgement"):
+        log(judge.table(record["judgement"]["rows"], record["judgement"]["cpu"]))
+    return rec_path
+
+
+def _quantized(cfg: ExportConfig, fmt: Format) -> dict:
+    return {"mode": cfg.quantize, **({"how": quantize.HOW[fmt.name, cfg.quantize]} if cfg.quantize != "none" else {}),
+            **({"representative_train_images": cfg.representative} if cfg.quantize == "int8" else {})}
+
+
+def _report(runner, fmt, cfg, path, record, where, log) -> None:
+    verification, judgement = record["verification"], record.get("judgement")
+    if cfg.quantize != "none":
+        log(f"exported {runner.path} as {fmt.name} QUANTIZE={cfg.quantize}: {path} ({record['bytes'] / 2**20:.2f} "
+            f"MiB); judged with {fmt.runtime} on {judgement['images']} test images: accuracy "
+            f"{judgement['accuracy']:.4f} (float {judgement['float_accuracy']:.4f}), top-1 agrees on "
+            f"{judgement['agreement']:.1%}")
+        return
     log(f"exported {runner.path} as {fmt.name}: {path} ({record['bytes'] / 2**20:.1f} MiB); verified with "
         f"{fmt.runtime} on {where}: max abs difference {verification['max_abs_diff']:.2e} from the Keras model"
         + (f" ({verification['max_relative_diff']:.2e} of the largest decision value; SCORE_TOLERANCE "
            f"{cfg.score_tolerance:g})" if runner.output == "score" else f" (TOLERANCE {cfg.tolerance:g})")
         + f", top-1 agrees on {verification['argmax_agree']}/{verification['images']}")
-    log(f"record: {rec_path}  (make predict MODEL={rec_path} IMAGES=...)")
-    return rec_path
 
 
 def step(cfg: ExportConfig, extra=None) -> None:

@@ -13,11 +13,10 @@ import tensorflow as tf
 
 from pipeline import artifacts as saved
 from pipeline.backbones.extractor import compiled_call
-from pipeline.cache import store
 from pipeline.configs import ExportConfig
-from pipeline.data import images, sources
+from pipeline.data import images
 from pipeline.errors import PipelineError
-from pipeline.serve import open_export as exports, predict, runner as base
+from pipeline.serve import judge, open_export as exports, predict, quantize, runner as base
 from pipeline.serve.open_export import Format
 
 
@@ -55,25 +54,7 @@ def given_pixels(text, n, size, interpolation, batch, max_pixels) -> np.ndarray:
 
 def cache_test_pixels(cache_path, key, n, size, interpolation, max_pixels=images.MAX_PIXELS) -> np.ndarray:
     """Up to ``n`` test images of a cache, decoded as for the cache (built-in sources made again)."""
-    cache = store.load(cache_path, expect_key=key)
-    split = cache.splits.get("test") or next(iter(cache.splits.values()))
-    rels = list(split.paths[:n])
-    cfg = cache.config
-    if cfg.get("data") in sources.BUILTIN:
-        ds = sources.open_source(cfg["data"], cfg.get("val_fraction", 0.15), cfg.get("test_fraction", 0.15),
-                                 cfg.get("seed", 0), cfg.get("per_class", 0), progress=False)
-        where = {it.relpath: i for i, it in enumerate(ds.items)}
-        found = [ds.source(where[r]) for r in rels if r in where]
-    else:
-        root = cfg.get("source_root") or cfg.get("data")
-        found = [os.path.join(root, r) for r in rels]
-    out = []
-    for s in found:
-        try:
-            out.append(images.load_resized(s, size, interpolation, max_pixels))
-        except (images.BadImage, OSError):
-            continue  # changed since the cache was made: verified on the others
-    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+    return judge.cache_images(cache_path, key, "test", size, interpolation, max_pixels, n=n)[0]
 
 
 def batched(call, x, batch):
@@ -134,7 +115,8 @@ def compare(fmt: Format, got, reference, n_images, output, tolerance, score_tole
 
 def write_verified(model, fmt: Format, folder: str, name: str, pixels: np.ndarray, size: int, tolerance: float,
                    batch: int = 32, reference_model=None, output="probability",
-                   score_tolerance: float = 1e-3, metadata: dict | None = None) -> tuple[str, str, dict, dict]:
+                   score_tolerance: float = 1e-3, metadata: dict | None = None, mode: str = "none",
+                   representative=None, judged=None) -> tuple[str, str, dict, dict, dict | None]:
     """(artifact path, sha256, {file: sha256} of a folder, verification) of ``model`` exported as ``fmt`` into a
     temporary folder in ``folder``, loaded back with its runtime, compared on ``pixels`` with the Keras model
     (``reference_model``, default ``model``) and only then renamed into place as ``<name>-<sha12><ext>``.
@@ -142,22 +124,32 @@ def write_verified(model, fmt: Format, folder: str, name: str, pixels: np.ndarra
     Probabilities may differ by ``tolerance`` at most. Decision values (``output="score"``) are unbounded and
     amplify float rounding in the features by the coefficients (the scaler's 1/std): their difference is taken
     relative to the largest |value| (at least 1), up to ``score_tolerance``. ``metadata`` goes into an ONNX
-    file's ``metadata_props``."""
-    reference = batched(compiled_call(reference_model or model, size, fold=False), pixels, batch)  # as built
+    file's ``metadata_props``. A quantised ``mode`` is written by :mod:`pipeline.serve.quantize` (int8 calibrated
+    on ``representative()``) and not compared; ``judged(call, path)``, when given, judges the staged artifact
+    (raising to keep it out of place) and gives its row."""
+    reference = (batched(compiled_call(reference_model or model, size, fold=False), pixels, batch)  # as built
+                 if mode == "none" else None)
     with saved.staging(folder, name) as work:
         target = os.path.join(work, "artifact" + fmt.ext)
         t0 = time.perf_counter()
-        write_artifact(model, fmt, target, size)
+        if mode == "none":
+            write_artifact(model, fmt, target, size)
+        else:
+            quantize.write(model, fmt, mode, target, size, write_artifact, representative)
         if fmt.name == "onnx" and metadata:
             add_onnx_metadata(target, metadata)
         export_secs = time.perf_counter() - t0
         t0 = time.perf_counter()
         call = exports.runtime(fmt, target, size, fold=False)
-        got = batched(lambda x: call(x.astype(np.float32)), pixels, batch)
+        if mode == "none":
+            got = batched(lambda x: call(x.astype(np.float32)), pixels, batch)
+            verification = compare(fmt, got, reference, len(pixels), output, tolerance, score_tolerance)
+        else:
+            verification = {"images": 0, "skipped": f"QUANTIZE={mode}: not held to TOLERANCE; judged on the test split"}
         verify_secs = time.perf_counter() - t0
-        verification = compare(fmt, got, reference, len(pixels), output, tolerance, score_tolerance)
+        judgement = judged(call, target) if judged else None
         sha, files = saved.tree_digest(target)
         final = os.path.join(folder, f"{name}-{sha[:12]}{fmt.ext}")
         saved.put(target, final, sha)  # one step: a folder appears whole
     verification.update(export_seconds=round(export_secs, 3), verify_seconds=round(verify_secs, 3))
-    return final, sha, files, verification
+    return final, sha, files, verification, judgement

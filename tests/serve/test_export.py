@@ -84,7 +84,7 @@ def test_export_round_trip_is_verified_and_predicts_like_the_head(flowers, expor
     assert rec["runtime"]["name"] == spec.runtime and rec["runtime"]["version"]
     assert rec["source"]["record"] == os.path.abspath(recs["dense"]) and rec["source"]["kind"] == "dense"
     assert sorted(os.listdir(os.path.dirname(rec_path))) == sorted([".export.lock", f"dense-{fmt}.json",
-                                                                     rec["file"]])
+                                                                     f"dense-{fmt}.MODEL_CARD.md", rec["file"]])
     # make predict runs the artifact itself (its runtime, from its record): the head's labels and probabilities
     out = tmp_path / "preds.json"
     assert cli.main(["predict", *files, f"MODEL={path}", "TOP_K=5", f"OUTPUT={out}"]) == 0
@@ -233,7 +233,7 @@ def test_a_kill_before_the_record_keeps_the_previous_export(flowers, tmp_path, m
     assert runner.kind == "export" and len([f for f in os.listdir(tmp_path) if f.endswith(".keras")]) == 2
     rec_path = export.run(cfg, log=quiet)  # the next export removes what no record names
     rec = json.loads(open(rec_path).read())
-    assert sorted(os.listdir(tmp_path)) == sorted([".export.lock", "logreg.json", rec["file"]])
+    assert sorted(os.listdir(tmp_path)) == sorted([".export.lock", "logreg.json", "logreg.MODEL_CARD.md", rec["file"]])
 
 
 def test_make_passes_the_export_options():

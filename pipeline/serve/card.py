@@ -1,0 +1,129 @@
+"""``<name>.MODEL_CARD.md``, written beside every export's record: what the model is, the data, its metrics, the
+export's judgement, versions, limitations, and a runnable snippet that loads the artifact with its own runtime
+and labels one image."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from pipeline import records
+from pipeline.cache import store
+from pipeline.errors import PipelineError
+from pipeline.serve import judge
+
+LOAD = {  # (import, load, run on x) per export format
+    "onnx": ("import onnxruntime", "model = onnxruntime.InferenceSession(ARTIFACT)",
+             "p = model.run(None, {'pixels': x})[0][0]"),
+    "litert": ("from ai_edge_litert.interpreter import Interpreter",
+               "model = Interpreter(model_path=ARTIFACT)\nmodel.allocate_tensors()",
+               "model.set_tensor(model.get_input_details()[0]['index'], x)\nmodel.invoke()\n"
+               "p = model.get_tensor(model.get_output_details()[0]['index'])[0]"),
+    "openvino": ("import openvino", "model = openvino.Core().compile_model(ARTIFACT + '/model.xml', 'CPU', "
+                 "{'INFERENCE_PRECISION_HINT': 'f32'})", "p = model(x)[0][0]"),
+    "keras": ("import keras\nimport pipeline.backbones.layers  # this package's two layers",
+              "model = keras.saving.load_model(ARTIFACT, safe_mode=True)", "p = model(x, training=False).numpy()[0]"),
+    "tf_saved_model": ("import tensorflow as tf", "model = tf.saved_model.load(ARTIFACT)",
+                       "p = model.serve(tf.constant(x)).numpy()[0]"),
+}
+RESAMPLE = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS",
+            "box": "BOX", "hamming": "HAMMING"}
+
+
+def path_of(rec_path: str) -> str:
+    return rec_path[:-len(".json")] + ".MODEL_CARD.md"
+
+
+def snippet(record: dict) -> str:
+    """Python that labels ``IMAGE`` with the artifact, run from the card's folder, needing only its runtime,
+    numpy and Pillow."""
+    imports, load, call = LOAD[record["export_format"]]
+    size, interp = record["input_size"], (record.get("input") or {}).get("interpolation", "bilinear")
+    cut = 0.0 if record["output"] == "score" else 0.5
+    lines = [
+        "import numpy as np", "from PIL import Image", imports, "",
+        f"ARTIFACT = {record['file']!r}", f"CLASSES = {record['classes']!r}", "IMAGE = 'photo.jpg'", "",
+        "image = Image.open(IMAGE)",
+        f"image.draft('RGB', ({size}, {size}))  # as the cache decoded JPEGs",
+        f"image = image.convert('RGB').resize(({size}, {size}), Image.Resampling.{RESAMPLE.get(interp, 'BILINEAR')})",
+        "x = np.asarray(image, np.float32)[None]  # (1, size, size, 3), RGB 0..255", load, call,
+        f"best = int(p[0] > {cut}) if len(p) == 1 else int(np.argmax(p))  # one unit: the second class's",
+        "print(CLASSES[best], float(np.max(p)))"]
+    return "\n".join(lines)
+
+
+def _data(cache_path, key) -> list[str]:
+    try:
+        cache = store.load(cache_path, expect_key=key)
+    except (PipelineError, OSError):
+        return [f"The cache {cache_path} is gone; its counts cannot be given."]
+    splits = sorted(cache.splits, key=lambda s: (("train", "val", "test") + (s,)).index(s))
+    rows = [[c, *[int(np.sum(cache.splits[s].labels == i)) for s in splits]] for i, c in enumerate(cache.class_names)]
+    return [f"Images of `{cache.config.get('data')}`, per class and split (cache `{os.path.basename(cache_path)}`):",
+            "", table(["class", *splits], rows + [["all", *[len(cache.splits[s].labels) for s in splits]]])]
+
+
+def table(head, rows) -> str:
+    return "\n".join(["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join("—" if v is None else str(v) for v in r) + " |" for r in rows])
+
+
+def _metrics(source: dict, record: dict) -> list[str]:
+    test = ((source.get("metrics") or {}).get("test")) or {}
+    out = [f"Test accuracy of the model (on its cached features): {test['accuracy']:.4f} on {test.get('n')} images."
+           if "accuracy" in test else "The model's record has no test metrics."]
+    per = test.get("per_class") or {}
+    if per:
+        out += ["", table(["class", "precision", "recall", "f1", "support"],
+                          [[c, *(round(v.get(k, 0), 4) for k in ("precision", "recall", "f1-score")), v.get("support")]
+                           for c, v in per.items()])]
+    for key, what in (("temperature", "calibration temperature"), ("reject_threshold", "unknown-image threshold "
+                                                                   "on the maximum probability")):
+        if record.get(key) is not None:
+            out.append(f"\n{what.capitalize()}: {record[key]:.4g} (applied by make predict; the artifact outputs "
+                       "uncalibrated probabilities).")
+    return out
+
+
+def render(record: dict, source: dict) -> str:
+    """The card's Markdown for an export ``record`` and its model's record ``source``."""
+    src, q = record["source"], record.get("quantize") or {"mode": "none"}
+    j = record.get("judgement")
+    parts = [f"# Model card: {os.path.splitext(record['file'])[0]}", "",
+             "## What it is", "",
+             f"- a {src.get('head') or src.get('kind')} head ({src.get('kind')}) on the {src.get('backbone')} backbone, "
+             f"end to end: pixels -> preprocessing -> backbone -> pooling -> head",
+             f"- format {record['export_format']}, run with {record['runtime']['package']}; quantisation: {q['mode']}"
+             + (f" ({q['how']})" if q.get("how") else ""),
+             f"- classes ({len(record['classes'])}): {', '.join(record['classes'])}",
+             f"- input `pixels`: float32 (N, {record['input_size']}, {record['input_size']}, 3), RGB 0..255, the "
+             f"whole image resized ({record['input'].get('interpolation')}, aspect not kept); output: "
+             f"{record['outputs']['meaning']}",
+             f"- cache key `{src.get('cache_key')}`; source record `{src.get('record')}`", "",
+             "## Data", "", *_data(src.get("cache_path"), src.get("cache_key")), "",
+             "## Metrics", "", *_metrics(source, record), "", "## Export judgement", "",
+             (judge.table(j["rows"], j["cpu"]) if j else f"Not judged on the whole test split (JUDGE=1 to); verified on "
+              f"{record['verification'].get('on')} against the Keras model, max difference "
+              f"{record['verification'].get('max_abs_diff', 0):.2e}."), "",
+             "## Versions", "", ", ".join(f"{k} {v}" for k, v in sorted(record["versions"].items()) if v), "",
+             "## Limitations", "",
+             "- Trained and judged on the images above only; photos unlike them (other classes, framing, lighting) "
+             "get one of these labels all the same" + (", unless below the unknown-image threshold." if
+                                                       record.get("reject_threshold") is not None else "."),
+             "- Small test splits give coarse accuracies; quantised models may disagree with the float one on "
+             "borderline images (see the agreement).", "",
+             "## Run it", "", "From this folder, with only its runtime, numpy and Pillow:", "",
+             "```python", snippet(record), "```", ""]
+    return "\n".join(parts)
+
+
+def write(rec_path: str, record: dict) -> str:
+    """Write the card of the export at ``rec_path`` (atomically); returns its path."""
+    try:
+        source = records.read_json(record["source"]["record"])
+    except (PipelineError, OSError):
+        source = {}
+    path = path_of(rec_path)
+    records.atomic_write_text(path, render(record, source if isinstance(source, dict) else {}))
+    return path
