@@ -86,6 +86,8 @@ class HeadConfig(FeaturesConfig):
     models_dir: str = opt("models", "where heads are saved (<models>/<cache>/<head>.json + model file)")
     reports_dir: str = opt("reports", "where metrics and plots go (<reports>/<cache>/<head>/)")
     heads: str = opt("all", "sweep: comma list of heads (all = every head)")
+    backbones: str = opt("", "sweep: comma list of backbones (each may be an ensemble a+b), every one swept over "
+                             "HEADS into one backbone x head leaderboard (empty = BACKBONE only)")
     cv: int = opt(5, "sweep: stratified folds over train+val")
     scoring: str = opt("accuracy", "sweep: " + " | ".join(SCORINGS))
     jobs: int = opt(-1, "sweep: parallel fits through joblib (-1 = every core)")
@@ -206,6 +208,9 @@ class BenchConfig(FeaturesConfig):
                                          "assets folder, $PIPELINE_SHARED or ../shared)")
     quality_heads: str = opt("logreg,linear_svm,dense", "quality: heads fitted on train; the best on val counts")
     raw_size: int = opt(32, "quality: side of the raw-pixel baseline's images")
+    seeds: str = opt("", "quality: comma list of split seeds (e.g. 0,1,2): mean and spread over them of the best "
+                         "single backbone, the best ensemble, each pooling and (FINETUNE=1) the fine-tune")
+    poolings: str = opt("avg,gem", "quality with SEEDS: the poolings of BACKBONE compared")
     finetune: bool = opt(False, "quality: also fine-tune BACKBONE (slow)")
     finetune_compare: str = opt(OLD_FINETUNE + "; new defaults:", "quality: fine-tuning runs compared (FINETUNE=1), "
                                 "'label: NAME=value ...' separated by ';' (new defaults: no options)")

@@ -75,8 +75,9 @@ STEPS = {
                  HeadConfig, "pipeline.heads.train:step", tensorflow=False,
                  extra="head hyper-parameters: NAME=value, e.g. C=0.1, HIDDEN=1024,512, CLASS_WEIGHT=balanced "
                        "(see `python -m pipeline heads`)"),
-    "sweep": Step("cross-validate every head's regularisation on train+val; leaderboard; save the best",
-                  HeadConfig, "pipeline.heads.sweep:step", tensorflow=False,
+    "sweep": Step("cross-validate every head's regularisation on train+val; leaderboard; save the best "
+                  "(BACKBONES=a,b,a+b: every backbone x head in one table)",
+                  HeadConfig, "pipeline.heads.leaderboard:step", tensorflow=False,
                   extra="fixed head hyper-parameters: NAME=value, applied to every swept head that has it "
                         "(e.g. EPOCHS=30; one named in a head's grid replaces that grid)"),
     "heads": Step("list the head registry with hyper-parameters, defaults and sweep grids", None,

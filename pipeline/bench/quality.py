@@ -1,5 +1,8 @@
 """``quality``: test accuracy of the best of QUALITY_HEADS (chosen on val) on each QUALITY backbone, of
-fine-tuning (FINETUNE=1), and of two baselines: raw pixels and BACKBONE with random weights."""
+fine-tuning (FINETUNE=1), and of two baselines: raw pixels and BACKBONE with random weights. With SEEDS
+(split seeds) instead: mean and spread over the seeds of the best single backbone's logreg and dense heads,
+the best ensemble of QUALITY backbones, each of POOLINGS on BACKBONE and (FINETUNE=1) the fine-tune with
+its defaults against its own cached dense head."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import combinations
 
 import numpy as np
 
@@ -19,12 +23,38 @@ from pipeline.data.loading import cores
 from pipeline.errors import PipelineError
 
 
+SEED_HEADS = ("logreg", "dense")
+
+
+def seed_list(text) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise PipelineError(f"SEEDS={text!r}: give distinct split seeds as a comma list, e.g. SEEDS=0,1,2")
+    return seeds
+
+
+def check(cfg) -> None:
+    """SEEDS and POOLINGS: one line before any work."""
+    from pipeline.backbones.registry import POOLINGS
+
+    if cfg.seeds:
+        seed_list(cfg.seeds)
+        for p in (p.strip() for p in cfg.poolings.split(",")):
+            if p not in POOLINGS:
+                raise PipelineError(f"POOLINGS={cfg.poolings!r}: unknown {p!r}; valid: {', '.join(POOLINGS)}")
+
+
 def run(ctx):
     from pipeline.cache import extract as features
     from pipeline.cache import store
     from pipeline.heads import registry as heads
 
     cfg = ctx.cfg
+    if cfg.seeds:
+        return _over_seeds(ctx)
     names = [h.strip() for h in cfg.quality_heads.split(",") if h.strip()]
     for n in names:
         heads.get(n)
@@ -114,10 +144,10 @@ def _finetune(ctx) -> list[dict]:
     return rows
 
 
-def _finetune_run(ctx, label, folder, extra) -> dict:
+def _finetune_run(ctx, label, folder, extra, seed=None) -> dict:
     cfg = ctx.cfg
     row = {"label": label, "args": " ".join((extra + " " + cfg.finetune_args).split())}
-    args = features_args(features_config(cfg))
+    args = features_args(features_config(cfg, **({} if seed is None else {"seed": seed})))
     out_dir = os.path.join(ctx.work, folder)
     args += [f"MODELS_DIR={os.path.join(out_dir, 'models')}", f"REPORTS_DIR={os.path.join(out_dir, 'reports')}"]
     own = {f.upper() for f in fields(FinetuneConfig)}
@@ -167,3 +197,103 @@ def _best_head(splits, names, seed) -> dict:
     best = max(out, key=lambda h: h["val"])  # first of equals, in the order given
     return {"best": best["head"], "val": best["val"], "test": best["test"], "heads": out,
             "counts": {s: int(len(y)) for s, (_, y) in splits.items()}}
+
+
+# -- over split seeds
+
+def _over_seeds(ctx) -> dict:
+    """Every QUALITY backbone, every ensemble of two or more of them, BACKBONE with each of POOLINGS, the
+    heads of SEED_HEADS fitted on train, on each split seed; the summary rows picked by mean val accuracy."""
+    from pipeline.cache import ensemble, store
+
+    cfg, seeds = ctx.cfg, seed_list(ctx.cfg.seeds)
+    singles = [(entry_label(b, a, w), {"backbone": b, "alpha": a, "weights": w}) for b, a, w in ctx.quality]
+    pools = [(f"{cfg.backbone} POOLING={p}", {"pooling": p}) for p in map(str.strip, cfg.poolings.split(","))]
+    scores = {}  # features label -> head -> {"val": [...], "test": [...]} in the order of seeds
+    for seed in seeds:
+        paths = {}
+        for label, changes in singles + pools:
+            paths[label] = _seed_cache(ctx, features_config(cfg, seed=seed, **changes))
+            _score(scores, label, store.load(paths[label]))
+        for k in range(2, len(singles) + 1):
+            for combo in combinations([label for label, _ in singles], k):
+                joined = ensemble.join([paths[label] for label in combo], "+".join(combo))
+                _score(scores, " + ".join(combo), joined)
+    summary = [_pick("best single backbone, logreg", scores, [s for s, _ in singles], ["logreg"]),
+               _pick("best single backbone, dense", scores, [s for s, _ in singles], ["dense"]),
+               _pick("best single backbone", scores, [s for s, _ in singles], SEED_HEADS)]
+    ens = [f for f in scores if f.count(" + ")]
+    if ens:
+        summary.append(_pick("best ensemble", scores, ens, SEED_HEADS))
+    summary += [_pick(f"{label}, {h}", scores, [label], [h]) for label, _ in pools for h in SEED_HEADS]
+    if cfg.finetune:
+        summary += _finetune_seeds(ctx, seeds)
+    rows = [{"label": f, "heads": [{"head": h, "val": float(np.mean(v["val"])), "test": float(np.mean(v["test"]))}
+                                   for h, v in hs.items()]} for f, hs in scores.items()]
+    m = {f"s{i}": (r["test_mean"], f"test acc mean over seeds {cfg.seeds}, spread {r['test_spread']:.4f} "
+                                   f"(max-min); {r['picked']}") if "error" not in r else (r["error"][:60], "")
+         for i, r in enumerate(summary)}
+    return {"metrics": m, "rows": rows, "summary": summary, "seeds": seeds,
+            "show": [(r["label"], f"s{i}") for i, r in enumerate(summary)], "verdicts": _verdicts(summary),
+            "note": f"DATA={cfg.data}; split seeds {cfg.seeds}; heads {', '.join(SEED_HEADS)} fitted on train with "
+                    "their defaults (dense early-stops on val); each row picked by mean val accuracy, reported on "
+                    "test as mean and spread (max-min) over the seeds"}
+
+
+def _seed_cache(ctx, fcfg) -> str:
+    from pipeline.cache import extract as features
+
+    with quiet():
+        return features.run(fcfg, log=lambda s: None)
+
+
+def _score(scores, label, cache) -> None:
+    from pipeline.heads.train import check_splits
+
+    check_splits(cache)
+    fitted = _best_head({s: (sp.features, sp.labels) for s, sp in cache.splits.items()}, SEED_HEADS, 0)
+    for h in fitted["heads"]:
+        got = scores.setdefault(label, {}).setdefault(h["head"], {"val": [], "test": []})
+        got["val"].append(h["val"])
+        got["test"].append(h["test"])
+
+
+def _stats(label, picked, test, val=None) -> dict:
+    row = {"label": label, "picked": picked, "test": [float(t) for t in test], "test_mean": float(np.mean(test)),
+           "test_spread": float(np.ptp(test))}
+    if val is not None:
+        row.update(val=[float(v) for v in val], val_mean=float(np.mean(val)))
+    return row
+
+
+def _pick(label, scores, features, heads) -> dict:
+    """The (features, head) of the best mean val accuracy (first of equals) with its test accuracies."""
+    f, h = max(((f, h) for f in features for h in heads if h in scores.get(f, {})),
+               key=lambda fh: np.mean(scores[fh[0]][fh[1]]["val"]))
+    return _stats(label, f"{f}, {h}", scores[f][h]["test"], scores[f][h]["val"])
+
+
+def _finetune_seeds(ctx, seeds) -> list[dict]:
+    """The fine-tune with its defaults on each seed and the cached dense head it started from."""
+    runs = [_finetune_run(ctx, f"seed {s}", f"finetune-seed{s}", "", seed=s) for s in seeds]
+    bad = [r.get("error", "no head-only accuracy reported") for r in runs if "error" in r or "head_only" not in r]
+    if bad:
+        return [{"label": f"fine-tuned {ctx.cfg.backbone} (defaults)", "error": bad[0][:200]}]
+    gains = [r["gain_points"] for r in runs]
+    return [_stats(f"cached dense head of {ctx.cfg.backbone} (fine-tune's start)", "dense",
+                   [r["head_only"]["test"] for r in runs]),
+            {**_stats(f"fine-tuned {ctx.cfg.backbone} (defaults)", "finetune", [r["test"] for r in runs]),
+             "gain_points": gains, "epochs": [r.get("epochs") for r in runs]}]
+
+
+def _verdicts(summary) -> list:
+    by = {r["label"]: r for r in summary if "test_mean" in r}
+    out = []
+    if "best ensemble" in by:
+        gain = 100 * (by["best ensemble"]["test_mean"] - by["best single backbone"]["test_mean"])
+        out.append(("ensemble gain", f"{gain:+.1f} points over the best single backbone (mean; goal +1.5)"))
+    tuned = next((r for r in summary if "gain_points" in r), None)
+    if tuned:
+        out.append(("fine-tune gain", "points over its cached dense head per seed: "
+                    + ", ".join(f"{g:+.1f}" for g in tuned["gain_points"]) + " (goal +1.5 on every seed)"))
+    return out

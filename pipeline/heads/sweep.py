@@ -18,7 +18,7 @@ from pipeline.reports import evaluate
 from pipeline.heads.train import check_outputs, check_splits, finish, fit, views_of
 
 
-def _sweep_names(text):
+def sweep_names(text):
     if text.strip().lower() in ("all", ""):
         return list(registry.HEADS)
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -52,19 +52,11 @@ def fixed_params(names, extra) -> dict:
     return out
 
 
-def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
-    """Cross-validated grid search of every head's main regularisation on train+val; the leaderboard,
-    the winner refitted on train+val and reported on test. ``extra``: fixed hyper-parameters
-    ({NAME: text}, applied to the swept heads that have them). Returns {"leaderboard", "best", "paths"}."""
+def cv_data(cache, cfg):
+    """(X, y, folds, views) of the sweep's CV on train+val: the train views (VIEWS) appended after the clean
+    rows, folds grouped by image then."""
     from sklearn.model_selection import StratifiedKFold
 
-    names = _sweep_names(cfg.heads)
-    fixed = fixed_params(names, extra)
-    if cfg.scoring not in SCORINGS:
-        raise PipelineError(f"unknown scoring {cfg.scoring!r}; valid: {', '.join(SCORINGS)}")
-    check_outputs(cfg)
-    cache = load_cache(cfg, log)
-    check_splits(cache)
     X = np.concatenate([cache.splits["train"].features, cache.splits["val"].features])
     y = np.concatenate([cache.splits["train"].labels, cache.splits["val"].labels])
     check_folds(y, cache.class_names, cfg.cv)
@@ -73,13 +65,28 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     if views is not None:  # an image's views go with it: never in the fit and the validation fold at once
         folds = grouped_folds(y, views.image, cfg.cv, cfg.head_seed)
         X, y = np.concatenate([X, views.features]), np.concatenate([y, views.labels])
+    return X, y, folds, views
+
+
+def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
+    """Cross-validated grid search of every head's main regularisation on train+val; the leaderboard,
+    the winner refitted on train+val and reported on test. ``extra``: fixed hyper-parameters
+    ({NAME: text}, applied to the swept heads that have them). Returns {"leaderboard", "best", "paths"}."""
+    names = sweep_names(cfg.heads)
+    fixed = fixed_params(names, extra)
+    if cfg.scoring not in SCORINGS:
+        raise PipelineError(f"unknown scoring {cfg.scoring!r}; valid: {', '.join(SCORINGS)}")
+    check_outputs(cfg)
+    cache = load_cache(cfg, log)
+    check_splits(cache)
+    X, y, folds, views = cv_data(cache, cfg)
     with_views = f" + {len(views.labels)} train views, grouped by image" if views is not None else ""
     log(f"sweep over {', '.join(names)}: {cfg.cv}-fold CV on train+val ({len(y)} x {X.shape[1]}{with_views}), "
         f"scoring {cfg.scoring}, jobs {cfg.jobs}")
     def search(name):
-        return _search(name, cfg, fixed[name], X, y, folds, log)
+        return search_head(name, cfg, fixed[name], X, y, folds, log)
 
-    board = [row for row in _overlapped(search, names, cfg.jobs) if row is not None]
+    board = [row for row in overlapped(search, names, cfg.jobs) if row is not None]
     if not board:
         raise PipelineError("sweep: no head could be fitted on this cache")
     board.sort(key=lambda row: -row["mean"])
@@ -103,7 +110,7 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     return {"leaderboard": board, "best": win, "paths": paths, "estimator": est}
 
 
-def _search(name, cfg, fixed, X, y, folds, log):
+def search_head(name, cfg, fixed, X, y, folds, log):
     """One head's cross-validated grid search: its best row (with every candidate) or None when every fit
     failed. ``fixed``: the hyper-parameters not searched."""
     from sklearn.model_selection import GridSearchCV
@@ -131,7 +138,7 @@ def _search(name, cfg, fixed, X, y, folds, log):
     return {"head": name, **best, "seconds": time.perf_counter() - t0, "candidates": rows}
 
 
-def _overlapped(search, names, jobs) -> list:
+def overlapped(search, names, jobs) -> list:
     """``search(name)`` of every head, in order of ``names``. The Keras heads' searches (one process, mostly
     one core) run in a thread beside the scikit-learn heads' (joblib workers) when those use more than one
     job, so the two kinds share the cores instead of waiting for each other."""

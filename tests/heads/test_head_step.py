@@ -381,9 +381,9 @@ def test_sweep_runs_keras_heads_beside_the_others_with_the_same_scores(capsys, t
         return {"head": name}
 
     names = ["logreg", "dense", "knn"]
-    assert [r["head"] for r in sweep._overlapped(search, names, jobs=2)] == names
+    assert [r["head"] for r in sweep.overlapped(search, names, jobs=2)] == names
     assert seen["dense"].startswith("keras-heads") and seen["logreg"] == seen["knn"] == threading.main_thread().name
-    sweep._overlapped(search, names, jobs=1)  # one job: one after the other, in this thread
+    sweep.overlapped(search, names, jobs=1)  # one job: one after the other, in this thread
     assert set(seen.values()) == {threading.main_thread().name}
 
     path = write_cache(tmp_path / "tiny.h5", dim=8, sep=3.0, seed=2, counts={"train": 12, "val": 4, "test": 4})
