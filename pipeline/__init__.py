@@ -12,7 +12,9 @@ The Python API, for notebooks and scripts (the CLI is ``python -m pipeline``):
   ``<reports>/<cache>/audit/index.html``; returns its summary;
 - :func:`predict` labels images with a saved model (fine-tuned, head or export), its record's temperature and
   unknown-image threshold applied.
-"""
+
+
+Each function imports what it needs lazily: ``import pipeline`` loads neither TensorFlow nor scikit-learn."""
 
 import os
 

@@ -4,7 +4,9 @@ Sections (``SECTIONS=``, comma list), one module each: :mod:`.overhead`, :mod:`.
 :mod:`.memory`, :mod:`.noop`, :mod:`.quality`, :mod:`.headloop`, :mod:`.peer`, and only when named
 :mod:`.views`, :mod:`.scale` and :mod:`.audit`; :mod:`.common` holds what they share and :mod:`.report` the table and the JSON/Markdown
 reports. Each timed figure is the median of REPEATS runs after WARMUP untimed ones; min and max are kept.
-"""
+
+What a measurement needs (TensorFlow, Keras, the steps it runs) is imported lazily, in the function that
+measures: ``make bench`` imports only the sections it runs."""
 
 from __future__ import annotations
 

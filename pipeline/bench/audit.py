@@ -5,7 +5,9 @@ turn as unknown and digits among the photos (far out-of-distribution) for each r
 ECE before and after temperature scaling per head; planted copies of train images found and false pairs on
 the clean data; the audit command's cost and whether it imported TensorFlow.
 
-"""
+
+What a measurement needs (TensorFlow, Keras, the steps it runs) is imported lazily, in the function that
+measures: ``make bench`` imports only the sections it runs."""
 
 from __future__ import annotations
 

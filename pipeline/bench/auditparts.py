@@ -1,6 +1,8 @@
 """The ``audit`` bench section's measurements, on a loaded cache in memory with the audit's own functions:
 planted label noise, held-out-class and far out-of-distribution rejection, calibration per head, and planted
-leaks. Each returns plain figures (rates and ratios); :mod:`.audit` puts them in the table."""
+leaks. Each returns plain figures (rates and ratios); :mod:`.audit` puts them in the table.
+What a measurement needs (TensorFlow, Keras, the steps it runs) is imported lazily, in the function that
+measures: ``make bench`` imports only the sections it runs."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """``caching``: one epoch of the Keras guide's way (the frozen backbone inside ``fit``) vs one epoch of the same
-dense head on cached features; the ratio and the break-even number of epochs."""
+dense head on cached features; the ratio and the break-even number of epochs.
+What a measurement needs (TensorFlow, Keras, the steps it runs) is imported lazily, in the function that
+measures: ``make bench`` imports only the sections it runs."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """``ceiling``: this machine's float32 matmul GFLOP/s against the backbone's analytic FLOPs per image: the
-fraction of the ceiling that the bare backbone and the extraction reach."""
+fraction of the ceiling that the bare backbone and the extraction reach.
+What a measurement needs (TensorFlow, Keras, the steps it runs) is imported lazily, in the function that
+measures: ``make bench`` imports only the sections it runs."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pipeline.memo import NAME as MEMO
 from pipeline import memo, records
@@ -147,8 +148,6 @@ class Images:
             dest = os.path.join(self.root, src.class_names[it.label], (f"r{rep}_" if rep else "") + base)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             if src.arrays is not None:
-                from PIL import Image
-
                 Image.fromarray(src.arrays[i]).save(os.path.splitext(dest)[0] + ".png")
             else:
                 os.symlink(os.path.abspath(src.source(i)), dest)

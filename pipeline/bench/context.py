@@ -1,6 +1,8 @@
 """The shared pieces of one bench run, each made once when a section first needs it: the images, the
 extractor, the pixels in memory, the bare and folded compiled calls, OpenVINO's call (when installed), the
-decode-only pass, and the paired end-to-end runs."""
+decode-only pass, and the paired end-to-end runs.
+What a measurement needs (TensorFlow, Keras, the steps it runs) is imported lazily, in the function that
+measures: ``make bench`` imports only the sections it runs."""
 
 from __future__ import annotations
 

@@ -6,12 +6,11 @@ import os
 
 from pipeline.bench.common import features_args, quiet, run_child, timed
 from pipeline.bench.report import stat
+from pipeline.cache import extract as features
 from pipeline.errors import PipelineError
 
 
 def run(ctx):
-    from pipeline.cache import extract as features
-
     cfg = ctx.cfg
     fcfg = ctx.cache.get("mem-small")
     if fcfg is None:

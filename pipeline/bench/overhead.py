@@ -6,6 +6,7 @@ extraction's limit is the combined rate ``1 / (1/decode + 1/backbone)`` of the t
 from __future__ import annotations
 
 import math
+from importlib import metadata
 
 from pipeline.bench.common import GOALS
 from pipeline.bench.report import stat
@@ -44,8 +45,6 @@ def _openvino(ctx, tf_secs, own, n, n_pass):
     """(metrics, rows shown, (the call's seconds, its name)): OpenVINO's call, when installed."""
     if not ctx.cache.get("bare_openvino"):
         return {}, [], own
-    from importlib import metadata
-
     osecs, hint = ctx.cache["bare_openvino"], ctx.openvino().hint
     extra = {"openvino_version": metadata.version("openvino"),
              "openvino_ips": stat([n_pass / s for s in osecs], "img/s"),

@@ -9,6 +9,7 @@ import glob
 import os
 import sys
 
+import h5py
 import numpy as np
 
 from pipeline import memo
@@ -42,7 +43,6 @@ def run_command(argv, log_path) -> dict:
 
 
 def _rows(path) -> int:
-    import h5py
 
     with h5py.File(path, "r") as f:
         return int(f["train"]["features"].shape[0])

@@ -1,5 +1,7 @@
 """The ``bench`` step's bookkeeping: repeat statistics, machine facts, the screen table and the reports
-(``<reports>/bench-<date>[-tag].json`` and ``.md``, written atomically)."""
+(``<reports>/bench-<date>[-tag].json`` and ``.md``, written atomically).
+What a measurement needs (TensorFlow, Keras, the steps it runs) is imported lazily, in the function that
+measures: ``make bench`` imports only the sections it runs."""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ DATA's split (PER_CLASS shrinks it): ``features`` run as whole commands with VIE
 VIEWS_COUNTS, whose cache serves the smaller counts (``store.Views.upto``); logreg and the dense head
 (VIEWS_EPOCHS epochs, its other defaults) fitted on each count and scored on clean test; the guide's model
 (augmentation -> frozen backbone -> the same dense head) fitted VIEWS_EPOCHS epochs on the decoded train
-images, scored on clean test."""
+images, scored on clean test.
+What a measurement needs (TensorFlow, Keras, the steps it runs) is imported lazily, in the function that
+measures: ``make bench`` imports only the sections it runs."""
 
 from __future__ import annotations
 
