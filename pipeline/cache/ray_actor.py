@@ -6,6 +6,7 @@ node sees the cache folder (the driver's marker file) and the shard's first imag
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 
@@ -49,6 +50,13 @@ def check_sight(marker, image=None):
     except OSError as e:
         raise PipelineError(f"node {_node()} cannot read the image {image} ({e.strerror or type(e).__name__}): "
                             "DATA must be on a file system every node sees, at the same path") from None
+
+
+def raised_in_init(error) -> str | None:
+    """The message of the PipelineError an actor's constructor raised (e.g. other weights on its node), read
+    from the text of the actor's death; None for an actor lost otherwise (its process or node)."""
+    found = re.findall(r"PipelineError: (.*)", str(error)) if "creation task" in str(error) else []
+    return found[-1].strip() if found else None
 
 
 def part(ds, idx):

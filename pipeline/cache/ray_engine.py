@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.memo import NAME as MEMO
 from pipeline.cache import engine, groups, reuse
-from pipeline.cache.ray_actor import Extractor, mark, part
+from pipeline.cache.ray_actor import Extractor, mark, part, raised_in_init
 from pipeline.cache.shards import SHARDS, read_shard, shard_rows, shards
 from pipeline.cache.writer import Writer
 from pipeline.errors import PipelineError
@@ -121,8 +121,9 @@ def _result_error(ray, e) -> PipelineError:
     if isinstance(cause, PipelineError):
         return PipelineError(f"ENGINE=ray: {cause}")
     if isinstance(e, ray.exceptions.RayActorError):
-        return PipelineError(f"ENGINE=ray: a shard's extractor actor died {RESTARTS + 1} times "
-                             f"({str(e).splitlines()[0][:200]}); the finished shards are kept: rerun to resume")
+        return PipelineError(f"ENGINE=ray: {raised_in_init(e)}" if raised_in_init(e) else "ENGINE=ray: a shard's "
+                             f"extractor actor died {RESTARTS + 1} times ({str(e).splitlines()[0][:200]}); the "
+                             "finished shards are kept: rerun to resume")
     text = str(cause if cause is not None else e).strip().splitlines()
     return PipelineError(f"ENGINE=ray: a shard failed: {text[-1] if text else type(e).__name__}")
 
@@ -152,7 +153,7 @@ def _schedule(ray, crew, start, submit, todo, log) -> list[dict]:
                 idle.append(a)
             except ray.exceptions.RayActorError as e:
                 lost["start"] += 1
-                if lost["start"] > RESTARTS:
+                if lost["start"] > RESTARTS or raised_in_init(e):
                     raise _result_error(ray, e) from None
                 replace()
             continue
@@ -161,7 +162,7 @@ def _schedule(ray, crew, start, submit, todo, log) -> list[dict]:
             r = ray.get(ready[0])
         except ray.exceptions.RayActorError as e:
             lost[sh] += 1
-            if lost[sh] > RESTARTS:
+            if lost[sh] > RESTARTS or raised_in_init(e):
                 raise _result_error(ray, e) from None
             log(f"ray: the actor extracting shard {sh.name} was lost ({str(e).splitlines()[0][:200]}): "
                 "the shard goes back in the queue, a replacement actor starts")
@@ -191,13 +192,11 @@ def _run_shards(plan, todo, folder, layout_key, attrs, lender, rows, log) -> lis
         marker = mark(cfg.cache_dir)
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         remote = ray.remote(Extractor).options(max_restarts=0, runtime_env={"env_vars": env}, **opts)
-        sha = plan.identity["weights"]["sha256"]
+        sha, lends = plan.identity["weights"]["sha256"], (lender.path, lender.kinds) if lender is not None else None
 
         def start():
             actors.append(remote.remote(cfg, sha, plan.dim, plan.size, plan.chunk, threads, marker))
             return actors[-1]
-
-        lends = (lender.path, lender.kinds) if lender is not None else None
 
         def submit(a, sh):  # the shard's rows' items, and its group cut to them (views, TTA: their transform)
             g = rows[sh.split]

@@ -100,7 +100,8 @@ def cluster():
     process of this user)."""
     state = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     port, tags = free_port(), (f"head-{os.getpid()}", f"second-{os.getpid()}")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # no RAY_* from this process: an in-process ray.init (tests/cache/test_ray.py) leaves RAY_AUTH_MODE=token
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(state), RAY_TMPDIR=str(state), PYTHONPATH=str(ROOT), **PINNED)
     try:
         for tag, where in zip(tags, (["--head", f"--port={port}", "--include-dashboard=false"],
