@@ -50,6 +50,19 @@ def node_pids(tag):
     return pids
 
 
+def state_pids(state):
+    """The processes with a file open under ``state`` (the cluster's logs: its agents set their title over their
+    environment, so :func:`node_pids` misses them)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(state) for fd in os.listdir(f"/proc/{pid}/fd")):
+                pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
 def holder(pids, suffix):
     """(pid, path) of a process among ``pids`` holding a file whose name ends with ``suffix``, or None."""
     for pid in pids:
@@ -98,7 +111,7 @@ def cluster():
     """(address, env, tag of the second node) of a two-node cluster on this machine, its state in a short temp
     folder (it holds sockets); stopped after by the PIDs of its processes (`ray stop` would stop every Ray
     process of this user)."""
-    state = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    state = tempfile.mkdtemp(prefix="rc", dir="/tmp") + os.sep
     port, tags = free_port(), (f"head-{os.getpid()}", f"second-{os.getpid()}")
     # no RAY_* from this process: an in-process ray.init (tests/cache/test_ray.py) leaves RAY_AUTH_MODE=token
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -111,12 +124,11 @@ def cluster():
             assert p.returncode == 0, p.stdout + p.stderr
         yield f"127.0.0.1:{port}", env, tags[1]
     finally:
-        for tag in tags:
-            for p in node_pids(tag):
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except OSError:
-                    pass
+        for p in {*node_pids(tags[0]), *node_pids(tags[1]), *state_pids(state)} - {os.getpid()}:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
         shutil.rmtree(state, ignore_errors=True)
 
 
