@@ -2,9 +2,7 @@
 fine-tuning (FINETUNE=1), and of two baselines: raw pixels and BACKBONE with random weights. With SEEDS
 (split seeds) instead: mean and spread over the seeds of the best single backbone's logreg and dense heads,
 the best ensemble of QUALITY backbones, each of POOLINGS on BACKBONE and (FINETUNE=1) the fine-tune with
-its defaults against its own cached dense head.
-What a measurement needs (TensorFlow, Keras, the steps it runs) is imported lazily, in the function that
-measures: ``make bench`` imports only the sections it runs."""
+its defaults against its own cached dense head. What it measures with is imported lazily, where it measures."""
 
 from __future__ import annotations
 

@@ -3,32 +3,32 @@
 The driver plans the cache exactly as the in-process engine does (same key, groups, order) and cuts each
 group (the splits, and the views and TTA groups: :mod:`pipeline.cache.groups`) into shards of rows
 [start, stop), ``SHARD`` rows rounded up to a multiple of CHUNK (itself a multiple of BATCH), so every batch
-holds the rows it holds in-process and the features are the same bytes. A ``ray.util.ActorPool`` of
-extractor actors (:mod:`pipeline.cache.ray_actor`; ``num_gpus=1`` each where the cluster has GPUs, else a
-share of its CPUs) runs the engine (:mod:`pipeline.cache.engine`) on each shard's group cut to its rows,
-writing it with :class:`pipeline.cache.writer.Writer` to ``<stem>.shards/<group>-<start>-<stop>.h5``
-(:mod:`pipeline.cache.shards`; partial file, flushed per chunk, resumed after a kill, verified, renamed),
-recording the cache key, its row range and its paths. An actor that dies is restarted and its shard retried,
-resuming from its own partial file; the driver submits only shards without a file, then concatenates them
-(rows an earlier cache lends come from it: :mod:`pipeline.cache.reuse`) into ``<stem>.h5.partial`` through
-the Writer, verifies, renames into place and removes the shard folder. A missing or damaged shard file makes
-the merge refuse in one line naming it.
-
-The shard folder must be on a file system every node sees (as DATA, CACHE_DIR and WEIGHTS must), and the
-project installed on every node: see README "Scale out"."""
+holds the rows it holds in-process and the features are the same bytes. Extractor actors
+(:mod:`pipeline.cache.ray_actor`; ``num_gpus=1`` each where the cluster has GPUs, else a share of its CPUs)
+run the engine (:mod:`pipeline.cache.engine`) on each shard's group cut to its rows, writing it to
+``<stem>.shards/<group>-<start>-<stop>.h5`` (:mod:`pipeline.cache.shards`; partial file flushed per chunk,
+resumed, verified, renamed), once they have checked that their node sees the driver's marker file in
+CACHE_DIR and the shard's first image (else one line naming the node and the path). A shard whose actor
+dies (its process or its node) goes back in the queue, resuming from its partial file, and a replacement
+actor starts. The driver submits only shards without a file, then concatenates them (rows an earlier cache
+lends come from it: :mod:`pipeline.cache.reuse`) into ``<stem>.h5.partial`` through the Writer, verifies and
+renames it and removes the shard folder; a missing or damaged shard file refuses in one line naming it.
+DATA, CACHE_DIR and WEIGHTS must be shared by every node at the same paths: see docs/scale-out.md."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import socket
 import time
+from collections import Counter, deque
 
 import numpy as np
 
 from pipeline.memo import NAME as MEMO
 from pipeline.cache import engine, groups, reuse
-from pipeline.cache.ray_actor import Extractor, part
+from pipeline.cache.ray_actor import Extractor, mark, part, raised_in_init
 from pipeline.cache.shards import SHARDS, read_shard, shard_rows, shards
 from pipeline.cache.writer import Writer
 from pipeline.errors import PipelineError
@@ -36,17 +36,36 @@ from pipeline.errors import PipelineError
 PASSED_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_CPP_MIN_LOG_LEVEL", "PIPELINE_TF_LOGS",
               "TF_DETERMINISTIC_OPS", "KERAS_HOME")  # handed to the actors as they are in the driver
 CPUS_PER_ACTOR = 4  # WORKERS=0 on a cluster without GPUs: one actor per this many CPUs
-RESTARTS = 3  # an actor that dies is restarted this often, its shard retried on it
+RESTARTS = 3  # a shard whose actor dies is retried this often (on another actor), then the run fails
+PROBE_S = 5  # RAY_ADDRESS=host:port: seconds to wait for it to accept a connection before ray.init
+START_S = 600  # seconds to wait for a replacement actor when no other actor is working
 LOCAL_OBJECT_STORE = 256 << 20  # a local cluster's object store: it carries the dataset's manifest, not pixels
 
 
 def _ray():
     try:
         import ray
-        from ray.util import ActorPool
     except ImportError:
         raise PipelineError("ENGINE=ray needs Ray: pip install -e '.[ray]' (or ENGINE=inprocess)") from None
-    return ray, ActorPool
+    return ray
+
+
+def _probe(address):
+    """A one-line error unless ``address`` (host:port, ray://host:port; not auto) accepts a connection within
+    PROBE_S s: ray.init retries an address with nothing listening for minutes."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise PipelineError(f"RAY_ADDRESS={address}: expected host:port (the head's `ray start --head --port`), "
+                            "auto, or empty for a local cluster")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_S).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise PipelineError(f"ENGINE=ray: nothing answers at RAY_ADDRESS={address} ({why} within {PROBE_S} s); "
+                            f"start the cluster there with `ray start --head --port={port}`, or leave RAY_ADDRESS "
+                            "empty for a local cluster") from None
 
 
 def _connect(ray, cfg, log) -> bool:
@@ -58,6 +77,7 @@ def _connect(ray, cfg, log) -> bool:
     quiet = dict(logging_level=logging.ERROR, log_to_driver=False)
     try:
         if address:
+            _probe(address)
             ray.init(address=address, **quiet)
         else:
             from pipeline.data.loading import cores
@@ -101,57 +121,102 @@ def _result_error(ray, e) -> PipelineError:
     if isinstance(cause, PipelineError):
         return PipelineError(f"ENGINE=ray: {cause}")
     if isinstance(e, ray.exceptions.RayActorError):
-        return PipelineError(f"ENGINE=ray: an extractor actor died {RESTARTS + 1} times "
-                             f"({str(e).splitlines()[0][:200]}); the finished shards are kept: rerun to resume")
+        return PipelineError(f"ENGINE=ray: {raised_in_init(e)}" if raised_in_init(e) else "ENGINE=ray: a shard's "
+                             f"extractor actor died {RESTARTS + 1} times ({str(e).splitlines()[0][:200]}); the "
+                             "finished shards are kept: rerun to resume")
     text = str(cause if cause is not None else e).strip().splitlines()
     return PipelineError(f"ENGINE=ray: a shard failed: {text[-1] if text else type(e).__name__}")
 
 
+def _schedule(ray, crew, start, submit, todo, log) -> list[dict]:
+    """Run the shards ``todo`` on the actors ``crew``, each idle one taking the next; a shard whose actor died
+    goes back in front (RESTARTS times) and ``start()`` makes a replacement, used once it answers."""
+    queue, idle, running, waiting = deque(todo), list(crew), {}, {}
+    lost, results, t0, total, n = Counter(), [], time.perf_counter(), sum(sh.stop - sh.start for sh in todo), 0
+
+    def replace():
+        b = start()
+        waiting[b.where.remote()] = b
+
+    while queue or running:
+        while idle and queue:
+            a, sh = idle.pop(0), queue.popleft()
+            running[submit(a, sh)] = (a, sh)
+        ready, _ = ray.wait([*running, *waiting], num_returns=1, timeout=None if running else START_S)
+        if not ready:
+            raise PipelineError(f"ENGINE=ray: no extractor actor could start within {START_S} s (the cluster lost "
+                                "its nodes or has no free CPU/GPU); the finished shards are kept: rerun to resume")
+        if ready[0] in waiting:
+            a = waiting.pop(ready[0])
+            try:
+                log(f"ray: a replacement actor answers on {ray.get(ready[0])}")
+                idle.append(a)
+            except ray.exceptions.RayActorError as e:
+                lost["start"] += 1
+                if lost["start"] > RESTARTS or raised_in_init(e):
+                    raise _result_error(ray, e) from None
+                replace()
+            continue
+        a, sh = running.pop(ready[0])
+        try:
+            r = ray.get(ready[0])
+        except ray.exceptions.RayActorError as e:
+            lost[sh] += 1
+            if lost[sh] > RESTARTS or raised_in_init(e):
+                raise _result_error(ray, e) from None
+            log(f"ray: the actor extracting shard {sh.name} was lost ({str(e).splitlines()[0][:200]}): "
+                "the shard goes back in the queue, a replacement actor starts")
+            queue.appendleft(sh)
+            replace()
+            continue
+        except (ray.exceptions.RayError, PipelineError) as e:
+            raise _result_error(ray, e) from None
+        idle.append(a)
+        results.append(r)
+        n += sh.stop - sh.start
+        more = f", resumed at row {r['resumed']}" if r["resumed"] else ""
+        lent = f", {r['reused']} reused" if r["reused"] else ""
+        log(f"shard {sh.name}: {r['images']} images{lent}{more} (pid {r['pid']} on {r['node']}, {r['device']}); "
+            f"{n}/{total} rows, {n / max(time.perf_counter() - t0, 1e-9):.1f} rows/s")
+    return results
+
+
 def _run_shards(plan, todo, folder, layout_key, attrs, lender, rows, log) -> list[dict]:
     """Extract the shards ``todo`` on the cluster's actors; their results as they finish."""
-    ray, ActorPool = _ray()
+    ray = _ray()
     cfg = plan.cfg
     started = _connect(ray, cfg, log)
-    actors, results = [], []
+    actors, marker = [], None
     try:
         n, opts, threads = _actor_options(ray, cfg, len(todo))
+        marker = mark(cfg.cache_dir)
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-        remote = ray.remote(Extractor).options(max_restarts=RESTARTS, max_task_retries=RESTARTS,
-                                               runtime_env={"env_vars": env}, **opts)
-        sha = plan.identity["weights"]["sha256"]
-        actors = [remote.remote(cfg, sha, plan.dim, plan.size, plan.chunk, threads) for _ in range(n)]
+        remote = ray.remote(Extractor).options(max_restarts=0, runtime_env={"env_vars": env}, **opts)
+        sha, lends = plan.identity["weights"]["sha256"], (lender.path, lender.kinds) if lender is not None else None
+
+        def start():
+            actors.append(remote.remote(cfg, sha, plan.dim, plan.size, plan.chunk, threads, marker))
+            return actors[-1]
+
+        def submit(a, sh):  # the shard's rows' items, and its group cut to them (views, TTA: their transform)
+            g = rows[sh.split]
+            return a.extract.remote(sh, part(plan.ds, g.items[sh.start:sh.stop]), g.cut(sh.start, sh.stop),
+                                    os.path.join(folder, sh.name + ".h5"), layout_key, attrs, lends)
+
+        crew = [start() for _ in range(n)]
         where = ", ".join(f"{k}={v}" for k, v in opts.items())
         log(f"ray: {n} extractor actor(s) ({where} each) for {len(todo)} shard(s)")
-        pool = ActorPool(actors)
-        lends = (lender.path, lender.kinds) if lender is not None else None
-        for sh in todo:  # each shard: its rows' items, and its group cut to them (views, TTA: their transform)
-            g = rows[sh.split]
-            job = (sh, part(plan.ds, g.items[sh.start:sh.stop]), g.cut(sh.start, sh.stop),
-                   os.path.join(folder, sh.name + ".h5"))
-            pool.submit(lambda a, job: a.extract.remote(*job, layout_key, attrs, lends), job)
-        t0, total = time.perf_counter(), sum(sh.stop - sh.start for sh in todo)
-        n = 0
-        while pool.has_next():
-            try:
-                r = pool.get_next_unordered()
-            except (ray.exceptions.RayError, PipelineError) as e:
-                raise _result_error(ray, e) from None
-            results.append(r)
-            sh = r["shard"]
-            n += sh.stop - sh.start
-            more = f", resumed at row {r['resumed']}" if r["resumed"] else ""
-            lent = f", {r['reused']} reused" if r["reused"] else ""
-            log(f"shard {sh.name}: {r['images']} images{lent}{more} (pid {r['pid']} on {r['node']}, {r['device']}); "
-                f"{n}/{total} rows, {n / max(time.perf_counter() - t0, 1e-9):.1f} rows/s")
+        return _schedule(ray, crew, start, submit, todo, log)
     finally:
         for a in actors:
             try:
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        if marker is not None and os.path.exists(marker[0]):
+            os.remove(marker[0])
         if started:
             ray.shutdown()
-    return results
 
 
 def _merge(plan, all_shards, rows, writer, lender, folder):

@@ -76,7 +76,7 @@ def rank_backbone(entry, cache, cfg, names, fixed, cost, log=print) -> list[dict
     """One backbone's rows: each head's CV search (:func:`sweep.search_head`), then its best parameters
     fitted on train (the dense head early-stopping on val) and scored on val and test."""
     check_splits(cache)
-    X, y, folds, views = sweep.cv_data(cache, cfg)
+    X, y, folds, views = sweep.cv_data(cache, cfg, log)
     log(f"{entry}: {cfg.cv}-fold CV of {', '.join(names)} on train+val ({len(y)} x {X.shape[1]})")
     board = [r for r in sweep.overlapped(lambda n: sweep.search_head(n, cfg, fixed[n], X, y, folds, log),
                                          names, cfg.jobs) if r is not None]

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from pipeline import records
-from pipeline.cache import resolve
+from pipeline.cache import lazy, resolve
 from pipeline.cache.resolve import load_cache
 from pipeline.configs import SCORINGS, HeadConfig
 from pipeline.errors import PipelineError
@@ -52,15 +52,15 @@ def fixed_params(names, extra) -> dict:
     return out
 
 
-def cv_data(cache, cfg):
+def cv_data(cache, cfg, log=print):
     """(X, y, folds, views) of the sweep's CV on train+val: the train views (VIEWS) appended after the clean
     rows, folds grouped by image then."""
     from sklearn.model_selection import StratifiedKFold
 
-    X = np.concatenate([cache.splits["train"].features, cache.splits["val"].features])
-    y = np.concatenate([cache.splits["train"].labels, cache.splits["val"].labels])
-    check_folds(y, cache.class_names, cfg.cv)
-    views = views_of(cache, cfg)
+    check_folds(np.concatenate([cache.splits["train"].labels, cache.splits["val"].labels]), cache.class_names,
+                cfg.cv)
+    X, y = train_val(cache, cfg, log)
+    views = views_of(cache, cfg) if not lazy.is_lazy(cache) else None
     folds = StratifiedKFold(cfg.cv, shuffle=True, random_state=cfg.head_seed)
     if views is not None:  # an image's views go with it: never in the fit and the validation fold at once
         folds = grouped_folds(y, views.image, cfg.cv, cfg.head_seed)
@@ -79,10 +79,11 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     check_outputs(cfg)
     cache = load_cache(cfg, log)
     check_splits(cache)
-    X, y, folds, views = cv_data(cache, cfg)
+    X, y, folds, views = cv_data(cache, cfg, log)
     with_views = f" + {len(views.labels)} train views, grouped by image" if views is not None else ""
     log(f"sweep over {', '.join(names)}: {cfg.cv}-fold CV on train+val ({len(y)} x {X.shape[1]}{with_views}), "
         f"scoring {cfg.scoring}, jobs {cfg.jobs}")
+
     def search(name):
         return search_head(name, cfg, fixed[name], X, y, folds, log)
 
@@ -104,10 +105,41 @@ def sweep(cfg: HeadConfig, extra: dict | None = None, log=print) -> dict:
     write_csv(lb_path[:-len(".json")] + ".csv", board, cfg.scoring)
     paths = finish(est, cache, cfg, "best", win["head"], params,
                    {"fit_seconds": secs, "cv_score": win["mean"], "cv_std": win["std"], "scoring": cfg.scoring,
-                    "trained_on": "train+val"}, log, on_val=False)
+                    "trained_on": "train+val" if not lazy.is_lazy(cache) else f"train+val sample of {len(y)} rows"},
+                   log, on_val=False)
     paths["leaderboard"] = lb_path
     log(f"leaderboard in {lb_path} and .csv")
     return {"leaderboard": board, "best": win, "paths": paths, "estimator": est}
+
+
+def train_val(cache, cfg, log=print):
+    """(features, labels) of train+val. Past MEMORY_BUDGET (lazy rows): a stratified sample, seeded by
+    HEAD_SEED, of the rows whose float64 copy takes half the budget (the other half: the folds' copies), read
+    from the file in order and said in one line; the train views are left out."""
+    tr, va = cache.splits["train"], cache.splits["val"]
+    y = np.concatenate([tr.labels, va.labels])
+    if not lazy.is_lazy(cache):
+        return np.concatenate([tr.features, va.features]), y
+    cap = max(1, lazy.parse_budget(cfg.memory_budget) // (2 * 8 * tr.features.shape[1]))
+    keep = stratified_sample(y, cap, cfg.head_seed, cfg.cv)
+    n = len(tr.labels)
+    X = np.concatenate([tr.features[keep[keep < n]], va.features[keep[keep >= n] - n]])
+    log(f"sweep: {os.path.basename(cache.path)} is past MEMORY_BUDGET={cfg.memory_budget}: cross-validating on "
+        f"a stratified sample of {len(keep)} of {len(y)} train+val rows (HEAD_SEED={cfg.head_seed}"
+        f"{', train views left out' if cache.views is not None else ''})")
+    return X, y[keep]
+
+
+def stratified_sample(y, cap, seed, least=1) -> np.ndarray:
+    """Sorted indices of about ``cap`` rows of ``y`` (all of them when ``cap`` >= len(y)): each class its
+    share, at least ``least`` rows (or all it has), drawn with ``seed``."""
+    if cap >= len(y):
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    take = np.maximum(np.minimum(counts, least), np.floor(counts * cap / len(y)).astype(int))
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False)
+                                   for c, k in zip(classes, take)]))
 
 
 def search_head(name, cfg, fixed, X, y, folds, log):

@@ -23,7 +23,7 @@ from conftest import ROOT, make_tree, write_image
 ray = pytest.importorskip("ray")
 
 from pipeline.cache import extract as features  # noqa: E402
-from pipeline.cache import ray_engine, shards, store  # noqa: E402
+from pipeline.cache import ray_actor, ray_engine, shards, store  # noqa: E402
 from pipeline.configs import FeaturesConfig  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
@@ -275,3 +275,21 @@ def test_views_and_tta_rows_are_the_in_process_ones_bit_for_bit_and_lent_on_ray(
     assert any(re.match(rf"reused {40 + 48 + 16} rows from .*, extracting \d+$", m) for m in msgs), msgs
     # rows lent sat elsewhere in their batches: equal to float rounding where that changes the last bits
     assert_same(lent, in_process(new, tmp_path / "scratch", **more), exact=False)
+
+
+def test_an_actor_that_fails_as_it_starts_is_said_in_one_line_and_a_killed_one_is_lost(cluster, tree, tmp_path):
+    """An actor whose node has other weights dies in its constructor: the run stops with that one line instead
+    of retrying; an actor killed otherwise is only lost (its shard goes to another)."""
+    data, _ = tree
+    remote = ray.remote(ray_actor.Extractor).options(max_restarts=0, num_cpus=1)
+    other = remote.remote(cfg(data, tmp_path), "0" * 64, 1280, 32, 8, 1)
+    with pytest.raises(ray.exceptions.RayActorError) as err:
+        ray.get(other.where.remote())
+    error = ray_engine._result_error(ray, err.value)
+    assert re.fullmatch(r"ENGINE=ray: the weights on node \S+ \(none\) differ from the driver's: every node needs "
+                        r"the same WEIGHTS file \(a shared file system\)", str(error)), error
+    killed = remote.remote(cfg(data, tmp_path), "0" * 64, 1280, 32, 8, 1)
+    ray.kill(killed)
+    with pytest.raises(ray.exceptions.RayActorError) as err:
+        ray.get(killed.where.remote())
+    assert ray_actor.raised_in_init(err.value) is None
