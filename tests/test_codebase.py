@@ -102,3 +102,16 @@ def test_imports_run_down_the_data_way_only():
                 names = [node.module] + [f"pipeline.{a.name}" for a in node.names if node.module == "pipeline"]
             up += [f"{_rel(p)}:{node.lineno} -> {n}" for n in names if _layer(n) is not None and _layer(n) > me]
     assert not up, "imports up the data's way: " + ", ".join(up)
+
+
+def test_a_module_that_imports_inside_functions_says_why():
+    """Imports sit at a module's top; a module that imports inside its functions (to keep TensorFlow, Keras,
+    scikit-learn or an optional runtime out of commands that do not need them) says so, with the word lazily."""
+    silent = []
+    for p in MODULES:
+        tree = _tree(p)
+        inner = [n.lineno for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        if inner and "lazily" not in p.read_text():
+            silent.append(f"{_rel(p)}:{min(inner)}")
+    assert not silent, "imports inside functions without a word on why: " + ", ".join(silent)

@@ -4,7 +4,8 @@ own (wall time and peak RSS from ``os.wait4``): open + verify (cold), the logreg
 MEMORY_BUDGET, streamed past it), predict on the test split; the time ratio per 10x rows; a log-log plot.
 
 ``python -m pipeline.bench.scale open|fit|predict CACHE BUDGET`` is the measured child.
-"""
+
+The heads and matplotlib are imported lazily, in the child processes and the plot that use them."""
 
 from __future__ import annotations
 

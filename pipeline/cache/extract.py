@@ -1,4 +1,5 @@
-"""``features``: run a dataset once through a frozen backbone into the HDF5 cache (resumable, keyed)."""
+"""``features``: run a dataset once through a frozen backbone into the HDF5 cache (resumable, keyed).
+The Ray engine is imported lazily, with ENGINE=ray only."""
 
 from __future__ import annotations
 

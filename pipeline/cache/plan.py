@@ -1,10 +1,13 @@
 """The plan of a features run: the dataset scanned and split, the extractor built, and the cache key of
 everything the features are made from (manifest, backbone, weights digest, size, preprocessing, pooling,
 dtype, precision, folding, code version; views and TTA rows when asked for), hence the cache file's path; and
-the cache with more views that serves a plan asking for fewer."""
+the cache with more views that serves a plan asking for fewer.
+The augmentation, the extractor (Keras) and OpenVINO's store are imported lazily: proving a cache current
+needs none of them."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import glob
 import json
@@ -13,13 +16,13 @@ import os
 
 import numpy as np
 
-from pipeline.memo import NAME as MEMO
 from pipeline import records
 from pipeline.backbones import registry
 from pipeline.backbones import runtime as runtimes
 from pipeline.cache import store, weights
 from pipeline.configs import FeaturesConfig, asdict
 from pipeline.data import images, sources
+from pipeline.memo import NAME as MEMO
 from pipeline.errors import PipelineError, choose
 
 EXTRACT_VERSION = 1  # bump when extraction changes what it computes: old caches then no longer match
@@ -251,8 +254,6 @@ def report_skipped(plan):
     ds, log = plan.ds, plan.log
     refused = ds.refused()
     if refused:
-        import csv
-
         with records.atomic_path(plan.report_path) as tmp:  # csv-quoted: a tab or newline in a name keeps its row
             with open(tmp, "w", newline="") as f:
                 csv.writer(f, delimiter="\t").writerows([("relpath", "reason"), *refused])
@@ -282,8 +283,6 @@ def duplicates(ds) -> list[tuple[str, str, str, str]]:
 def report_duplicates(plan) -> list:
     """Report identical images in two classes or two splits on screen and in ``<stem>.duplicates.tsv``; the
     data is never changed: the user decides. A stale report of an earlier run is removed."""
-    import csv
-
     rows = duplicates(plan.ds)
     if not rows:
         if os.path.exists(plan.duplicates_path):

@@ -1,7 +1,8 @@
 """The extractor actor of ``ENGINE=ray`` (:mod:`pipeline.cache.ray_engine`): TensorFlow and the backbone in
 the actor's own process, built exactly as in-process; each call writes one shard file
 (:mod:`pipeline.cache.shards`), resuming its partial file after the actor died, once it has checked that its
-node sees the cache folder (the driver's marker file) and the shard's first image."""
+node sees the cache folder (the driver's marker file) and the shard's first image.
+Ray, TensorFlow and the backbone are imported lazily, inside the actor's process."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import re
 import secrets
 import time
 
-from pipeline import records
+from pipeline import quiet, records
 from pipeline.cache import engine, groups, reuse
 from pipeline.cache.shards import Shard, shard_key
 from pipeline.cache.writer import Writer
+from pipeline.data.sources import Dataset
 from pipeline.errors import PipelineError
 
 MARKER = ".ray-marker-"  # CACHE_DIR/.ray-marker-<token>: written by the driver, read by every actor
@@ -61,7 +63,6 @@ def raised_in_init(error) -> str | None:
 
 def part(ds, idx):
     """The dataset of items ``idx`` of ``ds`` only (what one shard's actor needs: paths or pixels, hashes)."""
-    from pipeline.data.sources import Dataset
 
     items = [ds.items[i] for i in idx]
     rels = {it.relpath for it in items}
@@ -76,7 +77,6 @@ class Extractor:
 
     def __init__(self, cfg, weights_sha, dim, size, chunk, threads, marker=None):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from pipeline import quiet
 
         records.use_keras_home(cfg.keras_home)
         tf = quiet.tensorflow()

@@ -13,7 +13,8 @@ dies (its process or its node) goes back in the queue, resuming from its partial
 actor starts. The driver submits only shards without a file, then concatenates them (rows an earlier cache
 lends come from it: :mod:`pipeline.cache.reuse`) into ``<stem>.h5.partial`` through the Writer, verifies and
 renames it and removes the shard folder; a missing or damaged shard file refuses in one line naming it.
-DATA, CACHE_DIR and WEIGHTS must be shared by every node at the same paths: see docs/scale-out.md."""
+DATA, CACHE_DIR and WEIGHTS must be shared by every node at the same paths: see docs/scale-out.md.
+Ray is imported lazily (an optional extra): the module loads without it."""
 
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ from collections import Counter, deque
 
 import numpy as np
 
-from pipeline.memo import NAME as MEMO
 from pipeline.cache import engine, groups, reuse
 from pipeline.cache.ray_actor import Extractor, mark, part, raised_in_init
 from pipeline.cache.shards import SHARDS, read_shard, shard_rows, shards
 from pipeline.cache.writer import Writer
+from pipeline.data.check import CheckMemo
+from pipeline.data.loading import cores
 from pipeline.errors import PipelineError
+from pipeline.memo import NAME as MEMO
 
 PASSED_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_CPP_MIN_LOG_LEVEL", "PIPELINE_TF_LOGS",
               "TF_DETERMINISTIC_OPS", "KERAS_HOME")  # handed to the actors as they are in the driver
@@ -80,7 +83,6 @@ def _connect(ray, cfg, log) -> bool:
             _probe(address)
             ray.init(address=address, **quiet)
         else:
-            from pipeline.data.loading import cores
 
             ray.init(num_cpus=cores(), include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -247,7 +249,6 @@ def _merge(plan, all_shards, rows, writer, lender, folder):
 
 def extract(plan) -> str:
     """Extract ``plan``'s cache over a Ray cluster: the shards without a file, then the merge."""
-    from pipeline.data.check import CheckMemo
 
     cfg, ds, log = plan.cfg, plan.ds, plan.log
     t0 = time.perf_counter()

@@ -161,7 +161,7 @@ def load(path, expect_key=None, check_complete=True, check_finite=True, budget=N
     scikit-learn heads make) would not fit it, the splits are lazy views instead (:mod:`pipeline.cache.lazy`)."""
     if not os.path.exists(path):
         raise PipelineError(f"{path}: no such cache file; run make features")
-    from pipeline.cache import lazy  # here: lazy imports this module
+    from pipeline.cache import lazy  # imported lazily: pipeline.cache.lazy imports this module
     if budget is not None and lazy.footprint(path) > budget:
         return lazy.open_lazy(path, expect_key)
     trusted = check_complete and verified(path)

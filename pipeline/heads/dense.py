@@ -1,5 +1,7 @@
 """The Keras dense head on pooled features, as a scikit-learn classifier (:class:`DenseHead`), and the pieces
-the fine-tune step reuses to put exactly this head on the backbone."""
+the fine-tune step reuses to put exactly this head on the backbone.
+Keras and TensorFlow are imported lazily, when a dense head fits or predicts: the registry makes one
+without loading them."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -115,9 +116,7 @@ def refuse(name: str, cache, budget: str) -> PipelineError:
 def train_past_budget(cache, cfg, name: str, params: dict, log=print) -> dict:
     """Fit head ``name`` on a cache of lazy rows: logreg streamed (said in one line), dense from the file, the
     others refused; then evaluate and save it as :func:`pipeline.heads.train.finish` does."""
-    import time
-
-    from pipeline.heads import train
+    from pipeline.heads import train  # imported lazily: train imports this module
 
     if name not in SCALABLE:
         raise refuse(name, cache, cfg.memory_budget)

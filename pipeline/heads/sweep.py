@@ -3,10 +3,13 @@ winner on train+val and report it on test."""
 
 from __future__ import annotations
 
+import csv
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, StratifiedKFold
 
 from pipeline import records
 from pipeline.cache import lazy, resolve
@@ -55,8 +58,6 @@ def fixed_params(names, extra) -> dict:
 def cv_data(cache, cfg, log=print):
     """(X, y, folds, views) of the sweep's CV on train+val: the train views (VIEWS) appended after the clean
     rows, folds grouped by image then."""
-    from sklearn.model_selection import StratifiedKFold
-
     check_folds(np.concatenate([cache.splits["train"].labels, cache.splits["val"].labels]), cache.class_names,
                 cfg.cv)
     X, y = train_val(cache, cfg, log)
@@ -145,8 +146,6 @@ def stratified_sample(y, cap, seed, least=1) -> np.ndarray:
 def search_head(name, cfg, fixed, X, y, folds, log):
     """One head's cross-validated grid search: its best row (with every candidate) or None when every fit
     failed. ``fixed``: the hyper-parameters not searched."""
-    from sklearn.model_selection import GridSearchCV
-
     head = registry.get(name)
     back = {p.target: n for n, p in head.params.items()}
     grid = {k: v for k, v in head.search_grid().items() if back[k] not in fixed}
@@ -177,8 +176,6 @@ def overlapped(search, names, jobs) -> list:
     keras_names = [n for n in names if registry.get(n).kind == "keras"]
     if jobs == 1 or not keras_names or len(keras_names) == len(names):
         return [search(n) for n in names]
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(1, thread_name_prefix="keras-heads") as pool:
         pending = pool.submit(lambda: {n: search(n) for n in keras_names})
         rows = {n: search(n) for n in names if n not in keras_names}
@@ -204,8 +201,6 @@ def step(cfg: HeadConfig, extra: dict | None = None) -> None:
 
 def write_csv(path, board, scoring) -> None:
     """The leaderboard as CSV, one row per head (its best candidate), atomically."""
-    import csv
-
     with records.atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
@@ -219,8 +214,6 @@ def grouped_folds(y_clean, view_image, cv, seed) -> list:
     """CV folds over the clean train+val rows (``y_clean``) followed by the train views (``view_image``: the
     clean row of each): the folds of StratifiedGroupKFold over the images; each fold fits on its images' clean
     rows and views and validates on the clean rows of the others only."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
     n = len(y_clean)
     groups = np.arange(n)
     rows_of = {}

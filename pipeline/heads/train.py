@@ -1,6 +1,7 @@
 """``head``: fit one head on the cache's train split (the dense head early-stops on val), report val accuracy
 and the full test metrics, save the head and its reports. The pieces the sweep and fine-tuning share live
-here too: checking the cache's splits, evaluating and saving a fitted head."""
+here too: checking the cache's splits, evaluating and saving a fitted head.
+The dense head (Keras) is imported lazily, where a head is fitted: a scikit-learn head loads no TensorFlow."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import time
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pipeline import lock, records
 from pipeline.cache import lazy, resolve, store
@@ -58,8 +60,6 @@ def fit(name, est, X, y, validation_data=None, views=None):
     per image each epoch among its clean row and its views, scikit-learn heads fit on every row. scikit-learn
     heads fit with one BLAS thread: on cached features the matrices are small, and BLAS threads spinning for a
     shared core cost far more than they bring."""
-    from threadpoolctl import threadpool_limits
-
     from pipeline.heads.dense import DenseHead
 
     t0 = time.perf_counter()

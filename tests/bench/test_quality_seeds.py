@@ -8,6 +8,8 @@ from conftest import make_tree
 
 from pipeline import cli
 
+pytestmark = pytest.mark.slow
+
 SINGLES = ["mobilenet_v2 a0.5 (none)", "mobilenet a0.5 (none)"]
 
 

@@ -10,6 +10,8 @@ from pipeline import cli
 from pipeline.cache import resolve
 from pipeline.heads import artifacts
 
+pytestmark = pytest.mark.slow
+
 BACKBONES = "mobilenet_v2,mobilenet,mobilenet_v2+mobilenet"
 
 

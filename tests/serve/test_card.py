@@ -14,6 +14,8 @@ from test_predict import cached_scores, flowers_models
 from pipeline.configs import ExportConfig
 from pipeline.serve import card, export, find
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory):

@@ -15,6 +15,8 @@ from pipeline.configs import ExportConfig
 from pipeline.errors import PipelineError
 from pipeline.serve import export, find, judge
 
+pytestmark = pytest.mark.slow
+
 MODES = [("litert", "float16"), ("litert", "dynamic"), ("litert", "int8"), ("onnx", "float16"), ("onnx", "dynamic"),
          ("onnx", "int8"), ("openvino", "float16"), ("openvino", "int8")]
 SHARE = {"float16": 0.65, "dynamic": 0.5, "int8": 0.5}  # of the float32 parameters' bytes, at most
