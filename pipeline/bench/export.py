@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 
 from pipeline import records
 from pipeline.backbones.extractor import compiled_call
@@ -98,7 +99,8 @@ def judge_all(ctx, record: str, chosen, name: str) -> dict:
         target = os.path.join(ctx.work, f"export-{fmt_name}-{mode}{fmt.ext}")
         t0 = time.perf_counter()
         try:
-            with quiet():
+            with quiet(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*will be truncated to.*")  # onnxconverter-common's float16
                 if mode == "none":
                     verify.write_artifact(model, fmt, target, runner.size)
                 else:
@@ -136,10 +138,12 @@ def ratios(rows: list, row: dict) -> dict:
 
 
 def verdict(mode: str, r: dict) -> tuple[bool, str]:
+    """(met, what it says) of one float16 or int8 row's ratios against the issue's goals."""
     goal = GOALS[mode]
     ok = bool(r) and all(k in r and r[k] <= limit for k, limit in goal.items())
-    said = ", ".join(f"{k} {r[k]:.2f}{' points' if k == 'drop' else 'x'} (<= {limit:g})" for k, limit in goal.items()
-                     if k in r)
+    said = ", ".join(f"{k} {r[k]:.{2 if k == 'drop' else 3}f}{' points' if k == 'drop' else 'x'} "
+                     f"({'<=' if r[k] <= limit else 'missed, goal <='} {limit:g})"
+                     for k, limit in goal.items() if k in r)
     return ok, ("met" if ok else "NOT met") + f": {said or 'no figures'}"
 
 
