@@ -16,7 +16,7 @@ OPTIMIZERS = ("adam", "sgd")
 UNFREEZE_HELP = ("a layer name or block prefix onwards (block_16, block5_conv1), N (the last N layers), "
                  "a fraction (0.3 of the layers), blocks:N (the last N blocks), all, none")
 BENCH_SECTIONS = ("overhead", "caching", "ceiling", "memory", "noop", "quality", "headloop", "peer")
-BENCH_OPT_IN = ("views", "scale", "audit")  # long sections, run only when SECTIONS names them
+BENCH_OPT_IN = ("views", "scale", "audit", "export")  # long sections, run only when SECTIONS names them
 # fine-tuning's defaults before the phase-2 schedule was measured (README: fine-tuning defaults)
 OLD_FINETUNE = "old defaults: UNFREEZE=blocks:2 FINETUNE_LR=1e-5 SCHEDULE=constant"
 DEFAULT_QUALITY = ("efficientnet_lite0::imagenet,"
@@ -224,6 +224,11 @@ class BenchConfig(FeaturesConfig):
     audit_noise: float = opt(0.05, "audit: share of train+val labels flipped at random")
     audit_seeds: int = opt(3, "audit: seeds of the label flips (figures are their mean)")
     audit_plant: int = opt(10, "audit: train images planted into test as copies (exact, resized, JPEG)")
+    export_data: str = opt("digits,{shared}/datasets/flowers5", "export: comma list of datasets (built-in or "
+                           "class-folder trees, {shared} as QUALITY), a head on BACKBONE's features of each")
+    export_head: str = opt("logreg", "export: the head exported (logreg, linear_svm or dense)")
+    export_formats: str = opt("litert,onnx,openvino", "export: comma list of FORMAT (every QUANTIZE it has) or "
+                              "FORMAT:MODE+MODE; the float32 export (none) always runs, the reference")
     memory_budget: str = _like(HeadConfig, "memory_budget")
     reports_dir: str = opt("reports", "where bench-<date>.json and .md are written")
     tag: str = opt("", "suffix of the report names, e.g. before / after")

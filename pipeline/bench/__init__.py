@@ -2,7 +2,7 @@
 
 Sections (``SECTIONS=``, comma list), one module each: :mod:`.overhead`, :mod:`.caching`, :mod:`.ceiling`,
 :mod:`.memory`, :mod:`.noop`, :mod:`.quality`, :mod:`.headloop`, :mod:`.peer`, and only when named
-:mod:`.views`, :mod:`.scale` and :mod:`.audit`; :mod:`.common` holds what they share and :mod:`.report` the table and the JSON/Markdown
+:mod:`.views`, :mod:`.scale`, :mod:`.audit` and :mod:`.export`; :mod:`.common` holds what they share and :mod:`.report` the table and the JSON/Markdown
 reports. Each timed figure is the median of REPEATS runs after WARMUP untimed ones; min and max are kept.
 
 What a measurement needs (TensorFlow, Keras, the steps it runs) is imported lazily, in the function that
@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 
 SECTION_MODULES = {"overhead": "overhead", "caching": "caching", "ceiling": "ceiling", "memory": "memory",
                    "noop": "noop", "quality": "quality", "headloop": "headloop", "peer": "peer", "views": "views",
-                   "scale": "scale", "audit": "audit"}
+                   "scale": "scale", "audit": "audit", "export": "export"}
 
 
 def run(cfg: BenchConfig, log=print) -> dict:
