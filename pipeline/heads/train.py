@@ -11,7 +11,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from pipeline import lock, records
+from pipeline import lock, quiet, records
 from pipeline.cache import lazy, resolve, store
 from pipeline.cache.resolve import load_cache
 from pipeline.configs import HeadConfig, asdict
@@ -62,6 +62,9 @@ def fit(name, est, X, y, validation_data=None, views=None):
     shared core cost far more than they bring."""
     from pipeline.heads.dense import DenseHead
 
+    if isinstance(est, DenseHead):  # TensorFlow and Keras loaded before the clock: the fit's time is the fit's
+        quiet.tensorflow()
+        import keras  # noqa: F401
     t0 = time.perf_counter()
     try:
         if isinstance(est, DenseHead):
