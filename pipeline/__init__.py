@@ -11,15 +11,16 @@ The Python API, for notebooks and scripts (the CLI is ``python -m pipeline``):
 - :func:`audit` looks at the data through the cache (the options of ``make audit``) and writes
   ``<reports>/<cache>/audit/index.html``; returns its summary;
 - :func:`predict` labels images with a saved model (fine-tuned, head or export), its record's temperature and
-  unknown-image threshold applied.
-
+  unknown-image threshold applied;
+- :class:`Embedder` is a scikit-learn transformer from image paths to their cached features
+  (``make_pipeline(Embedder(...), LogisticRegression())``; :mod:`pipeline.embedder`).
 
 Each function imports what it needs lazily: ``import pipeline`` loads neither TensorFlow nor scikit-learn."""
 
 import os
 
 __version__ = "0.1.0"
-__all__ = ["audit", "features", "load_cache", "predict"]
+__all__ = ["Embedder", "audit", "features", "load_cache", "predict"]
 
 
 def load_cache(path: str, key: str | None = None):
@@ -71,3 +72,12 @@ def predict(images, model: str = "", models_dir: str = "models", top_k: int = 3)
     paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     files, _, _ = serve.image_paths([str(p) for p in paths])
     return serve.label(find.open_model(str(model), models_dir, log=lambda m: None), files, top_k)[0]
+
+
+def __getattr__(name):
+    """``pipeline.Embedder``, imported when first used: ``import pipeline`` stays without scikit-learn."""
+    if name == "Embedder":
+        from pipeline.embedder import Embedder
+
+        return Embedder
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -47,7 +47,7 @@ def test_load_cache_needs_no_tensorflow_and_names_what_is_wrong(tmp_path):
 
 
 def test_public_names_and_unknown_options():
-    assert sorted(pipeline.__all__) == ["audit", "features", "load_cache", "predict"]
+    assert sorted(pipeline.__all__) == ["Embedder", "audit", "features", "load_cache", "predict"]
     import pytest
 
     from pipeline.errors import PipelineError

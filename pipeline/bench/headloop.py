@@ -11,6 +11,7 @@ import sys
 
 from pipeline.bench.common import GOALS, features_args, features_config, quiet, run_child, run_command
 from pipeline.bench.report import stat
+from pipeline.cache import extract
 
 HEADS = ("logreg", "dense")
 # what a head's command cannot avoid importing (its data, its fit, its figures), ended the way the command ends:
@@ -21,8 +22,6 @@ FLOORS = {"logreg": FLOOR, "dense": FLOOR + ", tensorflow, keras"}
 
 
 def run(ctx):
-    from pipeline.cache import extract
-
     cfg = ctx.cfg
     fcfg = features_config(cfg)  # the configured data and cache folder: a warm cache, as a user has it
     with quiet():
