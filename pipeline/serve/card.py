@@ -54,6 +54,8 @@ def snippet(record: dict) -> str:
 
 
 def _data(cache_path, key) -> list[str]:
+    if not cache_path:
+        return ["The record names no cache file; its counts cannot be given."]
     try:
         cache = store.load(cache_path, expect_key=key)
     except (PipelineError, OSError):

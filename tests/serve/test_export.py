@@ -186,7 +186,7 @@ def test_augmentation_is_taken_out_of_a_chain_and_a_branched_model_is_refused():
     inputs = keras.Input((8, 8, 3), name="pixels")
     dense_ = keras.layers.Dense(2, name="d")
     x = dense_(keras.layers.RandomFlip(name="augment")(inputs))
-    chain = keras.Model(inputs, keras.layers.Flatten()(x), name="chain")
+    chain = keras.Model(inputs, keras.layers.Flatten(name="flatten")(x), name="chain")
     out = export.without_augmentation(chain)
     assert [layer.name for layer in out.layers][1:] == ["d", "flatten"] and out.layers[1] is dense_
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
