@@ -62,9 +62,10 @@ class Head:
 
 def _pipe(clf, scale=True):
     from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    return Pipeline(([("scale", StandardScaler())] if scale else []) + [("clf", clf)])
+    from pipeline.heads.scaler import FlooredScaler
+
+    return Pipeline(([("scale", FlooredScaler())] if scale else []) + [("clf", clf)])
 
 
 def _logreg(seed):

@@ -110,3 +110,42 @@ def test_impossible_pairs_and_missing_packages_are_one_line(flowers, monkeypatch
         assert cli.main(["export", f"MODEL={rec_path}", f"FORMAT={fmt}", f"QUANTIZE={mode}"]) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"error: FORMAT={fmt} QUANTIZE={mode} needs {pip}, not installed: pip install {pip}"
+
+
+def _near_constant_model(spec, size):
+    """Pixels -> [-1, 1] -> a fixed 1x1 convolution -> average: 6 features with a real spread and 6 that are
+    the same features times 1e-4 (near-constant, as channels that almost never fire)."""
+    import keras
+
+    from pipeline.backbones.layers import Preprocess
+
+    kernel = np.random.default_rng(0).normal(size=(1, 1, 3, 6)).astype(np.float32)
+    conv = keras.layers.Conv2D(12, 1, activation="relu", use_bias=False)
+    base = keras.Sequential([keras.Input((size, size, 3)), conv])
+    conv.set_weights([np.concatenate([kernel, 1e-4 * kernel], axis=-1)])
+    x = keras.Input((size, size, 3))
+    features = keras.Model(x, keras.layers.GlobalAveragePooling2D()(base(Preprocess(spec.preprocess)(x))))
+    return base, features
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "litert"])
+def test_an_int8_linear_head_on_near_constant_features_keeps_its_accuracy(fmt, tmp_path):
+    from pipeline.backbones import registry as backbones
+    from pipeline.heads import registry as heads
+    from pipeline.serve import keras_form, open_export, quantize, verify
+
+    spec, size, rng = backbones.get("mobilenet_v2"), 8, np.random.default_rng(1)
+    colours = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220]], np.float32)
+    y = np.arange(240) % 3
+    pixels = np.clip(colours[y][:, None, None] + rng.normal(0, 60, (240, size, size, 3)), 0, 255).astype(np.uint8)
+    base, features = _near_constant_model(spec, size)
+    X = features.predict(pixels.astype(np.float32), verbose=0)
+    assert np.median(X[:, 6:].std(0)) < 1e-3 * np.median(X[:, :6].std(0))
+    est = heads.build("logreg").fit(X[:160], y[:160])
+    model = keras_form.linear_model(est, {"head": "logreg"}, spec, size, base, "avg")
+    float_acc = np.mean(model.predict(pixels[160:].astype(np.float32), verbose=0).argmax(1) == y[160:])
+    target = str(tmp_path / f"head{open_export.FORMATS[fmt].ext}")
+    quantize.write(model, open_export.FORMATS[fmt], "int8", target, size, verify.write_artifact,
+                   lambda: iter(pixels[:100]))
+    got = open_export.runtime(open_export.FORMATS[fmt], target, size)(pixels[160:].astype(np.float32))
+    assert float_acc > 0.9 and np.mean(np.asarray(got).argmax(1) == y[160:]) >= float_acc - 0.05
