@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline import records
 from pipeline.errors import PipelineError
+from pipeline.reports import card as cards
 from pipeline.heads import artifacts
 
 FORMAT = "pipeline-finetune/1"
@@ -42,6 +43,7 @@ def export(model, path: str, *, class_names, size: int, interpolation: str = "bi
     rec_path = path[:-len(".keras")] + ".json"
     records.write_json(rec_path, record)  # the switch: until here the previous record and its file stand
     artifacts.remove_stale(folder, name, os.path.basename(model_path), (".keras",))
+    cards.model_card(rec_path, record)  # after the record, atomically
     return rec_path
 
 

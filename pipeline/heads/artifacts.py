@@ -26,6 +26,7 @@ import numpy as np
 from pipeline import artifacts as saved, quiet, records
 from pipeline.cache import resolve
 from pipeline.errors import PipelineError
+from pipeline.reports import card as cards
 
 FORMAT = "pipeline-head/1"
 SUFFIX = {"sklearn": ".joblib", "keras": ".keras"}
@@ -107,6 +108,7 @@ def save(estimator, *, name, head, params, cache, config, metrics, models_dir, h
         **(extra or {}),
     }
     saved.switch(rec_path, record, stale(name, tuple(SUFFIX.values())), {os.path.basename(path)})
+    cards.model_card(rec_path, record)  # after the record, atomically
     return rec_path
 
 

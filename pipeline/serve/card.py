@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from pipeline import records
-from pipeline.cache import store
 from pipeline.errors import PipelineError
+from pipeline.reports import card as cards
 from pipeline.serve import judge
 
 LOAD = {  # (import, load, run on x) per export format
@@ -32,7 +30,7 @@ RESAMPLE = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC", 
 
 
 def path_of(rec_path: str) -> str:
-    return rec_path[:-len(".json")] + ".MODEL_CARD.md"
+    return cards.path_of(rec_path)
 
 
 def snippet(record: dict) -> str:
@@ -53,41 +51,6 @@ def snippet(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _data(cache_path, key) -> list[str]:
-    if not cache_path:
-        return ["The record names no cache file; its counts cannot be given."]
-    try:
-        cache = store.load(cache_path, expect_key=key)
-    except (PipelineError, OSError):
-        return [f"The cache {cache_path} is gone; its counts cannot be given."]
-    splits = sorted(cache.splits, key=lambda s: (("train", "val", "test") + (s,)).index(s))
-    rows = [[c, *[int(np.sum(cache.splits[s].labels == i)) for s in splits]] for i, c in enumerate(cache.class_names)]
-    return [f"Images of `{cache.config.get('data')}`, per class and split (cache `{os.path.basename(cache_path)}`):",
-            "", table(["class", *splits], rows + [["all", *[len(cache.splits[s].labels) for s in splits]]])]
-
-
-def table(head, rows) -> str:
-    return "\n".join(["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
-                     + ["| " + " | ".join("—" if v is None else str(v) for v in r) + " |" for r in rows])
-
-
-def _metrics(source: dict, record: dict) -> list[str]:
-    test = ((source.get("metrics") or {}).get("test")) or {}
-    out = [f"Test accuracy of the model (on its cached features): {test['accuracy']:.4f} on {test.get('n')} images."
-           if "accuracy" in test else "The model's record has no test metrics."]
-    per = test.get("per_class") or {}
-    if per:
-        out += ["", table(["class", "precision", "recall", "f1", "support"],
-                          [[c, *(round(v.get(k, 0), 4) for k in ("precision", "recall", "f1-score")), v.get("support")]
-                           for c, v in per.items()])]
-    for key, what in (("temperature", "calibration temperature"), ("reject_threshold", "unknown-image threshold "
-                                                                   "on the maximum probability")):
-        if record.get(key) is not None:
-            out.append(f"\n{what.capitalize()}: {record[key]:.4g} (applied by make predict; the artifact outputs "
-                       "uncalibrated probabilities).")
-    return out
-
-
 def render(record: dict, source: dict) -> str:
     """The card's Markdown for an export ``record`` and its model's record ``source``."""
     src, q = record["source"], record.get("quantize") or {"mode": "none"}
@@ -103,8 +66,8 @@ def render(record: dict, source: dict) -> str:
              f"whole image resized ({record['input'].get('interpolation')}, aspect not kept); output: "
              f"{record['outputs']['meaning']}",
              f"- cache key `{src.get('cache_key')}`; source record `{src.get('record')}`", "",
-             "## Data", "", *_data(src.get("cache_path"), src.get("cache_key")), "",
-             "## Metrics", "", *_metrics(source, record), "", "## Export judgement", "",
+             "## Data", "", *cards.data(src.get("cache_path"), src.get("cache_key")), "",
+             "## Metrics", "", *cards.metrics(source, record, applied="make predict; the artifact outputs uncalibrated probabilities"), "", "## Export judgement", "",
              (judge.table(j["rows"], j["cpu"]) if j else f"Not judged on the whole test split (JUDGE=1 to); verified on "
               f"{record['verification'].get('on')} against the Keras model, max difference "
               f"{record['verification'].get('max_abs_diff', 0):.2e}."), "",
