@@ -147,7 +147,7 @@ def figures(by_size: dict) -> tuple[dict, list, list]:
                 show.append((f"audit {op}, {n} rows", f"{op}_{n}"))
                 continue
             m[f"{op}_{n}"], m[f"{op}_rss_{n}"] = stat([r["seconds"]], "s"), stat([r["rss_mib"]], "MiB")
-            m[f"{op}_own_{n}"] = stat([r["op_seconds"]], "s")
+            m[f"{op}_own_{n}"] = stat([r["open_seconds" if op == "open" else "op_seconds"]], "s")
             what = f"audit {op}" if op in scale_audit.OPS else op
             show += [(f"{what}, {n} rows{' (lazy)' if r['lazy'] else ''}", f"{op}_{n}"),
                      (f"{what} inside the command, {n} rows", f"{op}_own_{n}"),

@@ -63,6 +63,8 @@ def test_audit_sections_measured_as_commands_and_refused_past_the_budget(tmp_pat
     for op in scale.OPS + scale_audit.OPS:
         assert m[f"ratio_{op}_30000"] == pytest.approx(m[f"{op}_30000"]["median"] / m[f"{op}_3000"]["median"])
     assert m["labels_300000"] == ("not run: too large", "") and "ratio_labels_300000" not in m
+    assert m["open_own_3000"]["median"] == cache_ops["open"]["open_seconds"]  # inside the command: the open
+    assert m["fit_own_3000"]["median"] == cache_ops["fit"]["op_seconds"]
     assert len(ratios["ops"]) == 2 * len(scale.OPS) and len(ratios["audit"]) == len(scale_audit.OPS)
     assert {key for _, key in show} <= set(m)
 
@@ -83,7 +85,9 @@ def test_jpeg_trees_extracted_as_commands_with_consistent_ratios_and_a_plot(tmp_
     assert by[100]["steady_ips"] > 0
     for key in ("extract_ips", "steady_ips", "extract_rss"):
         assert m[f"{key}_ratio"] == pytest.approx(m[f"{key}_100"]["median"] / m[f"{key}_10"]["median"])
-    assert {key for _, key in out["show"]} <= set(m) and len(out["verdicts"]) == 2
+    assert {key for _, key in out["show"]} <= set(m)
+    assert [v[0] for v in out["verdicts"]] == ["extraction rate 100 / 10 JPEGs (steady)",
+                                               "features peak RSS 100 / 10 JPEGs"]
     before = (tmp_path / "jpeg-10" / "class0" / "img_0000000.jpg").stat().st_mtime_ns
     scale_images.write_tree(str(tmp_path / "jpeg-10"), 10)  # reused: not written again
     assert (tmp_path / "jpeg-10" / "class0" / "img_0000000.jpg").stat().st_mtime_ns == before
@@ -93,3 +97,16 @@ def test_jpeg_trees_extracted_as_commands_with_consistent_ratios_and_a_plot(tmp_
            **{op: {"refused": "not run"} for op in scale_audit.OPS}}
     png = scale.plot({2000: res, 20000: res}, str(tmp_path / "p.png"), by)
     assert (tmp_path / "p.png").stat().st_size > 1000 and png.endswith("p.png")
+
+
+def test_extraction_ratios_pair_the_smallest_and_largest_tree_with_each_figure():
+    def r(ips, steady, rss):
+        return {"extract_ips": ips, "steady_ips": steady, "rss_mib": rss, "seconds": 20.0}
+
+    m, show, verdicts = scale_images.figures({10: r(2.0, None, 1000.0), 100: r(20.0, 25.0, 1010.0),
+                                              1000: r(30.0, 24.0, 1300.0)})
+    assert m["extract_ips_ratio"] == pytest.approx(15.0) and m["steady_ips_ratio"] == pytest.approx(24 / 25)
+    assert m["extract_rss_ratio"] == pytest.approx(1.3) and "steady_ips_10" not in m
+    assert verdicts == [("extraction rate 1000 / 100 JPEGs (steady)", "met (goal >= 0.9: 0.960)"),
+                        ("features peak RSS 1000 / 10 JPEGs", "NOT met (goal <= 1.2: 1.300)")]
+    assert {key for _, key in show} <= set(m)
