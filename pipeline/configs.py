@@ -220,6 +220,8 @@ class BenchConfig(FeaturesConfig):
     views_counts: str = opt("0,4,8", "views: the VIEWS compared (one cache of the largest serves the others)")
     views_epochs: int = opt(20, "views: epochs of the dense heads and of the guide's end-to-end fit")
     scale_max: int = opt(100_000, "scale: the largest synthetic cache, in rows (10000, 100000 or 1000000)")
+    scale_images_max: int = opt(100_000, "scale: the largest synthetic JPEG tree extracted, in images, at most "
+                                 "SCALE_MAX (powers of ten from 1/100 of it; 0 = none)")
     audit_data: str = opt("{shared}/datasets/flowers5", "audit: the class-folder tree audited ({shared} as QUALITY)")
     audit_noise: float = opt(0.05, "audit: share of train+val labels flipped at random")
     audit_seeds: int = opt(3, "audit: seeds of the label flips (figures are their mean)")

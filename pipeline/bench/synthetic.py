@@ -5,22 +5,29 @@ blobs around means in a low-dimensional subspace, so a linear head's accuracy me
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from pipeline import records
+from pipeline.cache.groups import HASHES
 from pipeline.cache.writer import Writer
 
 SPLITS = {"train": 0.7, "val": 0.15, "test": 0.15}
 
 
-def layout(n: int, classes: int, seed: int) -> dict:
-    """{split: (labels, paths)}: ``n`` rows shared 70/15/15, labels drawn uniformly over ``classes``."""
+def layout(n: int, classes: int, seed: int, hashes: bool = False) -> dict:
+    """{split: (labels, paths[, {content_sha256}])}: ``n`` rows shared 70/15/15, labels drawn uniformly over
+    ``classes``; ``hashes``: each row's content hash column, as real caches have (the hash of its path: no two
+    rows alike)."""
     rng = np.random.default_rng(seed)
     out, start = {}, 0
     for s, share in SPLITS.items():
         m = n - start if s == "test" else int(round(n * share))
         y = rng.integers(0, classes, m).astype(np.int32)
-        out[s] = (y, [f"class{c}/{s}_{start + i:07d}.jpg" for i, c in enumerate(y)])
+        paths = [f"class{c}/{s}_{start + i:07d}.jpg" for i, c in enumerate(y)]
+        out[s] = (y, paths) + (({HASHES: np.asarray([hashlib.sha256(p.encode()).hexdigest() for p in paths],
+                                                     dtype="S64")},) if hashes else ())
         start += m
     return out
 
@@ -34,18 +41,19 @@ def means(classes: int, dim: int, seed: int, rank: int = 16, sep: float = 0.5) -
 
 
 def write_cache(path, n: int, dim: int = 1280, classes: int = 10, dtype: str = "float16", seed: int = 0,
-                noise: float = 1.0, chunk: int = 1024) -> str:
+                noise: float = 1.0, chunk: int = 1024, hashes: bool = False) -> str:
     """A complete cache file of ``n`` rows x ``dim`` at ``path`` (features = class mean + Gaussian noise, stored
-    as ``dtype``); its key names every parameter. Returns the path."""
+    as ``dtype``; ``hashes``: with the per-row content hash column); its key names every parameter. Returns
+    the path."""
     params = {"synthetic": "blobs", "n": n, "dim": dim, "classes": classes, "dtype": dtype, "seed": seed,
-              "noise": noise, "chunk": chunk}
-    lay = layout(n, classes, seed)
+              "noise": noise, "chunk": chunk, "hashes": hashes}
+    lay = layout(n, classes, seed, hashes)
     attrs = {"config": params, "class_names": [f"class{c}" for c in range(classes)],
              "versions": records.versions()}
     w = Writer(str(path), records.digest(params), attrs, lay, dim, dtype=dtype, chunk=chunk, log=lambda m: None)
     try:
         mu, rng = means(classes, dim, seed), np.random.default_rng(seed + 2)
-        for s, (y, _) in lay.items():
+        for s, (y, *_) in lay.items():
             for a in range(0, len(y), chunk):
                 part = y[a:a + chunk]
                 rows = mu[part] + rng.standard_normal((len(part), dim), dtype=np.float32) * noise
