@@ -7,7 +7,9 @@ mean and spread. The result is a :class:`pipeline.cache.store.Cache` as heads us
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -28,10 +30,12 @@ SUFFIX = ".ensemble"  # the in-memory cache's name: no file of this name is writ
 
 @dataclass
 class EnsembleCache(store.Cache):
-    """The joined cache: ``hashes`` {split: content sha256 of every row}; ``members`` the member cache paths."""
+    """The joined cache: ``hashes`` {split: content sha256 of every row}; ``members`` the member cache paths;
+    ``stats`` the standardisation (:func:`standardisation`)."""
 
     hashes: dict = None
     members: list = None
+    stats: dict = None
 
 
 def is_ensemble(backbone: str) -> bool:
@@ -108,18 +112,78 @@ def _aligned(caches, labels, sums) -> dict:
     return out
 
 
+def l2_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
+
+
+def apply(blocks: list, norm: str, stats: dict | None) -> np.ndarray:
+    """One split's joined features from its members' ``blocks`` (features as their caches store them):
+    concatenated (``concat``), or each L2-normalised per row, concatenated and standardised with ``stats``
+    (``{"mean", "std"}``, the train split's); what a head on the ensemble sees, in training and in predict."""
+    if norm == "concat":
+        return np.concatenate(blocks, axis=1).astype(np.float32)
+    joined = np.concatenate([l2_rows(x) for x in blocks], axis=1)
+    return ((joined - stats["mean"]) / stats["std"]).astype(np.float32)
+
+
+def standardisation(blocks: dict, norm: str = "l2_standardise") -> dict | None:
+    """``{"mean", "std"}`` of the L2-normalised, concatenated train rows (every split's when there is no train
+    split); a column without spread keeps std 1. None for ``concat``."""
+    choose(norm, dict.fromkeys(NORMS), "ensemble normalisation")
+    if norm == "concat":
+        return None
+    joined = {s: np.concatenate([l2_rows(x) for x in b], axis=1) for s, b in blocks.items()}
+    train = joined["train"] if "train" in joined else np.concatenate(list(joined.values()))
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    return {"mean": mean, "std": np.where(std > EPS, std, 1.0).astype(std.dtype)}
+
+
 def normalise(blocks: dict, norm: str = "l2_standardise") -> dict:
     """{split: features}: each member's rows L2-normalised, concatenated, then every column standardised with
     the train split's mean and standard deviation (``norm="concat"``: the members' features as they are)."""
-    choose(norm, dict.fromkeys(NORMS), "ensemble normalisation")
-    if norm == "concat":
-        return {s: np.concatenate(b, axis=1).astype(np.float32) for s, b in blocks.items()}
-    joined = {s: np.concatenate([x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS) for x in b], axis=1)
-              for s, b in blocks.items()}
-    train = joined["train"] if "train" in joined else np.concatenate(list(joined.values()))
-    mean, std = train.mean(axis=0), train.std(axis=0)
-    std = np.where(std > EPS, std, 1.0)
-    return {s: ((x - mean) / std).astype(np.float32) for s, x in joined.items()}
+    stats = standardisation(blocks, norm)
+    return {s: apply(b, norm, stats) for s, b in blocks.items()}
+
+
+def encode_stats(stats: dict | None) -> dict | None:
+    """The standardisation as a head's record keeps it: little-endian bytes of its dtype (the member caches')
+    in base64, and their sha256."""
+    if stats is None:
+        return None
+    dtype = np.dtype(stats["mean"].dtype).newbyteorder("<")
+    raw = {k: np.asarray(stats[k], dtype).tobytes() for k in ("mean", "std")}
+    return {"dtype": dtype.str, **{k: base64.b64encode(v).decode("ascii") for k, v in raw.items()},
+            "sha256": hashlib.sha256(raw["mean"] + raw["std"]).hexdigest()}
+
+
+def decode_stats(saved: dict | None, where: str) -> dict | None:
+    """The ``{"mean", "std"}`` of :func:`encode_stats`' record, its sha256 checked (a changed record is one line)."""
+    if saved is None:
+        return None
+    try:
+        raw = {k: base64.b64decode(saved[k]) for k in ("mean", "std")}
+        ok = hashlib.sha256(raw["mean"] + raw["std"]).hexdigest() == saved["sha256"]
+        dtype = np.dtype(saved["dtype"])
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise PipelineError(f"{where}: its ensemble standardisation is damaged or changed (sha256 mismatch); "
+                            "retrain the head with make head")
+    return {k: np.frombuffer(v, dtype).astype(dtype.newbyteorder("=")) for k, v in raw.items()}
+
+
+def record(cache: EnsembleCache) -> dict:
+    """What a head trained on the joined cache records of it (:mod:`pipeline.heads.artifacts`), so that predict
+    and export rebuild it without reloading the member caches: each member (its cache's path and key, backbone,
+    size, feature dimension), the normalisation and its train statistics (:func:`encode_stats`)."""
+    ens = cache.config["ensemble"]
+    return {"members": [{**m, "path": os.path.abspath(m["path"])} for m in ens["members"]],
+            "normalisation": ens["normalisation"], "standardisation": encode_stats(cache.stats)}
+
+
+def key_of(member_keys: list, norm: str) -> str:
+    """The joined cache's key: a digest of its members' keys and the normalisation."""
+    return records.digest({"members": list(member_keys), "normalisation": norm})
 
 
 def join(paths: list[str], backbone: str, norm: str = "l2_standardise") -> EnsembleCache:
@@ -132,14 +196,17 @@ def join(paths: list[str], backbone: str, norm: str = "l2_standardise") -> Ensem
             raise PipelineError(f"ensemble member {label} ({c.path}) has other classes than {labels[0]}: "
                                 f"{', '.join(c.class_names)}; make every member from the same DATA")
     sums = [hashes(c, label) for c, label in zip(caches, labels)]
-    feats = normalise(_aligned(caches, labels, sums), norm)
+    blocks = _aligned(caches, labels, sums)
+    stats = standardisation(blocks, norm)
+    feats = {s: apply(b, norm, stats) for s, b in blocks.items()}
     first = caches[0]
     splits = {s: store.Split(feats[s], sp.labels, sp.paths) for s, sp in first.splits.items()}
     members = [{"backbone": (c.config.get("identity") or {}).get("backbone"), "label": label, "path": c.path,
+                "size": (c.config.get("identity") or {}).get("size"),
                 "key": c.key, "feature_dim": int(c.train.features.shape[1]) if "train" in c.splits else None}
                for c, label in zip(caches, labels)]
     identity = {"ensemble": [c.config.get("identity") for c in caches], "normalisation": norm}
-    key = records.digest({"members": [c.key for c in caches], "normalisation": norm})
+    key = key_of([c.key for c in caches], norm)
     dim = int(next(iter(feats.values())).shape[1])
     config = {**first.config, "backbone": backbone, "identity": identity, "feature_dim": dim,
               "ensemble": {"members": members, "normalisation": norm}}
@@ -147,4 +214,4 @@ def join(paths: list[str], backbone: str, norm: str = "l2_standardise") -> Ensem
     name = f"{ds}_{SEP.join(label.replace(AT, '_') for label in labels)}_{key[:12]}{SUFFIX}"
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return EnsembleCache(os.path.join(os.path.dirname(first.path), name), key, config, list(first.class_names),
-                         first.versions, created, splits, None, {}, hashes=sums[0], members=[c.path for c in caches])
+                         first.versions, created, splits, None, {}, hashes=sums[0], members=[c.path for c in caches], stats=stats)

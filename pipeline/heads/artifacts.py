@@ -2,7 +2,8 @@
 JSON record ``<name>.json``: config, head and parameters, the cache key and path it was trained on, class names,
 metrics, versions, the file's name and sha256 and (dense) the training history; with ``CALIBRATE`` and
 ``REJECT_RECALL`` (:mod:`pipeline.heads.calibrate`) ``temperature``, ``reject_threshold``, ``reject_score`` and
-their ``calibration`` figures (absent from older records: they predict uncalibrated).
+their ``calibration`` figures (absent from older records: they predict uncalibrated); on a feature ensemble
+``ensemble``: its members and standardisation (:func:`pipeline.cache.ensemble.record`).
 
 Saved as :mod:`pipeline.artifacts` saves: the model file written in a temporary folder and renamed to a name of
 its content, so a new save never replaces the file the current record names; the switch is the record's rename,
@@ -24,7 +25,7 @@ import joblib
 import numpy as np
 
 from pipeline import artifacts as saved, quiet, records
-from pipeline.cache import resolve
+from pipeline.cache import ensemble, resolve
 from pipeline.errors import PipelineError
 from pipeline.reports import card as cards
 
@@ -105,6 +106,7 @@ def save(estimator, *, name, head, params, cache, config, metrics, models_dir, h
         "versions": records.versions(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "history": history,
+        **({"ensemble": ensemble.record(cache)} if isinstance(cache, ensemble.EnsembleCache) else {}),
         **(extra or {}),
     }
     saved.switch(rec_path, record, stale(name, tuple(SUFFIX.values())), {os.path.basename(path)})

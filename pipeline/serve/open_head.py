@@ -1,6 +1,7 @@
 """Heads as runners: a dense head end to end; a scikit-learn head on the features of the extractor of its
 cache, rebuilt from the cache's record and checked against it (the weights digest); on a cache made with
-RUNTIME=openvino, either head on the features of the cache's stored OpenVINO model (TensorFlow not imported).
+RUNTIME=openvino, either head on the features of the cache's stored OpenVINO model (TensorFlow not imported); a
+head on a feature ensemble by :mod:`pipeline.serve.open_ensemble`.
 
 Keras (the extractor, :mod:`pipeline.serve.keras_form`) is imported lazily, where a model needs it and only
 after ``KERAS_HOME`` is set and TensorFlow quietened: a head on an OpenVINO cache predicts without it."""
@@ -14,7 +15,7 @@ import numpy as np
 
 from pipeline import quiet, records
 from pipeline.backbones import registry as backbones, runtime
-from pipeline.cache import store
+from pipeline.cache import ensemble, store
 from pipeline.configs import FeaturesConfig, asdict
 from pipeline.data import images
 from pipeline.errors import PipelineError
@@ -136,17 +137,23 @@ def head_features(fc, identity, rec, rec_path, log, fold) -> Features:
     return Features(spec, size, int(model.output_shape[-1]), compiled_call(model, size, fold=fold), model, base)
 
 
+def classes_of(rec: dict, rec_path: str) -> list:
+    """The class names of a head record's ``classes``, in the head's column order."""
+    names = rec.get("class_names") or []
+    try:
+        return [names[int(c)] for c in rec["classes"]]
+    except (IndexError, TypeError, ValueError, KeyError):
+        raise PipelineError(f"{rec_path}: its classes and class names disagree; retrain with make head") from None
+
+
 def open_head(rec_path, log, fold) -> Runner:
     """The :class:`Runner` of a head record, after its record and file check out (:func:`artifacts.check`)."""
     rec, _ = artifacts.check(rec_path)  # the file's sha256 and the versions, before anything is built or unpickled
-    if "+" in str((rec.get("config") or {}).get("backbone") or ""):
-        raise PipelineError(f"{rec_path}: a head on a feature ensemble ({rec['config']['backbone']}) runs on cached "
-                            "features only: predict and export of an ensemble are not built yet")
-    names = rec.get("class_names") or []
-    try:
-        classes = [names[int(c)] for c in rec["classes"]]
-    except (IndexError, TypeError, ValueError, KeyError):
-        raise PipelineError(f"{rec_path}: its classes and class names disagree; retrain with make head") from None
+    if ensemble.is_ensemble(str((rec.get("config") or {}).get("backbone") or "")):
+        from pipeline.serve.open_ensemble import open_ensemble  # imports this module
+
+        return open_ensemble(rec_path, rec, log, fold)
+    classes = classes_of(rec, rec_path)
     fc, identity, note = cache_config(rec, rec_path)
     fold = bool(fc.get("fold_batchnorm", True)) and fold
     feats = head_features(fc, identity, rec, rec_path, log, fold)

@@ -104,6 +104,25 @@ def decode_batches(files, size, interpolation="bilinear", batch=32, max_pixels=i
                    [(path, failed[path]) for path in chunk if path in failed])
 
 
+def runner_batches(runner: Runner, files, batch=32):
+    """:func:`decode_batches` of ``files`` for ``runner``: at its size, or (``runner.sizes``, a feature ensemble)
+    decoded at each member size, the pixels a list of one batch per member; a file one size cannot read is
+    left out of every one."""
+    if not runner.sizes:
+        yield from decode_batches(files, runner.size, runner.interpolation, batch, runner.max_pixels)
+        return
+    distinct = sorted(set(runner.sizes))
+    streams = [decode_batches(files, s, runner.interpolation, batch, runner.max_pixels) for s in distinct]
+    for parts in zip(*streams):
+        bad = dict(p for _, _, problems in parts for p in problems)
+        by_size = {}
+        for s, (good, pixels, _) in zip(distinct, parts):
+            keep = [j for j, path in enumerate(good) if path not in bad]
+            by_size[s] = pixels[keep] if keep else None
+        good = [path for path in parts[0][0] if path not in bad]
+        yield good, ([by_size[s] for s in runner.sizes] if good else None), list(bad.items())
+
+
 def label(runner: Runner, files, top_k=3, batch=32):
     """(results, problems): per readable file {"path", "top": [(class, score), ...]} in input order, and
     ``"unknown"`` (true when its maximum probability is below the record's threshold) when the model has one;
@@ -111,7 +130,7 @@ def label(runner: Runner, files, top_k=3, batch=32):
     classes = runner.classes
     k = max(1, min(top_k, len(classes)))
     results, problems = [], []
-    for good, pixels, bad in decode_batches(files, runner.size, runner.interpolation, batch, runner.max_pixels):
+    for good, pixels, bad in runner_batches(runner, files, batch):
         problems += bad
         if not good:
             continue

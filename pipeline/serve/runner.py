@@ -22,7 +22,10 @@ LINEAR_HEADS = ("logreg", "linear_svm")  # scikit-learn heads that become one De
 class Runner:
     """A loaded model ready to label pixels: ``call(uint8 (N, size, size, 3))`` gives its raw outputs, ``scores``
     one column per class (``output``: ``probability``, or ``score`` for decision values), scaled by the record's
-    ``temperature`` when it has one; :meth:`unknown` says which rows fall below its ``reject_threshold``."""
+    ``temperature`` when it has one; :meth:`unknown` says which rows fall below its ``reject_threshold``. With
+    ``sizes`` (a head on a feature ensemble), ``call`` takes a list of batches of the same images, each at its
+    member's size, as :func:`pipeline.serve.predict.decode_batches` gives them; ``size`` is the largest, the
+    input size of :attr:`keras_model`."""
 
     path: str  # the record
     record: dict
@@ -36,6 +39,7 @@ class Runner:
     keras_model: object = None  # () -> the end-to-end Keras model, float32, as built (what make export exports)
     source: dict = field(default_factory=dict)  # what the record says about its backbone and cache
     max_pixels: int = images.MAX_PIXELS
+    sizes: tuple = ()  # a feature ensemble's member sizes: ``call`` then takes one pixel batch per member
 
     @property
     def temperature(self) -> float | None:
