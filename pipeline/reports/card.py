@@ -4,12 +4,13 @@ judgement table, :mod:`pipeline.serve.card`)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 
 from pipeline import records
-from pipeline.cache import store
+from pipeline.cache import resolve, store
 from pipeline.errors import PipelineError
 
 
@@ -23,8 +24,9 @@ def table(head, rows) -> str:
                      + ["| " + " | ".join("—" if v is None else str(v) for v in r) + " |" for r in rows])
 
 
-def data(cache_path, key) -> list[str]:
-    """The data section: the source and its images per class and split, from the cache file."""
+def data(cache_path, key, reports_dir=None) -> list[str]:
+    """The data section: the source and its images per class and split, from the cache file; what the audit of
+    that cache flagged when one ran under ``reports_dir``."""
     if not cache_path:
         return ["The record names no cache file; its counts cannot be given."]
     try:
@@ -34,7 +36,40 @@ def data(cache_path, key) -> list[str]:
     splits = sorted(cache.splits, key=lambda s: (("train", "val", "test") + (s,)).index(s))
     rows = [[c, *[int(np.sum(cache.splits[s].labels == i)) for s in splits]] for i, c in enumerate(cache.class_names)]
     return [f"Images of `{cache.config.get('data')}`, per class and split (cache `{os.path.basename(cache_path)}`):",
-            "", table(["class", *splits], rows + [["all", *[len(cache.splits[s].labels) for s in splits]]])]
+            "", table(["class", *splits], rows + [["all", *[len(cache.splits[s].labels) for s in splits]]]),
+            "", *audit(cache_path, reports_dir)]
+
+
+def audit(cache_path, reports_dir) -> list[str]:
+    """What ``make audit`` flagged on the cache at ``cache_path`` (its ``summary.json`` under ``reports_dir``),
+    or how to run it."""
+    if not reports_dir:
+        return []
+    path = os.path.join(reports_dir, resolve.stem(cache_path), "audit", "summary.json")
+    try:
+        with open(path) as f:
+            s = json.load(f)
+    except (OSError, ValueError):
+        return ["No audit of this cache was found (`make audit` with the same options looks for label issues, "
+                "duplicates, outliers and the class balance)."]
+    out = [f"What the audit flagged (`{os.path.join(os.path.dirname(path), 'index.html')}`):", ""]
+    for key, text in (("labels", "label issues"), ("duplicates", "duplicates and leaks"), ("outliers", "outliers"),
+                      ("balance", "class balance")):
+        sec = s.get(key) or {}
+        if "skipped" in sec:
+            line = f"skipped ({sec['skipped']})"
+        elif key == "labels":
+            line = f"{sec.get('flagged', '?')} of {sec.get('images', '?')} train+val images may be mislabelled"
+        elif key == "duplicates":
+            line = (f"{sec.get('exact_groups', 0)} groups of identical images ({sec.get('exact_across_splits', 0)} "
+                    f"across splits), {sec.get('near', 0)} near-duplicate pairs across splits")
+        elif key == "outliers":
+            line = "most isolated: " + (", ".join(f"`{os.path.basename(p)}`" for p in sec.get("top", [])[:3])
+                                        or "none")
+        else:
+            line = sec.get("warning") or "no class more than 3x another"
+        out.append(f"- {text}: {line}")
+    return out
 
 
 def metrics(source: dict, record: dict, what: str = "the model (on its cached features)",
@@ -62,12 +97,18 @@ def limitations(record: dict) -> list[str]:
             "- Small test splits give coarse accuracies."]
 
 
+def reports_dir(record: dict) -> str | None:
+    """The REPORTS_DIR a record's run wrote to (a fine-tuned model's is in its head options)."""
+    cfg = record.get("config") or {}
+    return cfg.get("reports_dir") or (cfg.get("head") or {}).get("reports_dir")
+
+
 def render(title: str, what: list[str], cache_path, key, metric_lines: list[str], versions: dict, record: dict,
            run: tuple[str, str], extra: list[str] = (), limits: list[str] = ()) -> str:
     """The card: ``what`` (bullets), the data of the cache, ``metric_lines``, ``extra`` sections, versions,
     limitations and ``run`` = (how, Python snippet)."""
     return "\n".join([f"# Model card: {title}", "", "## What it is", "", *what, "",
-                      "## Data", "", *data(cache_path, key), "", "## Metrics", "", *metric_lines, "", *extra,
+                      "## Data", "", *data(cache_path, key, reports_dir(record)), "", "## Metrics", "", *metric_lines, "", *extra,
                       "## Versions", "", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v), "",
                       "## Limitations", "", *limitations(record), *limits, "",
                       "## Run it", "", run[0], "", "```python", run[1], "```", ""])

@@ -66,7 +66,7 @@ def render(record: dict, source: dict) -> str:
              f"whole image resized ({record['input'].get('interpolation')}, aspect not kept); output: "
              f"{record['outputs']['meaning']}",
              f"- cache key `{src.get('cache_key')}`; source record `{src.get('record')}`", "",
-             "## Data", "", *cards.data(src.get("cache_path"), src.get("cache_key")), "",
+             "## Data", "", *cards.data(src.get("cache_path"), src.get("cache_key"), cards.reports_dir(source)), "",
              "## Metrics", "", *cards.metrics(source, record, applied="make predict; the artifact outputs uncalibrated probabilities"), "", "## Export judgement", "",
              (judge.table(j["rows"], j["cpu"]) if j else f"Not judged on the whole test split (JUDGE=1 to); verified on "
               f"{record['verification'].get('on')} against the Keras model, max difference "

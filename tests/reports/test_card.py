@@ -39,6 +39,15 @@ def test_a_heads_card_has_its_sections_and_its_snippet_labels_an_image(tmp_path)
     assert cli.main(args) == 0
     [rec_path] = [str(p) for p in (tmp_path / "models").glob("*/logreg.json")]
     _check_card(rec_path, str(tree / "cat" / "cat_000.jpg"), "a logreg head (sklearn)")
+    assert "No audit of this cache was found" in open(card.path_of(rec_path)).read()
+
+    assert cli.main(["audit", f"DATA={tree}", *TINY, f"CACHE_DIR={tmp_path / 'cache'}",
+                     f"REPORTS_DIR={tmp_path / 'reports'}", "FOLDS=2"]) == 0
+    assert cli.main(args) == 0  # the head again: its card now says what the audit flagged
+    text = open(card.path_of(rec_path)).read()
+    assert "What the audit flagged" in text and "No audit" not in text
+    for section in ("- label issues: ", "- duplicates and leaks: ", "- outliers: ", "- class balance: "):
+        assert section in text, section
 
 
 def test_a_fine_tuned_models_card_has_its_sections_and_its_snippet_labels_an_image(tmp_path):
