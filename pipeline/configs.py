@@ -13,6 +13,7 @@ MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit
 SCORINGS = ("accuracy", "balanced_accuracy", "f1_macro", "neg_log_loss")
 FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 OPTIMIZERS = ("adam", "sgd")
+MONITORS = ("val_accuracy", "val_loss")  # what picks the fine-tune's best epoch
 UNFREEZE_HELP = ("a layer name or block prefix onwards (block_16, block5_conv1), N (the last N layers), "
                  "a fraction (0.3 of the layers), blocks:N (the last N blocks), all, none")
 BENCH_SECTIONS = ("overhead", "caching", "ceiling", "memory", "noop", "quality", "headloop", "peer")
@@ -130,7 +131,7 @@ class FinetuneConfig(HeadConfig):
 
     head: str = opt("dense", "the cached head put on top: dense (trained on the cache first when missing)")
     unfreeze: str = opt("0.4", "backbone layers trained: " + UNFREEZE_HELP)
-    finetune_epochs: int = opt(10, "fine-tuning epochs at most (early stopping on val loss)")
+    finetune_epochs: int = opt(10, "fine-tuning epochs at most (early stopping on FINETUNE_MONITOR)")
     finetune_lr: float = opt(3e-4, "fine-tuning learning rate: the peak of the cosine schedule (README: measured)")
     optimizer: str = opt("adam", "adam (AdamW with WEIGHT_DECAY) | sgd (with MOMENTUM)")
     momentum: float = opt(0.9, "SGD momentum")
@@ -140,7 +141,9 @@ class FinetuneConfig(HeadConfig):
     weight_decay: float = opt(0.0, "decoupled weight decay (biases excluded; OPTIMIZER=adam with it is AdamW)")
     label_smoothing: float = opt(0.0, "label smoothing of the fine-tuning loss (its val loss, and the head-only "
                                       "baseline's, are then smoothed too)")
-    finetune_patience: int = opt(3, "epochs without val-loss improvement before stopping (best weights kept); with "
+    finetune_monitor: str = opt("val_accuracy", "what picks the best epoch, must beat the head alone and stops "
+                                                "early: val_accuracy (ties: the first) | val_loss")
+    finetune_patience: int = opt(3, "epochs without improvement before stopping (best weights kept); with "
                                     "SCHEDULE=cosine no epoch counts until the rate has fallen to a quarter of "
                                     "its peak (the defaults then always run all FINETUNE_EPOCHS)")
     resume: bool = opt(True, "resume an interrupted fine-tune from its backup (0: start over)")

@@ -11,7 +11,7 @@ import keras
 from pipeline import records
 from pipeline.cache import extract, resolve, store
 from pipeline.cache.plan import Plan
-from pipeline.configs import FLIPS, OPTIMIZERS, FeaturesConfig, FinetuneConfig, HeadConfig, fields, narrow
+from pipeline.configs import FLIPS, MONITORS, OPTIMIZERS, FeaturesConfig, FinetuneConfig, HeadConfig, fields, narrow
 from pipeline.data import loading, sources
 from pipeline.errors import PipelineError, choose
 from pipeline.finetune.model import augmentation, build_model, check_options, compile_model, find_base
@@ -84,6 +84,7 @@ def _check_options(cfg: FinetuneConfig) -> Unfreeze:
         raise PipelineError(f"HEAD={cfg.head}: fine-tuning puts a Keras dense head on the backbone; "
                             f"valid: {HEAD_NAME}")
     choose(cfg.optimizer, dict.fromkeys(OPTIMIZERS), "optimizer")
+    choose(cfg.finetune_monitor, dict.fromkeys(MONITORS), "FINETUNE_MONITOR")
     choose(cfg.flip, dict.fromkeys(FLIPS), "flip mode")
     if cfg.finetune_epochs < 0 or cfg.finetune_patience < 0:
         raise PipelineError("FINETUNE_EPOCHS and FINETUNE_PATIENCE must be 0 or more")

@@ -1,9 +1,10 @@
 """Phase 2: fit end to end on the images, resumable. Keras' own callbacks do the work: ``BackupAndRestore``
 (training state every epoch), ``CSVLogger`` (the epoch log a resumed run keeps), ``ModelCheckpoint`` (the
 best model so far, one file per improving epoch, so a kill mid-save never damages the one kept) and
-``EarlyStopping`` from the head-only val loss as ``baseline``. After ``fit`` the weights are the best epoch's,
-or exactly the head-only weights when no epoch beat them: fine-tuning never returns a model worse on val than
-the cached head. Before ``fit`` the model is recompiled with every phase-2 option: the rate schedule (linear
+``EarlyStopping`` from the head-only model's FINETUNE_MONITOR (val accuracy, or val loss) as ``baseline``.
+After ``fit`` the weights are the best epoch's, or exactly the head-only weights when no epoch beat them:
+fine-tuning never returns a model worse on val than the cached head. Val accuracy is the default because the
+val loss of a fine-tuned model rises with its confidence while its accuracy still climbs (docs/finetune.md). Before ``fit`` the model is recompiled with every phase-2 option: the rate schedule (linear
 warmup then cosine decay over all of phase 2's steps, or constant), AdamW's weight decay, label smoothing
 (on one-hot labels; the baseline's val loss smoothed too)."""
 
@@ -53,7 +54,7 @@ def identity(job: Job) -> dict:
             "zoom": c.zoom, "contrast": c.contrast, "batch": c.batch, "head_seed": c.head_seed,
             "schedule": c.schedule, "warmup": c.warmup if cosine else None,
             "schedule_steps": total_steps(job) if cosine else None, "weight_decay": c.weight_decay,
-            "label_smoothing": c.label_smoothing,
+            "label_smoothing": c.label_smoothing, "monitor": c.finetune_monitor,
             "model": job.model.name, "n_weights": len(job.model.weights)}
 
 
@@ -189,22 +190,29 @@ def _checkpoint_path(folder, epoch):
     return os.path.join(folder, f"best-{epoch + 1:03d}.keras")  # ModelCheckpoint formats epoch + 1
 
 
-def _best(rows, threshold):
-    """(val loss, epoch) of the best epoch among ``rows`` that beats ``threshold``, else (threshold, -1)."""
-    better = [r for r in rows if r.get("val_loss", math.inf) < threshold]
+def _mode(monitor):
+    return "min" if monitor == "val_loss" else "max"
+
+
+def _best(rows, threshold, monitor="val_loss"):
+    """(value, epoch) of the best epoch among ``rows`` that beats ``threshold`` on ``monitor`` (the first of
+    equals, the one ModelCheckpoint kept), else (threshold, -1)."""
+    sign = 1 if _mode(monitor) == "min" else -1
+    better = [r for r in rows if sign * r.get(monitor, sign * math.inf) < sign * threshold]
     if not better:
         return threshold, -1
-    b = min(better, key=lambda r: (r["val_loss"], r["epoch"]))
-    return b["val_loss"], b["epoch"]
+    b = min(better, key=lambda r: (sign * r[monitor], r["epoch"]))
+    return b[monitor], b["epoch"]
 
 
-def early_stopping(cfg, steps, baseline_loss):
-    """Keras' ``EarlyStopping`` of phase 2: on val loss from ``baseline_loss`` with FINETUNE_PATIENCE, counting
-    no epoch inside the schedule's protected ones (:func:`pipeline.finetune.model.protected_epochs`). It
-    restores nothing: the best epoch's checkpoint, which sees every epoch, is loaded after ``fit``."""
+def early_stopping(cfg, steps, baseline):
+    """Keras' ``EarlyStopping`` of phase 2: on FINETUNE_MONITOR from ``baseline`` (the head alone's) with
+    FINETUNE_PATIENCE, counting no epoch inside the schedule's protected ones
+    (:func:`pipeline.finetune.model.protected_epochs`). It restores nothing: the best epoch's checkpoint, which
+    sees every epoch, is loaded after ``fit``."""
     start = ft_model.protected_epochs(cfg.finetune_epochs, steps, cfg.schedule, cfg.warmup)
-    return keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=cfg.finetune_patience,
-                                         baseline=baseline_loss, start_from_epoch=start)
+    return keras.callbacks.EarlyStopping(monitor=cfg.finetune_monitor, mode=_mode(cfg.finetune_monitor),
+                                         patience=cfg.finetune_patience, baseline=baseline, start_from_epoch=start)
 
 
 def _protection(job) -> str:
@@ -226,7 +234,8 @@ def train(job: Job, callbacks=(), log=None) -> dict:
     start, rows = _start_state(job, folder, identity(job), log)
     base_val = baseline(job)
     initial = job.model.get_weights()
-    best_loss, best_epoch = _best(rows, base_val["val_loss"])
+    monitor = cfg.finetune_monitor
+    best_value, best_epoch = _best(rows, base_val[monitor], monitor)
     tr, va = job.split("train"), job.split("val")
     opt_text = describe_optimizer(cfg)
     smoothed = f" (label smoothing {cfg.label_smoothing:g})" if cfg.label_smoothing else ""
@@ -234,13 +243,15 @@ def train(job: Job, callbacks=(), log=None) -> dict:
     start_at = f" (from {job.unfreeze['from_layer']})" if job.unfreeze["from_layer"] else " (backbone frozen)"
     log(f"phase 2: fine-tuning on {len(tr)} train images (val {len(va)}), UNFREEZE={cfg.unfreeze}{start_at}, "
         f"{opt_text}, batch {cfg.batch}, up to "
-        f"{cfg.finetune_epochs} epochs (patience {cfg.finetune_patience}{_protection(job)})")
+        f"{cfg.finetune_epochs} epochs (best {monitor.replace('_', ' ')}, patience {cfg.finetune_patience}"
+        f"{_protection(job)})")
     if cfg.finetune_epochs > start:
         cbs = [Seconds(),
-               keras.callbacks.ModelCheckpoint(os.path.join(folder, "best-{epoch:03d}.keras"), monitor="val_loss",
-                                               mode="min", save_best_only=True, initial_value_threshold=best_loss),
+               keras.callbacks.ModelCheckpoint(os.path.join(folder, "best-{epoch:03d}.keras"), monitor=monitor,
+                                               mode=_mode(monitor), save_best_only=True,
+                                               initial_value_threshold=best_value),
                keras.callbacks.CSVLogger(os.path.join(folder, LOG), append=True),
-               early_stopping(cfg, steps_per_epoch(job), best_loss),
+               early_stopping(cfg, steps_per_epoch(job), best_value),
                keras.callbacks.BackupAndRestore(os.path.join(folder, "backup"), double_checkpoint=True),
                *callbacks]
         class_weight = keras_class_weight(job.head.class_weight, job.cache.splits["train"].labels,
@@ -256,10 +267,11 @@ def train(job: Job, callbacks=(), log=None) -> dict:
     else:
         shutil.rmtree(os.path.join(folder, "backup"), ignore_errors=True)
     rows = read_rows(os.path.join(folder, LOG))
-    best_loss, best_epoch = _best(rows, base_val["val_loss"])
+    best_value, best_epoch = _best(rows, base_val[monitor], monitor)
     if best_epoch < 0:
         job.model.set_weights(initial)  # no epoch beat the cached head: exactly its weights
-        log("fine-tuning did not improve val loss on the head alone: keeping the head-only weights")
+        log(f"fine-tuning did not improve {monitor.replace('_', ' ')} on the head alone: keeping the head-only "
+            "weights")
     else:
         job.model.load_weights(_checkpoint_path(folder, best_epoch))
         row = next(r for r in rows if r["epoch"] == best_epoch)

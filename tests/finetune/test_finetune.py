@@ -210,7 +210,8 @@ def test_a_fine_tune_that_never_beats_the_head_returns_exactly_the_head_only_wei
     -> after fit the model holds the head-only weights, bit for bit."""
     root, cfg, extra = flowers
     wreck = dataclasses.replace(cfg, optimizer="sgd", finetune_lr=50.0, momentum=0.0, unfreeze="all",
-                                finetune_epochs=2, finetune_patience=5, resume=False)
+                                finetune_epochs=2, finetune_patience=5, resume=False,
+                                finetune_monitor="val_loss")  # a wrecked model can guess a tiny val set right
     job = ft_job.prepare(wreck, extra, log=lambda m: None)
     initial = job.model.get_weights()
     msgs = []
@@ -384,12 +385,13 @@ class ConstantVal(keras.callbacks.Callback):
     """The same val loss every epoch (set before EarlyStopping reads it)."""
 
     def on_epoch_end(self, epoch, logs=None):
-        logs["val_loss"] = 1.0
+        logs["val_loss"], logs["val_accuracy"] = 1.0, 0.5
 
 
 def test_constant_val_loss_cannot_stop_inside_the_protected_epochs_then_stops():
     cfg = FinetuneConfig(finetune_epochs=10, finetune_patience=1, warmup=0.1)
-    stop = ft_train.early_stopping(cfg, steps=5, baseline_loss=1.0)
+    stop = ft_train.early_stopping(cfg, steps=5, baseline=0.5)
+    assert stop.monitor == "val_accuracy" and cfg.finetune_monitor == "val_accuracy"
     n = ft_model.protected_epochs(10, 5, "cosine", 0.1)
     assert stop.start_from_epoch == n == 7
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(N_CLASSES, activation="softmax")])
@@ -400,7 +402,7 @@ def test_constant_val_loss_cannot_stop_inside_the_protected_epochs_then_stops():
     assert len(history.epoch) == n + 2
     unprotected = FinetuneConfig(finetune_epochs=10, finetune_patience=1, schedule="constant")
     history = model.fit(x, y, batch_size=4, epochs=10, verbose=0,
-                        callbacks=[ConstantVal(), ft_train.early_stopping(unprotected, 5, 1.0)])
+                        callbacks=[ConstantVal(), ft_train.early_stopping(unprotected, 5, 0.5)])
     assert len(history.epoch) == 2  # a constant rate protects nothing
 
 
@@ -418,3 +420,14 @@ def test_a_real_fine_tune_with_a_constant_val_loss_runs_through_its_protected_ep
     assert n == 7 and np.ptp(losses) < 1e-6
     assert n + 2 <= len(result["rows"]) <= n + 3 <= 10  # never inside the protected epochs; stops after them
     assert any(f"not stopping before epoch {n + 2}" in m for m in msgs)
+
+
+def test_the_best_epoch_is_the_first_best_on_the_monitor_that_beats_the_head():
+    """Val accuracy climbing while val loss rises (an over-confident fine-tune): the accuracy monitor keeps
+    the best-accuracy epoch (the first of equals, the one ModelCheckpoint saved), the loss monitor the head."""
+    rows = [{"epoch": 0, "val_loss": 0.49, "val_accuracy": 0.84}, {"epoch": 1, "val_loss": 0.28, "val_accuracy": 0.92},
+            {"epoch": 2, "val_loss": 0.30, "val_accuracy": 0.93}, {"epoch": 3, "val_loss": 0.33, "val_accuracy": 0.93}]
+    assert ft_train._best(rows, 0.916, "val_accuracy") == (0.93, 2)
+    assert ft_train._best(rows, 0.27, "val_loss") == (0.27, -1)
+    assert ft_train._best(rows, 0.29, "val_loss") == (0.28, 1)
+    assert ft_train._best(rows, 0.95, "val_accuracy") == (0.95, -1)
