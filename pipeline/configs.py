@@ -221,6 +221,7 @@ class BenchConfig(FeaturesConfig):
     views_epochs: int = opt(20, "views: epochs of the dense heads and of the guide's end-to-end fit")
     scale_max: int = opt(100_000, "scale: the largest synthetic cache, in rows (10000, 100000 or 1000000)")
     audit_data: str = opt("{shared}/datasets/flowers5", "audit: the class-folder tree audited ({shared} as QUALITY)")
+    audit_backbone: str = opt("", "audit: BACKBONE of its features, an ensemble a+b too (empty = BACKBONE)")
     audit_noise: float = opt(0.05, "audit: share of train+val labels flipped at random")
     audit_seeds: int = opt(3, "audit: seeds of the label flips (figures are their mean)")
     audit_plant: int = opt(10, "audit: train images planted into test as copies (exact, resized, JPEG)")
