@@ -226,6 +226,7 @@ class BenchConfig(FeaturesConfig):
     scale_images_max: int = opt(100_000, "scale: the largest synthetic JPEG tree extracted, in images, at most "
                                  "SCALE_MAX (powers of ten from 1/100 of it; 0 = none)")
     audit_data: str = opt("{shared}/datasets/flowers5", "audit: the class-folder tree audited ({shared} as QUALITY)")
+    audit_backbone: str = opt("", "audit: BACKBONE of its features, an ensemble a+b too (empty = BACKBONE)")
     audit_noise: float = opt(0.05, "audit: share of train+val labels flipped at random")
     audit_seeds: int = opt(3, "audit: seeds of the label flips (figures are their mean)")
     audit_plant: int = opt(10, "audit: train images planted into test as copies (exact, resized, JPEG)")

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from pipeline.bench import auditparts as parts
-from pipeline.bench.common import features_config, quiet, run_command, shared_dir
+from pipeline.bench.common import features_args, features_config, quiet, run_command, shared_dir
 from pipeline.configs import replace
 from pipeline.errors import PipelineError
 
@@ -42,13 +42,13 @@ def data_path(cfg) -> str:
     return cfg.audit_data.replace("{shared}", shared_dir())
 
 
-def cost(ctx, cache) -> dict:
-    """``python -m pipeline audit CACHE=...`` as a whole command (run with ``-X importtime``: its log names every
+def cost(ctx, args) -> dict:
+    """``python -m pipeline audit <args>`` (``CACHE=...``, or an ensemble's features options) as a whole command (run with ``-X importtime``: its log names every
     module it imported) and the floor of the imports it cannot avoid: wall seconds, beyond the floor, TensorFlow
     imported or not."""
     log, floor_log = os.path.join(ctx.work, "audit-cost.log"), os.path.join(ctx.work, "audit-floor.log")
     floor = run_command([sys.executable, "-c", FLOOR], floor_log, "the audit's import floor")
-    r = run_command([sys.executable, "-X", "importtime", "-m", "pipeline", "audit", f"CACHE={cache}",
+    r = run_command([sys.executable, "-X", "importtime", "-m", "pipeline", "audit", *args,
                      f"REPORTS_DIR={os.path.join(ctx.work, 'audit-reports')}"], log, "python -m pipeline audit")
     with open(log) as f:
         imported = {line.split("|")[-1].strip().split(".")[0] for line in f if line.startswith("import time:")}
@@ -88,21 +88,61 @@ def plant_tree(cache, root, n) -> dict:
     return info
 
 
-def extras(ctx, fcfg, cache) -> tuple[dict, np.ndarray]:
-    """(planted copies with their features and content hashes, digits features), extracted by the features step."""
+def extras(ctx, members, cache) -> tuple[dict, np.ndarray]:
+    """(planted copies with their features and content hashes, digits features), extracted by the features step
+    for each member config and, for an ensemble, joined as its cache is (:func:`joined`)."""
     from pipeline.cache import extract, store
 
     root = os.path.join(ctx.work, "audit-extra")
     info = plant_tree(cache, root, ctx.cfg.audit_plant)
-    ecfg = replace(fcfg, data=root, cache_dir=root + "-cache", val_fraction=0.0, test_fraction=0.0, per_class=0)
-    with quiet():
-        extra = store.load(extract.run(ecfg, log=lambda m: None))
-    sp = extra.train
-    row = {str(p): i for i, p in enumerate(sp.paths)}
-    names = extra.class_names
-    info["features"] = sp.features[[row[n] for n in info["names"]]]
+    planted, digits = [], []
+    for i, fcfg in enumerate(members):
+        ecfg = replace(fcfg, data=root, cache_dir=f"{root}-cache{i}", val_fraction=0.0, test_fraction=0.0, per_class=0)
+        with quiet():
+            sp = (extra := store.load(extract.run(ecfg, log=lambda m: None))).train
+        row = {str(p): i for i, p in enumerate(sp.paths)}
+        planted.append(sp.features[[row[n] for n in info["names"]]])
+        digit = np.flatnonzero(sp.labels == extra.class_names.index("digits"))
+        digits.append(sp.features[digit[np.argsort(sp.paths[digit].astype(str), kind="stable")]])
+    if len(members) > 1:
+        planted, digits = joined(cache, {"planted": planted, "digits": digits}).values()
+    else:
+        planted, digits = planted[0], digits[0]
+    info["features"] = planted
     info["hashes"] = [_sha256(os.path.join(root, n)) for n in info["names"]]
-    return info, sp.features[sp.labels == names.index("digits")]
+    return info, digits
+
+
+def joined(cache, rows: dict) -> dict:
+    """{name: features} of other rows (``rows``: {name: [each member's features]}) normalised as the ensemble
+    ``cache`` joined its own: with its members' train rows (matched by content hash) as the statistics."""
+    from pipeline.cache import ensemble, store
+
+    order, blocks = cache.hashes["train"], []
+    for path in cache.members:
+        member = store.load(path)
+        sums = ensemble.hashes(member, path)["train"]
+        where = dict(zip(sums, range(len(sums))))
+        blocks.append(member.train.features[[where[sha] for sha in order]])
+    out = ensemble.normalise({"train": blocks, **rows}, cache.config["ensemble"]["normalisation"])
+    return {name: out[name] for name in rows}
+
+
+def audit_features(cfg):
+    """The features config of the audited cache: AUDIT_DATA, AUDIT_BACKBONE (else BACKBONE), no views."""
+    return features_config(cfg, data=data_path(cfg), views=0, tta=False, backbone=cfg.audit_backbone or cfg.backbone)
+
+
+def load(cfg) -> tuple:
+    """(AUDIT_DATA's cache made or reused by the features step, the features config of each member): with
+    ``AUDIT_BACKBONE=a+b`` each member's cache, joined by image content as ``make audit`` joins them."""
+    from pipeline.cache import ensemble, extract, store
+
+    fcfg = audit_features(cfg)
+    members = ensemble.member_configs(fcfg) if ensemble.is_ensemble(fcfg.backbone) else [fcfg]
+    with quiet():
+        paths = [extract.run(m, log=lambda m: None) for m in members]
+    return (ensemble.join(paths, fcfg.backbone) if len(paths) > 1 else store.load(paths[0])), members
 
 
 def _sha256(path) -> str:
@@ -111,12 +151,8 @@ def _sha256(path) -> str:
 
 
 def run(ctx):
-    from pipeline.cache import extract, store
-
     cfg = ctx.cfg
-    fcfg = features_config(cfg, data=data_path(cfg), views=0, tta=False)
-    with quiet():
-        cache = store.load(extract.run(fcfg, log=lambda m: None))
+    cache, members = load(cfg)
     empty = [s for s in ("train", "val", "test") if s not in cache.splits or not len(cache.splits[s].labels)]
     if empty or len(cache.class_names) < 3:
         raise PipelineError(f"AUDIT_DATA={cfg.audit_data}: needs train, val and test images of at least 3 classes "
@@ -130,11 +166,11 @@ def run(ctx):
     res["labels"]["clean_flagged_paths"] = [str(paths[i]) for i in res["labels"][DEFAULT]["clean_flagged"]]
     res["labels_s"] = time.perf_counter() - t0
     res["open_set"] = parts.open_set(cache, cfg.seed)
-    planted, digits = extras(ctx, fcfg, cache)
+    planted, digits = extras(ctx, members, cache)
     res["far_ood"] = parts.far_ood(cache, digits, cfg.seed)
     res["calibration"] = {h: parts.calibrate(*_probs(cache, h, cfg.seed)) for h in HEADS}
     res["leaks"] = parts.leak_check(cache, planted)
-    res["cost"] = cost(ctx, cache.path)
+    res["cost"] = cost(ctx, [f"CACHE={cache.path}"] if len(members) == 1 else features_args(audit_features(cfg)))
     return report(cfg, res)
 
 

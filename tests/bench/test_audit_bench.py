@@ -4,11 +4,14 @@ without TensorFlow. The goals are not asserted (tiny data)."""
 
 import json
 
+import numpy as np
 import pytest
 from conftest import MOBILENET_V2_FILE, flowers_subset
 
 from pipeline import cli
 from pipeline.bench import audit, auditparts
+from pipeline.cache import ensemble, store
+from pipeline.configs import BenchConfig
 
 
 @pytest.mark.slow
@@ -56,3 +59,18 @@ def test_audit_section_reports_every_figure(tmp_path, capsys):
 def test_audit_options_are_checked(capsys):
     assert cli.main(["bench", "SECTIONS=audit", "AUDIT_NOISE=1.5"]) == 2
     assert "AUDIT_NOISE=1.5" in capsys.readouterr().err
+
+
+def test_audit_section_joins_an_ensemble_and_its_extra_rows_alike(tmp_path):
+    data = flowers_subset(tmp_path / "data", per_class=4)
+    cfg = BenchConfig(audit_data=str(data), audit_backbone="mobilenet_v2@32+mobilenet_v2@48", alpha=0.35,
+                      weights=str(MOBILENET_V2_FILE), cache_dir=str(tmp_path / "cache"), batch=8)
+    cache, members = audit.load(cfg)
+    assert [m.size for m in members] == [32, 48] and cache.members and cache.train.features.shape[1] == 2 * 1280
+    rows = []
+    for path in cache.members:  # each member's train rows in the joined cache's order, matched by content
+        member = store.load(path)
+        where = {sha: i for i, sha in enumerate(ensemble.hashes(member, path)["train"])}
+        rows.append(member.train.features[[where[sha] for sha in cache.hashes["train"]]])
+    again = audit.joined(cache, {"train_again": rows})["train_again"]
+    assert np.allclose(again, cache.train.features, atol=1e-5)

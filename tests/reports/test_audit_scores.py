@@ -69,3 +69,9 @@ def test_threshold_gives_the_target_recall_on_val(flowers):
     digit = list(cache.test.paths).index(plants["digit"])
     assert openset.rejected(score["test"], t)[digit], "the handwritten digit is not rejected as unknown"
     assert openset.choose_threshold(np.arange(1, 101), 0.95) == 6
+
+
+def test_combined_score_weights_the_neighbours_three_to_one():
+    stats = {"max_probability": (0.5, 0.25), "train_similarity": (0.2, 0.1)}
+    raw = {"max_probability": np.array([0.75, 0.5]), "train_similarity": np.array([0.2, 0.3])}
+    assert openset.combined(raw, stats) == pytest.approx([0.25 * 1.0, 0.75 * 1.0])

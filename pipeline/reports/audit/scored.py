@@ -80,9 +80,10 @@ def unknown(ctx, sec) -> dict:
     rows.sort(key=lambda r: r["score"])
     path = os.path.join(ctx.out, "unknown_scores.csv")
     write_csv(path, ("split", "path", "label", "max_probability", "train_similarity", "score", "rejected"), rows)
-    sec.text(f"Score of each image (higher = more like the known classes): the mean of its max calibrated "
-             f"probability and its mean cosine similarity to its {cfg.neighbours} nearest train images, each "
-             f"standardised on val. Threshold {threshold:.4f} keeps {cfg.reject_recall:.0%} of the known val "
+    w = openset.WEIGHTS
+    sec.text(f"Score of each image (higher = more like the known classes): {w['max_probability']:g} x its max "
+             f"calibrated probability + {w['train_similarity']:g} x its mean cosine similarity to its "
+             f"{cfg.neighbours} nearest train images, each standardised on val. Threshold {threshold:.4f} keeps {cfg.reject_recall:.0%} of the known val "
              "images; below it an image would be labelled unknown. "
              + ", ".join(f"{s}: {rate[s]:.1%} rejected" for s in rate) + ". Scores: unknown_scores.csv.")
     sec.figure(plots.histograms(score, threshold, "combined score"), "score histograms with the threshold")
