@@ -100,7 +100,8 @@ def limitations(record: dict) -> list[str]:
 def reports_dir(record: dict) -> str | None:
     """The REPORTS_DIR a record's run wrote to (a fine-tuned model's is in its head options)."""
     cfg = record.get("config") or {}
-    return cfg.get("reports_dir") or (cfg.get("head") or {}).get("reports_dir")
+    head = cfg.get("head") if isinstance(cfg.get("head"), dict) else {}
+    return cfg.get("reports_dir") or head.get("reports_dir")
 
 
 def render(title: str, what: list[str], cache_path, key, metric_lines: list[str], versions: dict, record: dict,
@@ -108,7 +109,8 @@ def render(title: str, what: list[str], cache_path, key, metric_lines: list[str]
     """The card: ``what`` (bullets), the data of the cache, ``metric_lines``, ``extra`` sections, versions,
     limitations and ``run`` = (how, Python snippet)."""
     return "\n".join([f"# Model card: {title}", "", "## What it is", "", *what, "",
-                      "## Data", "", *data(cache_path, key, reports_dir(record)), "", "## Metrics", "", *metric_lines, "", *extra,
+                      "## Data", "", *data(cache_path, key, reports_dir(record)), "",
+                      "## Metrics", "", *metric_lines, "", *extra,
                       "## Versions", "", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v), "",
                       "## Limitations", "", *limitations(record), *limits, "",
                       "## Run it", "", run[0], "", "```python", run[1], "```", ""])

@@ -39,7 +39,8 @@ def test_saved_head_reloads_and_predicts_identically(cache, tmp_path, name):
     folder = os.listdir(tmp_path / "models" / "blobs")
     loaded, rec = artifacts.load(rec_path, expect_key=cache.key)
     ext = ".keras" if name == "dense" else ".joblib"
-    assert sorted(folder) == sorted([f"{name}.json", f"{name}-{rec['sha256'][:12]}{ext}"]) and rec["file"] in folder
+    assert sorted(folder) == sorted([f"{name}.json", f"{name}-{rec['sha256'][:12]}{ext}", f"{name}.MODEL_CARD.md"])
+    assert rec["file"] in folder
     X = cache.splits["test"].features
     assert np.array_equal(loaded.predict(X), est.predict(X))
     assert np.array_equal(heads.scores(loaded, X), heads.scores(est, X))
@@ -164,9 +165,9 @@ def test_a_kill_between_the_model_file_and_its_record_keeps_the_previous_head(ca
     assert open(rec_path, "rb").read() == rec_before
     loaded, _ = artifacts.load(rec_path, expect_key=cache.key)  # still loadable, with its old predictions
     assert np.array_equal(loaded.predict(X), before)
-    assert len(os.listdir(os.path.dirname(rec_path))) == 3  # the record, its file and the orphan new file
+    assert len(os.listdir(os.path.dirname(rec_path))) == 4  # the record, its file, its card, the orphan new file
     _, rec_path = fit_and_save(cache, tmp_path / "models", name)  # the next save removes the orphan
-    assert sorted(os.listdir(os.path.dirname(rec_path))) == sorted([f"{name}.json",
+    assert sorted(os.listdir(os.path.dirname(rec_path))) == sorted([f"{name}.json", f"{name}.MODEL_CARD.md",
                                                                      json.loads(open(rec_path).read())["file"]])
 
 
@@ -183,7 +184,7 @@ def test_a_save_removes_the_files_no_record_names(cache, tmp_path):
         (folder / f).write_bytes(b"old")
     est, rec_path = fit_and_save(cache, tmp_path / "models", "logreg")
     rec = json.loads(open(rec_path).read())
-    assert set(os.listdir(folder)) == others | {"logreg.json", rec["file"], *kept}
+    assert set(os.listdir(folder)) == others | {"logreg.json", "logreg.MODEL_CARD.md", rec["file"], *kept}
     assert rec["file"] == f"logreg-{rec['sha256'][:12]}.joblib"
     X = cache.splits["test"].features
     assert np.array_equal(artifacts.load_head(rec_path).predict(X), est.predict(X))

@@ -137,7 +137,7 @@ def test_a_kill_between_the_export_and_its_record_keeps_the_previous_model(tmp_p
     with pytest.raises(kill):  # killed after the new model file is in place, before its record is written
         artifact.export(tiny_model(2), path, class_names=CLASSES, size=8)
     monkeypatch.undo()
-    assert open(rec_path, "rb").read() == rec_before and len(os.listdir(tmp_path)) == 3  # + the orphan
+    assert open(rec_path, "rb").read() == rec_before and len(os.listdir(tmp_path)) == 4  # + card, orphan
     rec, model_file = artifact.check(rec_path)
     assert os.path.basename(model_file) == rec["file"]
     loaded, _ = artifact.load(str(tmp_path))
@@ -150,7 +150,8 @@ def test_a_kill_between_the_export_and_its_record_keeps_the_previous_model(tmp_p
     second = tiny_model(3)
     rec_path = artifact.export(second, path, class_names=CLASSES, size=8)
     rec, model_file = artifact.check(rec_path)
-    assert sorted(os.listdir(tmp_path)) == sorted(["finetune-run", "finetune.json", rec["file"]])
+    assert sorted(os.listdir(tmp_path)) == sorted(["finetune-run", "finetune.json", "finetune.MODEL_CARD.md",
+                                                  rec["file"]])
     for where in (rec_path, model_file, str(tmp_path)):
         np.testing.assert_allclose(artifact.load(where)[0](pixels).numpy(), second(pixels).numpy(), atol=1e-6)
 
