@@ -235,6 +235,7 @@ class BenchConfig(FeaturesConfig):
     export_head: str = opt("logreg", "export: the head exported (logreg, linear_svm or dense)")
     export_formats: str = opt("litert,onnx,openvino", "export: comma list of FORMAT (every QUANTIZE it has) or "
                               "FORMAT:MODE+MODE; the float32 export (none) always runs, the reference")
+    export_representative: int = _like(ExportConfig, "representative")
     memory_budget: str = _like(HeadConfig, "memory_budget")
     reports_dir: str = opt("reports", "where bench-<date>.json and .md are written")
     tag: str = opt("", "suffix of the report names, e.g. before / after")

@@ -91,7 +91,7 @@ def judge_all(ctx, record: str, chosen, name: str) -> dict:
     model = without_augmentation(original)
     pixels, labels = judge.test_set(runner, f"bench export on {name}")
     reference = verify.batched(compiled_call(original, runner.size, fold=False), pixels, ecfg.batch)
-    representative = judge.representative(runner, ecfg.representative)
+    representative = judge.representative(runner, cfg.export_representative)
     out = {"record": record, "cache": runner.source.get("cache_path"), "test_images": int(len(pixels)),
            "classes": len(runner.classes), "rows": []}
     for fmt_name, mode in chosen:
@@ -201,7 +201,7 @@ def run(ctx):
             "met": bool(verdicts) and all(v.startswith("met") for _, v in verdicts),
             "note": f"{cfg.export_head} head on {cfg.backbone} features ({', '.join(by_data)}); each export written "
                     f"as make export writes it and judged on the whole test split in its own runtime; int8 "
-                    f"calibrated on {ExportConfig().representative} train images; latency: median of {cfg.repeats} "
+                    f"calibrated on {cfg.export_representative} train images; latency: median of {cfg.repeats} "
                     f"runs after one warm-up on {cpu}; drop in points below the float Keras model"}
 
 
