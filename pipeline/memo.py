@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 
 NAME = "memo.sqlite"
 TABLES = ("checks", "hashes", "weights", "verified")
@@ -22,16 +23,25 @@ def at(path: str) -> str:
 
 
 def _connect(db: str) -> sqlite3.Connection:
-    con = sqlite3.connect(db, timeout=TIMEOUT)
-    try:
-        con.execute("PRAGMA journal_mode=WAL")
-        for t in TABLES:
-            con.execute(f"CREATE TABLE IF NOT EXISTS {t} (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        con.commit()
-    except BaseException:
-        con.close()
-        raise
-    return con
+    """A connection with WAL on and every table made. Two runs opening a new file at once can get "database is
+    locked" from the journal-mode switch without SQLite's busy wait, so the set-up is tried again until TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        con = sqlite3.connect(db, timeout=TIMEOUT)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            for t in TABLES:
+                con.execute(f"CREATE TABLE IF NOT EXISTS {t} (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            con.commit()
+            return con
+        except sqlite3.OperationalError as e:
+            con.close()
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        except BaseException:
+            con.close()
+            raise
 
 
 class Table:
