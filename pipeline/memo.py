@@ -1,6 +1,6 @@
 """What a cache folder remembers between runs (checked images, content hashes of files, weights digests, cache files verified), in one
 SQLite file ``<folder>/memo.sqlite`` in WAL mode. A memo is a cache of checks: a table of key -> JSON value,
-read whole when opened; :meth:`Table.save` writes only the entries this run changed, in one transaction, so
+read whole when first looked up; :meth:`Table.save` writes only the entries this run changed, in one transaction, so
 runs writing at once lose nothing. A memo that cannot be read or written only costs the next run its checks."""
 
 from __future__ import annotations
@@ -45,27 +45,40 @@ def _connect(db: str) -> sqlite3.Connection:
 
 
 class Table:
-    """One table of the memo file ``db`` (None: nothing is kept): key -> JSON value."""
+    """One table of the memo file ``db`` (None: nothing is kept): key -> JSON value. The table is read whole
+    when first looked up; a run that only puts (extraction recording its decodes) never reads it."""
 
     def __init__(self, db: str | None, table: str):
         if table not in TABLES:
             raise ValueError(f"unknown memo table {table!r}")
-        self.db, self.table, self.values, self.changed = db, table, {}, {}
-        if db and os.path.exists(db):
+        self.db, self.table, self._values, self.changed = db, table, None, {}
+
+    @property
+    def values(self) -> dict:
+        """Every entry: the file's, with this run's changes over them."""
+        if self._values is None:
+            self._values = self._read()
+        return self._values
+
+    def _read(self) -> dict:
+        values = {}
+        if self.db and os.path.exists(self.db):
             with contextlib.suppress(sqlite3.Error, OSError):
-                with contextlib.closing(_connect(db)) as con:
-                    for key, value in con.execute(f"SELECT key, value FROM {table}"):
+                with contextlib.closing(_connect(self.db)) as con:
+                    for key, value in con.execute(f"SELECT key, value FROM {self.table}"):
                         with contextlib.suppress(ValueError):
-                            self.values[key] = json.loads(value)
+                            values[key] = json.loads(value)
+        return {**values, **self.changed}
 
     def get(self, key: str, default=None):
         return self.values.get(key, default)
 
     def put(self, key: str, value) -> None:
         """Remember ``value`` (JSON-able) for ``key``; written by :meth:`save`."""
-        if key in self.values and self.values[key] == value:
-            return
-        self.values[key] = value
+        if self._values is not None:
+            if key in self._values and self._values[key] == value:
+                return
+            self._values[key] = value
         self.changed[key] = value
 
     def save(self) -> bool:

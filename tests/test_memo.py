@@ -96,3 +96,16 @@ def test_a_copy_holds_what_was_saved_and_a_missing_memo_copies_nothing(tmp_path)
     assert table.save()
     memo.copy(src, dst)
     assert memo.Table(dst, "checks").values == {"k": "refused"}
+
+
+def test_a_table_is_read_when_first_looked_up_and_a_put_only_run_keeps_what_others_saved(tmp_path):
+    db = str(tmp_path / memo.NAME)
+    early = memo.Table(db, "checks")  # opened before anything is saved
+    other = memo.Table(db, "checks")
+    other.put("a", 1)
+    assert other.save()
+    assert early.get("a") == 1  # read at the first lookup, not when opened
+    writer = memo.Table(db, "checks")
+    writer.put("b", 2)  # put only: never reads the table
+    assert writer.save()
+    assert memo.Table(db, "checks").values == {"a": 1, "b": 2}

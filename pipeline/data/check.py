@@ -7,6 +7,7 @@ folder's memo file (:mod:`pipeline.memo`)."""
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline import memo
@@ -14,6 +15,21 @@ from pipeline.data import images
 from pipeline.data.loading import cores
 from pipeline.progress import progress as show_progress
 from pipeline.records import file_digest
+
+
+WINDOW = 1024  # tasks in flight at once (a future each): the scan's memory does not grow with the file count
+
+
+def windowed(pool, fn, items, window=WINDOW):
+    """``pool.map(fn, items)``, results in order, with at most ``window`` tasks submitted ahead
+    (``Executor.map`` submits every task at once)."""
+    pending = deque()
+    for item in items:
+        if len(pending) >= window:
+            yield pending.popleft().result()
+        pending.append(pool.submit(fn, item))
+    while pending:
+        yield pending.popleft().result()
 
 
 class CheckMemo:
@@ -122,7 +138,7 @@ def check_files(candidates, memo, progress):
     results, todo = {}, []
     with ThreadPoolExecutor(max_workers=min(8, cores() * 2)) as pool:
         hits = [remembered(c) for c in candidates]
-        hashed = iter(pool.map(digest, [c for c, hit in zip(candidates, hits) if hit is None]))
+        hashed = windowed(pool, digest, (c for c, hit in zip(candidates, hits) if hit is None))
         for rel, path, sha, why in (hit or next(hashed) for hit in hits):
             known = memo.get(sha) if not why else why
             if known is not False:
@@ -138,7 +154,7 @@ def check_files(candidates, memo, progress):
             print("checking image headers")
             bar = show_progress(len(todo), "file")
         shas = {rel: sha for rel, _, sha in todo}
-        for n, (rel, reason) in enumerate(pool.map(check, todo), 1):
+        for n, (rel, reason) in enumerate(windowed(pool, check, todo), 1):
             results[rel] = (shas[rel], reason, None)
             if bar and (n % 500 == 0 or n == len(todo)):
                 bar.update(n)

@@ -42,3 +42,24 @@ def test_an_image_edited_in_place_with_size_and_mtime_restored_is_hashed_again(t
     assert after[rel] == hashlib.sha256(target.read_bytes()).hexdigest() != before[rel]
     assert {r: s for r, s in after.items() if r != rel} == {r: s for r, s in before.items() if r != rel}
     assert int(np.sum(np.asarray(Image.open(target)) != 40)) == 1  # really one pixel value changed
+
+
+def test_the_scan_keeps_results_in_order_with_a_bounded_number_of_tasks_in_flight():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data.check import windowed
+
+    submitted, most = [0], [0]
+
+    def items():
+        for i in range(50):
+            submitted[0] += 1
+            yield i
+
+    with ThreadPoolExecutor(4) as pool:
+        got = []
+        for r in windowed(pool, lambda i: i * i, items(), window=5):
+            most[0] = max(most[0], submitted[0] - len(got))  # submitted, not yet handed back
+            got.append(r)
+    assert got == [i * i for i in range(50)]
+    assert most[0] <= 6  # the window, plus the one whose submission made room
