@@ -27,6 +27,11 @@ from pipeline.data import images, loading
 PREFETCH_BYTES = 32 << 20  # decoded pixels kept ready ahead of the backbone (at least 2 batches)
 
 
+def ahead_batches(batch: int, size: int, ahead_bytes: int = PREFETCH_BYTES) -> int:
+    """How many BATCH-image batches of ``size`` px are decoded ahead of the backbone."""
+    return max(2, ahead_bytes // (batch * size * size * 3))
+
+
 class _Cut:
     """The first ``n`` rows of a call's result (``.numpy()``, as a TensorFlow tensor has)."""
 
@@ -128,7 +133,7 @@ def run(ds, groups, ranges, writer, call, *, size, interpolation, batch, chunk, 
     def load(row):
         return load_pixels(ds, groups[row[0]].items[row[1]], size, interpolation, failed)
 
-    ahead = max(2, ahead_bytes // (batch * int(np.prod(shape))))
+    ahead = ahead_batches(batch, size, ahead_bytes)
     todo = [(k, [(g, r) for r in rows]) for k, (g, rows) in enumerate(packs)]
     stream = loading.Batches(load, todo, shape, ahead, workers=workers) if todo else None
     background = Background("features-writer")
