@@ -192,7 +192,7 @@ class ExportConfig:
     min_accuracy: float = opt(0.0, "refuse (exit 2) an export whose test accuracy (a fraction) is below this")
     max_drop: float = opt(100.0, "refuse (exit 2) an export more than this many points below the float model's "
                                  "test accuracy")
-    latency_runs: int = opt(5, "judgement: timed runs per latency figure (the median is reported)")
+    latency_runs: int = opt(5, "judgement: timed runs per latency figure, each >= 0.2 s of calls (median reported)")
 
 
 @dataclass(frozen=True)

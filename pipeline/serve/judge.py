@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
-import time
+import timeit
 
 import numpy as np
 
@@ -94,15 +94,13 @@ def cpu_name() -> str:
 
 
 def latency_ms(call, pixels, batch: int, runs: int) -> float:
-    """Median milliseconds of ``runs`` calls on ``batch`` images (repeated to fill it), after one untimed call."""
+    """Milliseconds per call on ``batch`` images (repeated to fill it), after one untimed call: the median of
+    ``runs`` runs, each the mean of as many calls as last 0.2 s (:meth:`timeit.Timer.autorange`)."""
     x = np.resize(pixels, (batch, *pixels.shape[1:])).astype(np.float32)
     call(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        call(x)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+    timer = timeit.Timer(lambda: call(x))
+    number, _ = timer.autorange()
+    return float(np.median(timer.repeat(runs, number)) / number * 1e3)
 
 
 def judge(call, reference, pixels, labels, path, output, runs: int, batch: int = 32) -> dict:

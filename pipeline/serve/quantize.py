@@ -25,7 +25,8 @@ HOW = {("litert", "float16"): "TFLite converter, float16 weights",
        ("litert", "int8"): "TFLite converter, full integer (int8 weights and activations; float32 input and output)",
        ("onnx", "float16"): "onnxconverter-common float16 (float32 input and output kept)",
        ("onnx", "dynamic"): "onnxruntime quantize_dynamic, int8 weights (QInt8), activations quantised at run time",
-       ("onnx", "int8"): "onnxruntime quantize_static, QDQ, int8 per channel, MinMax calibration",
+       ("onnx", "int8"): ("onnxruntime quantize_static, QDQ, uint8 activations and int8 weights per channel (U8S8), "
+                         "MinMax calibration"),
        ("openvino", "float16"): "OpenVINO save_model(compress_to_fp16=True): float16 weights, float32 compute",
        ("openvino", "int8"): "NNCF post-training quantisation (nncf.quantize), int8, full bias correction"}
 
@@ -111,7 +112,7 @@ def _onnx(mode, src, target, representative):
         pre = src + ".pre.onnx"  # shape inference and graph optimisation, as onnxruntime recommends
         quant_pre_process(src, pre, skip_symbolic_shape=True)
         q.quantize_static(pre, target, _Reader(name, representative), quant_format=q.QuantFormat.QDQ,
-                          per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8)
+                          per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
 
 
 def _openvino(mode, src, target, representative):

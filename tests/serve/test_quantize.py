@@ -5,6 +5,7 @@ missing packages are one line; a truncated quantised artifact is refused by pred
 import importlib.util
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -149,3 +150,15 @@ def test_an_int8_linear_head_on_near_constant_features_keeps_its_accuracy(fmt, t
                    lambda: iter(pixels[:100]))
     got = open_export.runtime(open_export.FORMATS[fmt], target, size)(pixels[160:].astype(np.float32))
     assert float_acc > 0.9 and np.mean(np.asarray(got).argmax(1) == y[160:]) >= float_acc - 0.05
+
+
+def test_latency_is_per_call_over_enough_calls_to_time_reliably():
+    calls = []
+
+    def call(x):
+        calls.append(x.shape)
+        time.sleep(0.005)
+
+    ms = judge.latency_ms(call, np.zeros((3, 8, 8, 3), np.uint8), batch=4, runs=3)
+    assert 5.0 <= ms < 50.0  # one call's time, not a run's
+    assert len(calls) > 3 * 10 and set(calls) == {(4, 8, 8, 3)}  # each run many calls, every one a full batch
