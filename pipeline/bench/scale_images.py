@@ -106,7 +106,7 @@ def figures(by_n: dict, ahead: int = 0) -> tuple[dict, list, list]:
     """(metrics, show rows, verdicts) of the trees measured ({images: :func:`measure` result}; ``ahead``:
     images decoded ahead of the backbone): per size the rates, peak RSS and wall; the ratios of the largest
     tree's medians to the smallest's, the steady rate's from the smallest tree of at least BEYOND x ``ahead``."""
-    m, show, verdicts = {}, [], []
+    m, show, verdicts, steady_from = {}, [], [], BEYOND * ahead
     for n in sorted(by_n):
         r = by_n[n]
         m[f"extract_ips_{n}"], m[f"extract_rss_{n}"] = stat([r["extract_ips"]], "img/s"), stat([r["rss_mib"]], "MiB")
@@ -114,7 +114,7 @@ def figures(by_n: dict, ahead: int = 0) -> tuple[dict, list, list]:
         show += [(f"extraction, {n} JPEGs (the step's own, start-up included)", f"extract_ips_{n}")]
         if r["steady_ips"]:
             m[f"steady_ips_{n}"] = stat([r["steady_ips"]], "img/s")
-            what = "after the first batch" if n >= BEYOND * ahead else "decoded ahead whole: the backbone alone"
+            what = "after the first batch" if n >= steady_from else "decoded ahead whole: the backbone alone"
             show.append((f"extraction, {n} JPEGs (steady, {what})", f"steady_ips_{n}"))
         show += [(f"features peak RSS, {n} JPEGs", f"extract_rss_{n}"),
                  (f"features wall, {n} JPEGs (whole command)", f"extract_wall_{n}")]
@@ -122,7 +122,7 @@ def figures(by_n: dict, ahead: int = 0) -> tuple[dict, list, list]:
              "steady_ips": ("steady rate", f"trees of at least {BEYOND} x the {ahead} images decoded ahead", GOAL, 1),
              "extract_rss": ("features peak RSS", "", GOALS["memory"], -1)}
     for key, (label, note, goal, sign) in goals.items():
-        have = [n for n in sorted(by_n) if f"{key}_{n}" in m and (key != "steady_ips" or n >= BEYOND * ahead)]
+        have = [n for n in sorted(by_n) if f"{key}_{n}" in m and (key != "steady_ips" or n >= steady_from)]
         if len(have) < 2:
             continue
         lo, hi = have[0], have[-1]

@@ -1,14 +1,17 @@
 """Change detection of the scan: an image edited in place with its size and modification time restored is
-hashed again (its inode change time moved), so features of its old content are not reused."""
+hashed again (its inode change time moved), so features of its old content are not reused; the scan's tasks in
+flight are bounded and its results keep their order."""
 
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
 from pipeline.data import sources as data
+from pipeline.data.check import windowed
 
 
 def _bmp(path, value):
@@ -45,10 +48,6 @@ def test_an_image_edited_in_place_with_size_and_mtime_restored_is_hashed_again(t
 
 
 def test_the_scan_keeps_results_in_order_with_a_bounded_number_of_tasks_in_flight():
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipeline.data.check import windowed
-
     submitted, most = [0], [0]
 
     def items():
