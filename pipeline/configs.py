@@ -229,6 +229,8 @@ class BenchConfig(FeaturesConfig):
     audit_backbone: str = opt("", "audit: BACKBONE of its features, an ensemble a+b too (empty = BACKBONE)")
     audit_noise: float = opt(0.05, "audit: share of train+val labels flipped at random")
     audit_seeds: int = opt(3, "audit: seeds of the label flips (figures are their mean)")
+    audit_split_seeds: str = opt("0,1,2", "audit: split seeds the heads' calibration is measured on (figures are "
+                                          "their mean; the other measurements use SEED's split)")
     audit_plant: int = opt(10, "audit: train images planted into test as copies (exact, resized, JPEG)")
     export_data: str = opt("digits,{shared}/datasets/flowers5", "export: comma list of datasets (built-in or "
                            "class-folder trees, {shared} as QUALITY), a head on BACKBONE's features of each")

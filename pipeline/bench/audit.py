@@ -2,7 +2,7 @@
 reused by the features step in CACHE_DIR), figures as rates and ratios: planted label noise (AUDIT_NOISE of
 train+val flipped, AUDIT_SEEDS seeds) for each lever of the out-of-fold probabilities; each class held out in
 turn as unknown and digits among the photos (far out-of-distribution) for each rejection score; test NLL and
-ECE before and after temperature scaling per head; planted copies of train images found and false pairs on
+ECE before and after temperature scaling per head, mean over AUDIT_SPLIT_SEEDS; planted copies of train images found and false pairs on
 the clean data; the audit command's cost and whether it imported TensorFlow.
 
 
@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from pipeline.bench import auditparts as parts
-from pipeline.bench.common import features_args, features_config, quiet, run_command, shared_dir
+from pipeline.bench.common import features_args, features_config, quiet, run_command, seed_list, shared_dir
 from pipeline.configs import replace
 from pipeline.errors import PipelineError
 
@@ -33,6 +33,7 @@ FLOOR = "import pipeline.cli, pipeline.reports.audit.step, cleanlab.filter, clea
 
 
 def check(cfg) -> None:
+    seed_list(cfg.audit_split_seeds, "AUDIT_SPLIT_SEEDS")
     if cfg.audit_seeds < 1 or not 0 < cfg.audit_noise < 1 or cfg.audit_plant < 1:
         raise PipelineError(f"AUDIT_SEEDS={cfg.audit_seeds}, AUDIT_NOISE={cfg.audit_noise}, AUDIT_PLANT="
                             f"{cfg.audit_plant}: seeds >= 1, noise in (0, 1), plant >= 1")
@@ -128,17 +129,18 @@ def joined(cache, rows: dict) -> dict:
     return {name: out[name] for name in rows}
 
 
-def audit_features(cfg):
+def audit_features(cfg, **changes):
     """The features config of the audited cache: AUDIT_DATA, AUDIT_BACKBONE (else BACKBONE), no views."""
-    return features_config(cfg, data=data_path(cfg), views=0, tta=False, backbone=cfg.audit_backbone or cfg.backbone)
+    return features_config(cfg, data=data_path(cfg), views=0, tta=False, backbone=cfg.audit_backbone or cfg.backbone,
+                           **changes)
 
 
-def load(cfg) -> tuple:
+def load(cfg, **changes) -> tuple:
     """(AUDIT_DATA's cache made or reused by the features step, the features config of each member): with
     ``AUDIT_BACKBONE=a+b`` each member's cache, joined by image content as ``make audit`` joins them."""
     from pipeline.cache import ensemble, extract, store
 
-    fcfg = audit_features(cfg)
+    fcfg = audit_features(cfg, **changes)
     members = ensemble.member_configs(fcfg) if ensemble.is_ensemble(fcfg.backbone) else [fcfg]
     with quiet():
         paths = [extract.run(m, log=lambda m: None) for m in members]
@@ -168,10 +170,21 @@ def run(ctx):
     res["open_set"] = parts.open_set(cache, cfg.seed)
     planted, digits = extras(ctx, members, cache)
     res["far_ood"] = parts.far_ood(cache, digits, cfg.seed)
-    res["calibration"] = {h: parts.calibrate(*_probs(cache, h, cfg.seed)) for h in HEADS}
+    res["calibration"] = _calibration(cfg, cache)
     res["leaks"] = parts.leak_check(cache, planted)
     res["cost"] = cost(ctx, [f"CACHE={cache.path}"] if len(members) == 1 else features_args(audit_features(cfg)))
     return report(cfg, res)
+
+
+def _calibration(cfg, cache) -> dict:
+    """Per head: T, test NLL and ECE before and after, the mean over AUDIT_SPLIT_SEEDS (one split's ECE on a few
+    hundred test images spans several hundredths)."""
+    per = {h: [] for h in HEADS}
+    for split in seed_list(cfg.audit_split_seeds, "AUDIT_SPLIT_SEEDS"):
+        c = cache if split == cfg.seed else load(cfg, seed=split)[0]
+        for h in HEADS:
+            per[h].append(parts.calibrate(*_probs(c, h, cfg.seed)))
+    return {h: parts.mean_calibration(runs) for h, runs in per.items()}
 
 
 def _probs(cache, head, seed):
@@ -216,8 +229,8 @@ def report(cfg, res) -> dict:
     cal_met = []
     for h, c in res["calibration"].items():
         for when in ("before", "after"):
-            lo, hi = c[when]["ece_interval"]
-            m[f"{h}_nll_{when}"], m[f"{h}_ece_{when}"] = (c[when]["nll"], "NLL"), (c[when]["ece"], f"ECE [{lo:.3f}, {hi:.3f}]")
+            each = ", ".join(f"{r[when]['ece']:.3f}" for r in c["per_seed"])
+            m[f"{h}_nll_{when}"], m[f"{h}_ece_{when}"] = (c[when]["nll"], "NLL"), (c[when]["ece"], f"ECE (splits: {each})")
             show += [(f"{h} (T={c['temperature']:.2f}): test NLL {when}", f"{h}_nll_{when}"),
                      (f"  test ECE {when}{' (goal <= 0.03)' if when == 'after' else ''}", f"{h}_ece_{when}")]
         m[f"{h}_nll_delta"] = (c["after"]["nll"] - c["before"]["nll"], "NLL after - before")
@@ -246,5 +259,6 @@ def report(cfg, res) -> dict:
             "note": f"AUDIT_DATA={cfg.audit_data} ({', '.join(f'{s} {n}' for s, n in res['counts'].items())}); "
                     f"label noise: {cfg.audit_noise:g} of train+val flipped to another class, seeds 0..{cfg.audit_seeds - 1}, "
                     f"{AUDIT_FOLDS} folds, cleanlab defaults; open set: logreg on train, T and threshold on known val; "
+                    f"calibration: mean of split seeds {cfg.audit_split_seeds}; "
                     f"leaks: {cfg.audit_plant} train images planted as test copies three ways"}
 

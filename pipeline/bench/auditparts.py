@@ -142,6 +142,15 @@ def calibrate(probs_val, y_val, probs_test, y_test, seed=0) -> dict:
     return out
 
 
+def mean_calibration(runs: list[dict]) -> dict:
+    """:func:`calibrate`'s figures averaged over runs (split seeds), each run kept under "per_seed"."""
+    out = {"temperature": float(np.mean([r["temperature"] for r in runs])),
+           "accuracy": float(np.mean([r["accuracy"] for r in runs])), "per_seed": runs}
+    for when in ("before", "after"):
+        out[when] = {k: float(np.mean([r[when][k] for r in runs])) for k in ("nll", "ece")}
+    return out
+
+
 def head_probs(cache, head, seed=0) -> tuple[np.ndarray, np.ndarray]:
     """(val, test) probabilities of ``head`` (logreg: the audit's; dense: the pipeline's) fitted on train."""
     tr, va, te = cache.train, cache.val, cache.test

@@ -190,3 +190,14 @@ def load_average():
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
+
+
+def seed_list(text, name="SEEDS") -> list[int]:
+    """Distinct split seeds from a comma list; a one-line error naming the option ``name`` otherwise."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise PipelineError(f"{name}={text!r}: give distinct split seeds as a comma list, e.g. {name}=0,1,2")
+    return seeds

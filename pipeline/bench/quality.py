@@ -16,23 +16,13 @@ from itertools import combinations
 import numpy as np
 
 from pipeline.memo import NAME as MEMO
-from pipeline.bench.common import entry_label, features_args, features_config, quiet, run_child
+from pipeline.bench.common import entry_label, features_args, features_config, quiet, run_child, seed_list
 from pipeline.configs import FinetuneConfig, fields
 from pipeline.data import sources
 from pipeline.data.loading import cores
 from pipeline.errors import PipelineError
 
 SEED_HEADS = ("logreg", "dense")
-
-
-def seed_list(text) -> list[int]:
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise PipelineError(f"SEEDS={text!r}: give distinct split seeds as a comma list, e.g. SEEDS=0,1,2")
-    return seeds
 
 
 def check(cfg) -> None:

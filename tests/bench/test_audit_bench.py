@@ -17,7 +17,7 @@ from pipeline.configs import BenchConfig
 @pytest.mark.slow
 def test_audit_section_reports_every_figure(tmp_path, capsys):
     data = flowers_subset(tmp_path / "data", per_class=12)
-    argv = ["bench", "SECTIONS=audit", f"AUDIT_DATA={data}", "AUDIT_SEEDS=2", "AUDIT_PLANT=2",
+    argv = ["bench", "SECTIONS=audit", f"AUDIT_DATA={data}", "AUDIT_SEEDS=2", "AUDIT_PLANT=2", "AUDIT_SPLIT_SEEDS=0,1",
             "BACKBONE=mobilenet_v2", "ALPHA=0.35", "SIZE=32", f"WEIGHTS={MOBILENET_V2_FILE}", "BATCH=16",
             "VAL_FRACTION=0.25", "TEST_FRACTION=0.25", f"CACHE_DIR={tmp_path / 'cache'}",
             f"REPORTS_DIR={tmp_path / 'reports'}", "TAG=audit"]
@@ -40,10 +40,14 @@ def test_audit_section_reports_every_figure(tmp_path, capsys):
             assert 0 <= part[score]["auroc"] <= 1 and 0 <= part[score]["rejected"] <= 1
     for head in audit.HEADS:
         c = sec["calibration"][head]
-        assert c["temperature"] > 0
+        runs = c["per_seed"]
+        assert len(runs) == 2 and c["temperature"] == pytest.approx(np.mean([r["temperature"] for r in runs]))
         for when in ("before", "after"):
-            lo, hi = c[when]["ece_interval"]
-            assert c[when]["nll"] > 0 and 0 <= lo <= hi <= 1
+            assert c[when]["ece"] == pytest.approx(np.mean([r[when]["ece"] for r in runs]))
+            for r in runs:
+                lo, hi = r[when]["ece_interval"]
+                assert r[when]["nll"] > 0 and 0 <= lo <= r[when]["ece"] <= hi <= 1
+    assert len({r["before"]["nll"] for r in sec["calibration"]["logreg"]["per_seed"]}) == 2  # two different splits
     leaks = sec["leaks"]
     assert leaks["planted"] == 6 and set(leaks["near_found"]) == {"exact", "jpeg", "resized"}
     assert leaks["exact_found"] == 1.0  # by content hash, whatever the features
@@ -59,6 +63,8 @@ def test_audit_section_reports_every_figure(tmp_path, capsys):
 def test_audit_options_are_checked(capsys):
     assert cli.main(["bench", "SECTIONS=audit", "AUDIT_NOISE=1.5"]) == 2
     assert "AUDIT_NOISE=1.5" in capsys.readouterr().err
+    assert cli.main(["bench", "SECTIONS=audit", "AUDIT_SPLIT_SEEDS=0,x"]) == 2
+    assert "AUDIT_SPLIT_SEEDS='0,x'" in capsys.readouterr().err
 
 
 def test_audit_section_joins_an_ensemble_and_its_extra_rows_alike(tmp_path):

@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 from synthetic import blobs, write_arrays
 
 from pipeline.cache import store
-from pipeline.reports.audit import Skipped, labels
+from pipeline.reports.audit import Skipped, calibration, labels
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +43,17 @@ def test_planted_flips_rank_above_clean_images(flowers):
     assert sum(s == plants["true"][p] for p, (_, s) in suggested.items()) >= 3  # the suggestion: its true class
     assert all(g == p.split("/")[1] for p, (g, _) in suggested.items())
     assert np.allclose(found["probs"].sum(axis=1), 1)
+
+
+def test_out_of_fold_probabilities_are_calibrated_to_the_given_labels(flowers):
+    cache = store.load(flowers[0])
+    X, y, _, _ = rows_of(cache)
+    y = np.searchsorted(np.unique(y), y)
+    blend = 0.5 * labels.logistic_oof(X, y, 3, 0) + 0.5 * labels.knn_vote(X, y)
+    probs = labels.out_of_fold(X, y, 3, 0)
+    assert np.allclose(probs.sum(axis=1), 1) and (probs.argmax(1) == blend.argmax(1)).all()
+    assert calibration.nll(probs, y) < calibration.nll(blend, y)
+    assert calibration.fit_temperature(probs, y) == pytest.approx(1, abs=0.01)
 
 
 def test_the_same_seed_gives_the_same_ranking(flowers):

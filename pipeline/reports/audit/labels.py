@@ -2,7 +2,8 @@
 learning (``find_label_issues``) and its label quality score (``get_label_quality_scores``, lowest = most
 suspect). The probabilities blend two views of the data: a strongly regularised logistic regression
 (standardised features, ``OOF_C``) cross-validated in stratified folds (seeded), and a leave-one-out cosine
-k-nearest-neighbour vote (``KNN_K`` neighbours weighted by exp(similarity / ``KNN_TEMPERATURE``))."""
+k-nearest-neighbour vote (``KNN_K`` neighbours weighted by exp(similarity / ``KNN_TEMPERATURE``)), calibrated
+by one temperature fitted on the given labels (cleanlab's per-class thresholds read the probabilities as such)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline.reports.audit import Skipped, knn
+from pipeline.reports.audit import Skipped, calibration, knn
 
 COLUMNS = ("path", "split", "given", "suggested", "quality", "p_given", "p_suggested")
 OOF_C = 1e-3  # the out-of-fold logistic regression's inverse regularisation
@@ -62,8 +63,11 @@ def knn_vote(X, y, k=KNN_K, temperature=KNN_TEMPERATURE) -> np.ndarray:
 
 def out_of_fold(X, y, folds=5, seed=0) -> np.ndarray:
     """Out-of-fold predicted probabilities (N, classes present, in label order; labels 0..K-1): the mean of
-    :func:`logistic_oof` and :func:`knn_vote`."""
-    return 0.5 * logistic_oof(X, y, folds, seed) + 0.5 * knn_vote(X, y)
+    :func:`logistic_oof` and :func:`knn_vote`, temperature-scaled to the lowest NLL of ``y``. The blend of a
+    strongly regularised head and a smoothed vote is under-confident; calibrated, more flipped labels clear
+    cleanlab's thresholds."""
+    blend = 0.5 * logistic_oof(X, y, folds, seed) + 0.5 * knn_vote(X, y)
+    return calibration.scaled(blend, calibration.fit_temperature(blend, y))
 
 
 def find(X, y, names, paths, splits, folds=5, seed=0) -> dict:
