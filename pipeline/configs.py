@@ -185,9 +185,10 @@ class ExportConfig:
                                        "the largest |value| (at least 1)")
     models_dir: str = opt("models", "where make finetune, head and sweep saved their models")
     batch: int = opt(32, "images per model call")
-    quantize: str = opt("none", "none | float16 | dynamic | int8 (litert: all; onnx: dynamic, int8, float16 with "
-                                "onnxconverter-common; openvino: float16, int8 with nncf)")
-    representative: int = opt(100, "QUANTIZE=int8: train images of the cache it is calibrated on")
+    quantize: str = opt("none", "none | float16 | dynamic | int8 | int8_io (litert: all, int8_io with int8 input "
+                                "and output; onnx: dynamic, int8, float16 with onnxconverter-common; openvino: "
+                                "float16, int8 with nncf)")
+    representative: int = opt(100, "QUANTIZE=int8 or int8_io: train images of the cache it is calibrated on")
     judge: bool = opt(False, "judge a float export on the whole test split too (quantised ones always are)")
     min_accuracy: float = opt(0.0, "refuse (exit 2) an export whose test accuracy (a fraction) is below this")
     max_drop: float = opt(100.0, "refuse (exit 2) an export more than this many points below the float model's "

@@ -15,9 +15,14 @@ LOAD = {  # (import, load, run on x) per export format
     "onnx": ("import onnxruntime", "model = onnxruntime.InferenceSession(ARTIFACT)",
              "p = model.run(None, {'pixels': x})[0][0]"),
     "litert": ("from ai_edge_litert.interpreter import Interpreter",
-               "model = Interpreter(model_path=ARTIFACT)\nmodel.allocate_tensors()",
-               "model.set_tensor(model.get_input_details()[0]['index'], x)\nmodel.invoke()\n"
-               "p = model.get_tensor(model.get_output_details()[0]['index'])[0]"),
+               "model = Interpreter(model_path=ARTIFACT)\nmodel.allocate_tensors()\n"
+               "inp, out = model.get_input_details()[0], model.get_output_details()[0]",
+               "if inp['dtype'] != np.float32:  # int8 input: the tensor's scale and zero point\n"
+               "    x = np.clip(np.rint(x / inp['quantization'][0] + inp['quantization'][1]), -128, 127)"
+               ".astype(inp['dtype'])\n"
+               "model.set_tensor(inp['index'], x)\nmodel.invoke()\np = model.get_tensor(out['index'])[0]\n"
+               "if out['dtype'] != np.float32:\n"
+               "    p = (p.astype(np.float32) - out['quantization'][1]) * out['quantization'][0]"),
     "openvino": ("import openvino", "model = openvino.Core().compile_model(ARTIFACT + '/model.xml', 'CPU', "
                  "{'INFERENCE_PRECISION_HINT': 'f32'})", "p = model(x)[0][0]"),
     "keras": ("import keras\nimport pipeline.backbones.layers  # this package's two layers",

@@ -199,7 +199,7 @@ def run(cfg: ExportConfig, extra=None, log=print) -> str:
     pixels, where = verify.verification_pixels(runner, cfg, log)
     rec_path = os.path.join(folder, name + ".json")
     judging = judged(cfg, runner, original, fmt, name)
-    rep = judge.representative(runner, cfg.representative) if cfg.quantize == "int8" else None
+    rep = judge.representative(runner, cfg.representative) if cfg.quantize in quantize.CALIBRATED else None
     with lock.locked(os.path.join(folder, ".export"), log=log):  # one export at a time into a folder
         path, sha, files, verification, judgement = verify.write_verified(
             model, fmt, folder, name, pixels, runner.size, cfg.tolerance, cfg.batch, reference_model=original,
@@ -219,7 +219,7 @@ def run(cfg: ExportConfig, extra=None, log=print) -> str:
 
 def _quantized(cfg: ExportConfig, fmt: Format) -> dict:
     return {"mode": cfg.quantize, **({"how": quantize.HOW[fmt.name, cfg.quantize]} if cfg.quantize != "none" else {}),
-            **({"representative_train_images": cfg.representative} if cfg.quantize == "int8" else {})}
+            **({"representative_train_images": cfg.representative} if cfg.quantize in quantize.CALIBRATED else {})}
 
 
 def _report(runner, fmt, cfg, path, record, where, log) -> None:

@@ -136,20 +136,33 @@ def _litert(path):
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=path, num_threads=cores())
-    inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     state = {"shape": None}
 
     def run(x):
-        x = np.ascontiguousarray(x, np.float32)
+        x = _quantized(np.asarray(x, np.float32), inp)
         if state["shape"] != x.shape:
-            interpreter.resize_tensor_input(inp, x.shape)
+            interpreter.resize_tensor_input(inp["index"], x.shape)
             interpreter.allocate_tensors()
             state["shape"] = x.shape
-        interpreter.set_tensor(inp, x)
+        interpreter.set_tensor(inp["index"], x)
         interpreter.invoke()
-        return interpreter.get_tensor(out).copy()
+        y = interpreter.get_tensor(out["index"])
+        if out["dtype"] == np.float32:
+            return y.copy()
+        scale, zero = out["quantization"]
+        return (y.astype(np.float32) - zero) * scale
 
     return run
+
+
+def _quantized(x, detail):
+    """``x`` as the input tensor takes it: float32 as is, an integer tensor by its scale and zero point."""
+    if detail["dtype"] == np.float32:
+        return np.ascontiguousarray(x)
+    scale, zero = detail["quantization"]
+    bounds = np.iinfo(detail["dtype"])
+    return np.clip(np.rint(x / scale + zero), bounds.min, bounds.max).astype(detail["dtype"])
 
 
 def _openvino(path):

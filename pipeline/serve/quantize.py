@@ -16,13 +16,16 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 
-MODES = ("none", "float16", "dynamic", "int8")
+MODES = ("none", "float16", "dynamic", "int8", "int8_io")
+CALIBRATED = ("int8", "int8_io")  # the modes calibrated on representative images
 POSSIBLE = {"keras": ("none",), "tf_saved_model": ("none",), "litert": MODES,
             "onnx": ("none", "float16", "dynamic", "int8"), "openvino": ("none", "float16", "int8")}
 NEEDS = {("onnx", "float16"): ("onnxconverter_common", "onnxconverter-common"), ("openvino", "int8"): ("nncf", "nncf")}
 HOW = {("litert", "float16"): "TFLite converter, float16 weights",
        ("litert", "dynamic"): "TFLite converter, dynamic range (int8 weights, float activations)",
        ("litert", "int8"): "TFLite converter, full integer (int8 weights and activations; float32 input and output)",
+       ("litert", "int8_io"): ("TFLite converter, full integer with int8 input and output (pixels and probabilities "
+                               "carry the tensors' scale and zero point), for integer-only runtimes"),
        ("onnx", "float16"): "onnxconverter-common float16 (float32 input and output kept)",
        ("onnx", "dynamic"): "onnxruntime quantize_dynamic, int8 weights (QInt8), activations quantised at run time",
        ("onnx", "int8"): ("onnxruntime quantize_static, QDQ, uint8 activations and int8 weights per channel (U8S8), "
@@ -78,9 +81,11 @@ def _litert(model, mode, target, size, work, representative):
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    elif mode == "int8":
+    elif mode in CALIBRATED:
         converter.representative_dataset = lambda: ([b] for b in _batches(representative))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if mode == "int8_io":
+            converter.inference_input_type = converter.inference_output_type = tf.int8
     with open(target, "wb") as f:
         f.write(converter.convert())
 

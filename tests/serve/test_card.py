@@ -22,7 +22,7 @@ def flowers(tmp_path_factory):
     return flowers_models(tmp_path_factory.mktemp("flowers"), {"logreg": {}})
 
 
-@pytest.mark.parametrize("fmt,mode", [("onnx", "none"), ("litert", "int8"), ("openvino", "none")])
+@pytest.mark.parametrize("fmt,mode", [("onnx", "none"), ("litert", "int8"), ("litert", "int8_io"), ("openvino", "none")])
 def test_the_cards_snippet_labels_an_image_with_the_artifact_alone(flowers, fmt, mode, tmp_path):
     cache_path, recs, _ = flowers
     rec_path = export.run(ExportConfig(model=recs["logreg"], format=fmt, quantize=mode, out=str(tmp_path),

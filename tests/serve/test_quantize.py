@@ -18,9 +18,9 @@ from pipeline.serve import export, find, judge
 
 pytestmark = pytest.mark.slow
 
-MODES = [("litert", "float16"), ("litert", "dynamic"), ("litert", "int8"), ("onnx", "float16"), ("onnx", "dynamic"),
-         ("onnx", "int8"), ("openvino", "float16"), ("openvino", "int8")]
-SHARE = {"float16": 0.65, "dynamic": 0.5, "int8": 0.5}  # of the float32 parameters' bytes, at most
+MODES = [("litert", "float16"), ("litert", "dynamic"), ("litert", "int8"), ("litert", "int8_io"), ("onnx", "float16"),
+         ("onnx", "dynamic"), ("onnx", "int8"), ("openvino", "float16"), ("openvino", "int8")]
+SHARE = {"float16": 0.65, "dynamic": 0.5, "int8": 0.5, "int8_io": 0.5}  # of the float32 parameters' bytes, at most
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,12 @@ def test_a_quantised_export_round_trips_and_is_judged_in_its_runtime(flowers, fm
     assert j["ms_batch1"] > 0 and j["ms_batch32"] > 0 and j["cpu"] == judge.cpu_name()
     assert j["rows"][1][0] == f"logreg-{fmt}-{mode}" and said[-1].startswith("| model | images | accuracy")
     assert f"| logreg-{fmt}-{mode} | {len(pixels)} |" in said[-1] and "latency: median of the runs on" in said[-1]
+    if fmt == "litert":  # int8_io: integer tensors at both ends, quantised and dequantised by the runtime
+        from ai_edge_litert.interpreter import Interpreter
+
+        model = Interpreter(model_path=str(tmp_path / rec["file"]))
+        ends = [model.get_input_details()[0]["dtype"], model.get_output_details()[0]["dtype"]]
+        assert ends == ([np.int8, np.int8] if mode == "int8_io" else [np.float32, np.float32])
 
 
 def test_a_float_export_is_judged_too_with_judge_1(flowers, tmp_path):
