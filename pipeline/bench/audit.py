@@ -2,8 +2,8 @@
 reused by the features step in CACHE_DIR), figures as rates and ratios: planted label noise (AUDIT_NOISE of
 train+val flipped, AUDIT_SEEDS seeds) for each lever of the out-of-fold probabilities; each class held out in
 turn as unknown and digits among the photos (far out-of-distribution) for each rejection score; test NLL and
-ECE before and after temperature scaling per head, mean over AUDIT_SPLIT_SEEDS; planted copies of train images found and false pairs on
-the clean data; the audit command's cost and whether it imported TensorFlow.
+ECE before and after temperature scaling per head, the mean over AUDIT_SPLIT_SEEDS; planted copies of train
+images found and false pairs on the clean data; the audit command's cost and whether it imported TensorFlow.
 
 
 What a measurement needs (TensorFlow, Keras, the steps it runs) is imported lazily, in the function that
