@@ -25,7 +25,7 @@ LEVERS = {  # out-of-fold probabilities of (X, y, folds, seed); the audit's defa
     f"kNN vote (k={labels.KNN_K})": lambda X, y, f, s: labels.knn_vote(X, y),
     "blend (default)": labels.out_of_fold,
 }
-SCORES = ("max_probability", "energy", "knn_similarity", "combined")
+SCORES = ("max_probability", "energy", "knn_similarity", "relative_similarity", "combined")
 BOOTSTRAP = 200
 
 
@@ -75,12 +75,12 @@ def _head(Xtr, ytr, seed):
     return model
 
 
-def _scores(model, t, X, train_X, stats=None) -> dict:
+def _scores(model, t, X, train_X, density, stats=None) -> dict:
     """Every rejection score of the rows X (higher = more known); ``stats``: the val standardiser."""
     z = model.decision_function(X)
-    raw = openset.raw_scores(calibration.scaled(z, t), X, train_X, AuditConfig.neighbours)
+    raw = openset.raw_scores(calibration.scaled(z, t), X, train_X, AuditConfig.neighbours, density)
     out = {"max_probability": raw["max_probability"], "energy": logsumexp(z, axis=1),
-           "knn_similarity": raw["train_similarity"]}
+           "knn_similarity": raw["train_similarity"], "relative_similarity": raw["relative_similarity"]}
     if stats is not None:
         out["combined"] = openset.combined(raw, stats)
     return out
@@ -91,10 +91,11 @@ def rejection(train, val, known, unknown, seed, recall) -> dict:
     (known vs unknown rows) and the share of unknown rows below the threshold keeping ``recall`` of known val."""
     model = _head(*train, seed)
     t = calibration.fit_temperature(model.decision_function(val[0]), np.searchsorted(model.classes_, val[1]))
+    density = openset.train_density(train[0], AuditConfig.neighbours)
     raw_val = openset.raw_scores(calibration.scaled(model.decision_function(val[0]), t), val[0], train[0],
-                                 AuditConfig.neighbours)
+                                 AuditConfig.neighbours, density)
     stats = openset.standardiser(raw_val)
-    sv, sk, su = (_scores(model, t, x, train[0], stats) for x in (val[0], known, unknown))
+    sv, sk, su = (_scores(model, t, x, train[0], density, stats) for x in (val[0], known, unknown))
     out = {}
     for name in SCORES:
         th = openset.choose_threshold(sv[name], recall)

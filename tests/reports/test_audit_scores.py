@@ -72,6 +72,27 @@ def test_threshold_gives_the_target_recall_on_val(flowers):
 
 
 def test_combined_score_weights_the_neighbours_three_to_one():
-    stats = {"max_probability": (0.5, 0.25), "train_similarity": (0.2, 0.1)}
-    raw = {"max_probability": np.array([0.75, 0.5]), "train_similarity": np.array([0.2, 0.3])}
-    assert openset.combined(raw, stats) == pytest.approx([0.25 * 1.0, 0.75 * 1.0])
+    stats = {"max_probability": (0.5, 0.25), "train_similarity": (0.2, 0.1), "relative_similarity": (0.0, 0.5)}
+    raw = {"max_probability": np.array([0.75, 0.5, 0.5]), "train_similarity": np.array([0.2, 0.3, 0.2]),
+           "relative_similarity": np.array([0.0, 0.0, 0.5])}
+    assert openset.combined(raw, stats) == pytest.approx([0.25, 0.375, 0.375])
+    assert sum(openset.WEIGHTS.values()) == pytest.approx(1) and set(openset.WEIGHTS) == set(openset.SCORES)
+
+
+def test_relative_similarity_corrects_for_the_neighbourhood_density():
+    """Two train clusters, a tight one and a loose one: a query as close to the loose cluster as its members are
+    to each other looks more known than a query a little outside the tight cluster, though the latter's plain
+    similarity to its nearest train images is higher."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(64)[:2] * 10
+    tight = centres[0] + rng.normal(0, 0.5, (50, 64))
+    loose = centres[1] + rng.normal(0, 2.5, (50, 64))
+    train = np.r_[tight, loose]
+    density = openset.train_density(train, 5)
+    assert density[:50].mean() > density[50:].mean() + 0.2
+    queries = np.r_[centres[0] + rng.normal(0, 1.2, (1, 64)), centres[1] + rng.normal(0, 2.5, (1, 64))]
+    raw = openset.raw_scores(np.full((2, 2), 0.5), queries, train, 5, density)
+    assert raw["train_similarity"][0] > raw["train_similarity"][1]
+    assert raw["relative_similarity"][1] > raw["relative_similarity"][0]
+    assert raw["relative_similarity"] == pytest.approx(openset.raw_scores(np.full((2, 2), 0.5), queries, train,
+                                                                          5)["relative_similarity"])

@@ -1,7 +1,8 @@
 """Unknown-image rejection: per-image scores of how known an image looks (the maximum calibrated
-probability, the mean cosine similarity to its nearest train images), combined into one by standardising each
-on the known val images and weighting them (``WEIGHTS``: the neighbours 3 to 1); a threshold chosen on val to
-keep a target share of known images. Pure functions."""
+probability; the mean cosine similarity to its nearest train images; that similarity relative to those train
+images' own similarity to their nearest train images, a local-density correction as in the local outlier
+factor), combined into one by standardising each on the known val images and weighting them (``WEIGHTS``: the
+neighbours 3 to 1); a threshold chosen on val to keep a target share of known images. Pure functions."""
 
 from __future__ import annotations
 
@@ -9,14 +10,26 @@ import numpy as np
 
 from pipeline.reports.audit import knn
 
-SCORES = ("max_probability", "train_similarity")
-WEIGHTS = {"max_probability": 0.25, "train_similarity": 0.75}  # of the standardised scores in :func:`combined`
+SCORES = ("max_probability", "train_similarity", "relative_similarity")
+# of the standardised scores in :func:`combined`
+WEIGHTS = {"max_probability": 0.25, "train_similarity": 0.375, "relative_similarity": 0.375}
 
 
-def raw_scores(probs, features, train_features, k=10) -> dict:
-    """{"max_probability", "train_similarity"} of each row (higher = more like the known classes)."""
-    sims, _ = knn.nearest(features, train_features, k)
-    return {"max_probability": np.asarray(probs).max(axis=1), "train_similarity": sims.astype(np.float64).mean(axis=1)}
+def train_density(train_features, k=10) -> np.ndarray:
+    """Each train row's mean cosine similarity to its ``k`` nearest other train rows: how tight its neighbourhood
+    is, what :func:`raw_scores` compares a query's similarity with."""
+    sims = knn.nearest(train_features, train_features, k, same=True)[0].astype(np.float64)
+    return sims.mean(axis=1) if sims.shape[1] else np.zeros(len(sims))
+
+
+def raw_scores(probs, features, train_features, k=10, density=None) -> dict:
+    """{"max_probability", "train_similarity", "relative_similarity"} of each row (higher = more like the known
+    classes). ``density``: :func:`train_density` of ``train_features`` with the same ``k`` (computed when None)."""
+    density = train_density(train_features, k) if density is None else np.asarray(density, np.float64)
+    sims, idx = knn.nearest(features, train_features, k)
+    similarity = sims.astype(np.float64).mean(axis=1)
+    return {"max_probability": np.asarray(probs).max(axis=1), "train_similarity": similarity,
+            "relative_similarity": similarity - density[idx].mean(axis=1)}
 
 
 def standardiser(val_scores: dict) -> dict:
