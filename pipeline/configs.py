@@ -131,7 +131,7 @@ class FinetuneConfig(HeadConfig):
 
     head: str = opt("dense", "the cached head put on top: dense (trained on the cache first when missing)")
     unfreeze: str = opt("0.4", "backbone layers trained: " + UNFREEZE_HELP)
-    finetune_epochs: int = opt(10, "fine-tuning epochs at most (early stopping on FINETUNE_MONITOR)")
+    finetune_epochs: int = opt(15, "fine-tuning epochs at most (early stopping on FINETUNE_MONITOR)")
     finetune_lr: float = opt(3e-4, "fine-tuning learning rate: the peak of the cosine schedule (README: measured)")
     optimizer: str = opt("adam", "adam (AdamW with WEIGHT_DECAY) | sgd (with MOMENTUM)")
     momentum: float = opt(0.9, "SGD momentum")
@@ -143,7 +143,7 @@ class FinetuneConfig(HeadConfig):
                                       "baseline's, are then smoothed too)")
     finetune_monitor: str = opt("val_accuracy", "what picks the best epoch, must beat the head alone and stops "
                                                 "early: val_accuracy (ties: the first) | val_loss")
-    finetune_patience: int = opt(3, "epochs without improvement before stopping (best weights kept); with "
+    finetune_patience: int = opt(4, "epochs without improvement before stopping (best weights kept); with "
                                     "SCHEDULE=cosine no epoch counts until the rate has fallen to a quarter of "
                                     "its peak (the defaults then always run all FINETUNE_EPOCHS)")
     resume: bool = opt(True, "resume an interrupted fine-tune from its backup (0: start over)")
