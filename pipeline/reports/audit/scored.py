@@ -88,8 +88,8 @@ def unknown(ctx, sec) -> dict:
              f"calibrated probability + {w['train_similarity']:g} x its mean cosine similarity to its "
              f"{cfg.neighbours} nearest train images + {w['relative_similarity']:g} x that similarity minus those "
              "train images' own mean similarity to their nearest train images (how far it sits outside their "
-             f"neighbourhood), each standardised on val. Threshold {threshold:.4f} keeps {cfg.reject_recall:.0%} of the known val "
-             "images; below it an image would be labelled unknown. "
+             f"neighbourhood), each standardised on val. Threshold {threshold:.4f} keeps {cfg.reject_recall:.0%} of "
+             "the known val images; below it an image would be labelled unknown. "
              + ", ".join(f"{s}: {rate[s]:.1%} rejected" for s in rate) + ". Scores: unknown_scores.csv.")
     sec.figure(plots.histograms(score, threshold, "combined score"), "score histograms with the threshold")
     sec.table(("", "split", "path", "label", "max probability", "train similarity", "relative similarity", "score"),
