@@ -75,15 +75,13 @@ def _head(Xtr, ytr, seed):
     return model
 
 
-def _scores(model, t, X, train_X, density, stats=None) -> dict:
-    """Every rejection score of the rows X (higher = more known); ``stats``: the val standardiser."""
+def _scores(model, t, X, train_X, density) -> tuple[dict, dict]:
+    """(every rejection score of the rows X but the combined one (higher = more known), the audit's raw scores
+    the combined one is made of)."""
     z = model.decision_function(X)
     raw = openset.raw_scores(calibration.scaled(z, t), X, train_X, AuditConfig.neighbours, density)
-    out = {"max_probability": raw["max_probability"], "energy": logsumexp(z, axis=1),
-           "knn_similarity": raw["train_similarity"], "relative_similarity": raw["relative_similarity"]}
-    if stats is not None:
-        out["combined"] = openset.combined(raw, stats)
-    return out
+    return {"max_probability": raw["max_probability"], "energy": logsumexp(z, axis=1),
+            "knn_similarity": raw["train_similarity"], "relative_similarity": raw["relative_similarity"]}, raw
 
 
 def rejection(train, val, known, unknown, seed, recall) -> dict:
@@ -92,10 +90,10 @@ def rejection(train, val, known, unknown, seed, recall) -> dict:
     model = _head(*train, seed)
     t = calibration.fit_temperature(model.decision_function(val[0]), np.searchsorted(model.classes_, val[1]))
     density = openset.train_density(train[0], AuditConfig.neighbours)
-    raw_val = openset.raw_scores(calibration.scaled(model.decision_function(val[0]), t), val[0], train[0],
-                                 AuditConfig.neighbours, density)
-    stats = openset.standardiser(raw_val)
-    sv, sk, su = (_scores(model, t, x, train[0], density, stats) for x in (val[0], known, unknown))
+    (sv, rv), (sk, rk), (su, ru) = (_scores(model, t, x, train[0], density) for x in (val[0], known, unknown))
+    stats = openset.standardiser(rv)
+    for scores, raw in ((sv, rv), (sk, rk), (su, ru)):
+        scores["combined"] = openset.combined(raw, stats)
     out = {}
     for name in SCORES:
         th = openset.choose_threshold(sv[name], recall)
