@@ -10,7 +10,6 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
-from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
 from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
@@ -43,18 +42,20 @@ def flip(y, rate, seed) -> tuple[np.ndarray, np.ndarray]:
 
 def label_noise(X, y, rate, seeds, folds=5) -> dict:
     """Per lever: AUROC of the label quality (flipped vs not), precision of the N lowest (N flipped), recall and
-    precision of cleanlab's flags, flagged-not-flipped rows and how many of those are flagged on the clean
+    precision of the flags, flagged-not-flipped rows and how many of those are flagged on the clean
     labels too; each a list over ``seeds``, plus the rows flagged on the clean labels."""
     y = np.searchsorted(np.unique(y), y)
     out = {}
     for name, oof in LEVERS.items():
-        clean = find_label_issues(y, oof(X, y, folds, 0))
+        p = oof(X, y, folds, 0)
+        clean = labels.flag(y, p, get_label_quality_scores(y, p))
         figs = {k: [] for k in ("auroc", "top_n_precision", "recall", "precision", "flagged", "extra",
                                 "extra_on_clean")}
         for seed in seeds:
             noisy, flipped = flip(y, rate, seed)
             p = oof(X, noisy, folds, seed)
-            q, f = get_label_quality_scores(noisy, p), find_label_issues(noisy, p)
+            q = get_label_quality_scores(noisy, p)
+            f = labels.flag(noisy, p, q)
             n, hit = int(flipped.sum()), int((f & flipped).sum())
             figs["auroc"].append(float(roc_auc_score(flipped, -q)))
             figs["top_n_precision"].append(float(flipped[np.argsort(q, kind="stable")[:n]].mean()))

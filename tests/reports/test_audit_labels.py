@@ -56,6 +56,18 @@ def test_out_of_fold_probabilities_are_calibrated_to_the_given_labels(flowers):
     assert calibration.fit_temperature(probs, y) == pytest.approx(1, abs=0.01)
 
 
+def test_the_flags_are_the_lowest_qualities_as_many_as_confident_learning_counts(flowers):
+    from cleanlab.count import num_label_issues
+    cache = store.load(flowers[0])
+    X, y, paths, splits = rows_of(cache)
+    found = labels.find(X, y, cache.class_names, paths, splits, folds=5, seed=0)
+    count = num_label_issues(np.searchsorted(np.unique(y), y), found["probs"][:, np.unique(y)],
+                             estimation_method="off_diagonal_calibrated")
+    assert 0 < found["flagged"].sum() == count
+    assert found["quality"][found["flagged"]].max() <= found["quality"][~found["flagged"]].min()
+    assert np.isin(flowers[1]["flips"], paths[found["flagged"]]).sum() >= 4
+
+
 def test_the_same_seed_gives_the_same_ranking(flowers):
     cache = store.load(flowers[0])
     X, y, paths, splits = rows_of(cache)

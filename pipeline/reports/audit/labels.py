@@ -1,14 +1,15 @@
-"""Label issues: out-of-fold probabilities on the cached features (train+val), then cleanlab's confident
-learning (``find_label_issues``) and its label quality score (``get_label_quality_scores``, lowest = most
-suspect). The probabilities blend two views of the data: a strongly regularised logistic regression
-(standardised features, ``OOF_C``) cross-validated in stratified folds (seeded), and a leave-one-out cosine
-k-nearest-neighbour vote (``KNN_K`` neighbours weighted by exp(similarity / ``KNN_TEMPERATURE``)), calibrated
-by one temperature fitted on the given labels (cleanlab's per-class thresholds read the probabilities as such)."""
+"""Label issues: out-of-fold probabilities on the cached features (train+val), cleanlab's label quality score
+(``get_label_quality_scores``, lowest = most suspect), and flags: the lowest-quality images, as many as
+confident learning estimates the data holds (``num_label_issues`` from the calibrated confident joint). The
+probabilities blend two views of the data: a strongly regularised logistic regression (standardised features,
+``OOF_C``) cross-validated in stratified folds (seeded), and a leave-one-out cosine k-nearest-neighbour vote
+(``KNN_K`` neighbours weighted by exp(similarity / ``KNN_TEMPERATURE``)), calibrated by one temperature fitted
+on the given labels (the count reads the numbers as probabilities)."""
 
 from __future__ import annotations
 
 import numpy as np
-from cleanlab.filter import find_label_issues
+from cleanlab.count import num_label_issues
 from cleanlab.rank import get_label_quality_scores
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -64,10 +65,19 @@ def knn_vote(X, y, k=KNN_K, temperature=KNN_TEMPERATURE) -> np.ndarray:
 def out_of_fold(X, y, folds=5, seed=0) -> np.ndarray:
     """Out-of-fold predicted probabilities (N, classes present, in label order; labels 0..K-1): the mean of
     :func:`logistic_oof` and :func:`knn_vote`, temperature-scaled to the lowest NLL of ``y``. The blend of a
-    strongly regularised head and a smoothed vote is under-confident; calibrated, more flipped labels clear
-    cleanlab's thresholds."""
+    strongly regularised head and a smoothed vote is under-confident; calibrated, confident learning's count
+    of label issues comes out right."""
     blend = 0.5 * logistic_oof(X, y, folds, seed) + 0.5 * knn_vote(X, y)
     return calibration.scaled(blend, calibration.fit_temperature(blend, y))
+
+
+def flag(y, probs, quality) -> np.ndarray:
+    """Mask of the label issues: the ``num_label_issues`` rows of lowest ``quality``, the count estimated from the
+    calibrated confident joint of labels 0..K-1 ``y`` and ``probs`` (count, then rank)."""
+    n = int(num_label_issues(y, probs, estimation_method="off_diagonal_calibrated"))
+    mask = np.zeros(len(y), bool)
+    mask[np.argsort(quality, kind="stable")[:n]] = True
+    return mask
 
 
 def find(X, y, names, paths, splits, folds=5, seed=0) -> dict:
@@ -78,8 +88,8 @@ def find(X, y, names, paths, splits, folds=5, seed=0) -> dict:
     present = np.unique(y)
     remap = np.searchsorted(present, y)  # cleanlab wants labels 0..K-1 of the classes present
     probs_present = out_of_fold(X, remap, folds, seed)
-    flagged = find_label_issues(remap, probs_present)
     quality = get_label_quality_scores(remap, probs_present)
+    flagged = flag(remap, probs_present, quality)
     probs = np.zeros((len(y), len(names)))
     probs[:, present] = probs_present
     suggested = np.argmax(probs, axis=1)

@@ -32,9 +32,10 @@ def label_issues(ctx, sec) -> dict:
     rows = found["rows"]
     path = os.path.join(ctx.out, "label_issues.csv")
     write_csv(path, labels.COLUMNS, rows)
-    sec.text(f"{len(rows)} of {len(y)} train+val images may be mislabelled: cleanlab's confident learning on "
-             f"out-of-fold probabilities of a logistic regression ({ctx.cfg.folds} stratified folds). Lowest "
-             "label quality first; each caption reads given -> suggested (quality). Full list: label_issues.csv.")
+    sec.text(f"{len(rows)} of {len(y)} train+val images may be mislabelled: the lowest label quality, as many as "
+             "cleanlab's confident learning estimates, on out-of-fold probabilities (a logistic regression in "
+             f"{ctx.cfg.folds} stratified folds and a nearest-neighbour vote). Lowest label quality first; each "
+             "caption reads given -> suggested (quality). Full list: label_issues.csv.")
     top = rows[:ctx.cfg.show]
     sec.gallery([(ctx.thumb(r["path"]), f"{r['given']} -> {r['suggested']} ({r['quality']:.2f}) {r['path']}")
                  for r in top])
