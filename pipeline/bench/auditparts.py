@@ -22,6 +22,7 @@ LEVERS = {  # out-of-fold probabilities of (X, y, folds, seed); the audit's defa
     "logreg C=1": lambda X, y, f, s: labels.logistic_oof(X, y, f, s, C=1.0),
     f"logreg C={labels.OOF_C:g}": lambda X, y, f, s: labels.logistic_oof(X, y, f, s),
     f"kNN vote (k={labels.KNN_K})": lambda X, y, f, s: labels.knn_vote(X, y),
+    f"shrinkage LDA ({labels.LDA_COMPONENTS} PCs)": labels.discriminant_oof,
     "blend (default)": labels.out_of_fold,
 }
 SCORES = ("max_probability", "energy", "knn_similarity", "relative_similarity", "combined")

@@ -49,7 +49,7 @@ def test_out_of_fold_probabilities_are_calibrated_to_the_given_labels(flowers):
     cache = store.load(flowers[0])
     X, y, _, _ = rows_of(cache)
     y = np.searchsorted(np.unique(y), y)
-    blend = 0.5 * labels.logistic_oof(X, y, 3, 0) + 0.5 * labels.knn_vote(X, y)
+    blend = (labels.logistic_oof(X, y, 3, 0) + labels.discriminant_oof(X, y, 3, 0) + labels.knn_vote(X, y)) / 3
     probs = labels.out_of_fold(X, y, 3, 0)
     assert np.allclose(probs.sum(axis=1), 1) and (probs.argmax(1) == blend.argmax(1)).all()
     assert calibration.nll(probs, y) < calibration.nll(blend, y)

@@ -1,16 +1,20 @@
 """Label issues: out-of-fold probabilities on the cached features (train+val), cleanlab's label quality score
 (``get_label_quality_scores``, lowest = most suspect), and flags: the lowest-quality images, as many as
 confident learning estimates the data holds (``num_label_issues`` from the calibrated confident joint). The
-probabilities blend two views of the data: a strongly regularised logistic regression (standardised features,
-``OOF_C``) cross-validated in stratified folds (seeded), and a leave-one-out cosine k-nearest-neighbour vote
-(``KNN_K`` neighbours weighted by exp(similarity / ``KNN_TEMPERATURE``)), calibrated by one temperature fitted
-on the given labels (the count reads the numbers as probabilities)."""
+probabilities blend three models of the data, each blind to the labels it predicts: a strongly regularised
+logistic regression (standardised features, ``OOF_C``) and a shrinkage linear discriminant analysis (on the
+first ``LDA_COMPONENTS`` principal components), both cross-validated in stratified folds (seeded), and a
+leave-one-out cosine k-nearest-neighbour vote (``KNN_K`` neighbours weighted by exp(similarity /
+``KNN_TEMPERATURE``)); the mean is calibrated by one temperature fitted on the given labels (the count reads
+the numbers as probabilities)."""
 
 from __future__ import annotations
 
 import numpy as np
 from cleanlab.count import num_label_issues
 from cleanlab.rank import get_label_quality_scores
+from sklearn.decomposition import PCA
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
@@ -22,6 +26,7 @@ from pipeline.reports.audit import Skipped, calibration, knn
 COLUMNS = ("path", "split", "given", "suggested", "quality", "p_given", "p_suggested")
 OOF_C = 1e-3  # the out-of-fold logistic regression's inverse regularisation
 KNN_K, KNN_TEMPERATURE, KNN_SMOOTHING = 20, 0.1, 1e-3
+LDA_COMPONENTS = 128  # principal components the discriminant analysis sees (fewer when the data has fewer)
 
 
 def logistic(seed=0, C=1.0):
@@ -43,11 +48,27 @@ def check_folds(y, n_classes, folds, names) -> None:
                       "or lower FOLDS")
 
 
-def logistic_oof(X, y, folds=5, seed=0, C=OOF_C) -> np.ndarray:
-    """Out-of-fold probabilities of :func:`logistic` (N, classes present, in label order; labels 0..K-1)."""
+def cross_validated(model, X, y, folds=5, seed=0) -> np.ndarray:
+    """Out-of-fold probabilities of the estimator ``model`` (N, classes present, in label order; labels
+    0..K-1): each of ``folds`` stratified folds (shuffled with ``seed``) predicted by ``model`` fitted on the
+    others."""
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     with threadpool_limits(1, user_api="blas"):
-        return cross_val_predict(logistic(seed, C), X, y, cv=cv, method="predict_proba")
+        return cross_val_predict(model, X, y, cv=cv, method="predict_proba")
+
+
+def logistic_oof(X, y, folds=5, seed=0, C=OOF_C) -> np.ndarray:
+    """Out-of-fold probabilities of :func:`logistic` with ``C``."""
+    return cross_validated(logistic(seed, C), X, y, folds, seed)
+
+
+def discriminant_oof(X, y, folds=5, seed=0, components=LDA_COMPONENTS) -> np.ndarray:
+    """Out-of-fold probabilities of a linear discriminant analysis (one covariance shared by the classes,
+    Ledoit-Wolf shrinkage) on the first ``components`` principal components (at most the features and the
+    rows of a training fold)."""
+    d = max(1, min(components, X.shape[1], len(y) - -(-len(y) // folds)))
+    model = make_pipeline(PCA(d, random_state=seed), LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto"))
+    return cross_validated(model, X, y, folds, seed)
 
 
 def knn_vote(X, y, k=KNN_K, temperature=KNN_TEMPERATURE) -> np.ndarray:
@@ -64,10 +85,10 @@ def knn_vote(X, y, k=KNN_K, temperature=KNN_TEMPERATURE) -> np.ndarray:
 
 def out_of_fold(X, y, folds=5, seed=0) -> np.ndarray:
     """Out-of-fold predicted probabilities (N, classes present, in label order; labels 0..K-1): the mean of
-    :func:`logistic_oof` and :func:`knn_vote`, temperature-scaled to the lowest NLL of ``y``. The blend of a
-    strongly regularised head and a smoothed vote is under-confident; calibrated, confident learning's count
-    of label issues comes out right."""
-    blend = 0.5 * logistic_oof(X, y, folds, seed) + 0.5 * knn_vote(X, y)
+    :func:`logistic_oof`, :func:`discriminant_oof` and :func:`knn_vote`, temperature-scaled to the lowest NLL
+    of ``y``. The blend of a strongly regularised head and a smoothed vote is under-confident; calibrated,
+    confident learning's count of label issues comes out right."""
+    blend = (logistic_oof(X, y, folds, seed) + discriminant_oof(X, y, folds, seed) + knn_vote(X, y)) / 3
     return calibration.scaled(blend, calibration.fit_temperature(blend, y))
 
 
