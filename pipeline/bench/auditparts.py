@@ -25,7 +25,7 @@ LEVERS = {  # out-of-fold probabilities of (X, y, folds, seed); the audit's defa
     f"shrinkage LDA ({labels.LDA_COMPONENTS} PCs)": labels.discriminant_oof,
     "blend (default)": labels.out_of_fold,
 }
-SCORES = ("max_probability", "energy", "knn_similarity", "relative_similarity", "combined")
+SCORES = ("max_probability", "energy", "knn_similarity", "relative_similarity", "relative_mahalanobis", "combined")
 BOOTSTRAP = 200
 
 
@@ -77,13 +77,14 @@ def _head(Xtr, ytr, seed):
     return model
 
 
-def _scores(model, t, X, train_X, density) -> tuple[dict, dict]:
+def _scores(model, t, X, train_X, gaussians, density) -> tuple[dict, dict]:
     """(every rejection score of the rows X but the combined one (higher = more known), the audit's raw scores
     the combined one is made of)."""
     z = model.decision_function(X)
-    raw = openset.raw_scores(calibration.scaled(z, t), X, train_X, AuditConfig.neighbours, density)
+    raw = openset.raw_scores(calibration.scaled(z, t), X, train_X, gaussians, AuditConfig.neighbours, density)
     return {"max_probability": raw["max_probability"], "energy": logsumexp(z, axis=1),
-            "knn_similarity": raw["train_similarity"], "relative_similarity": raw["relative_similarity"]}, raw
+            "knn_similarity": raw["train_similarity"], "relative_similarity": raw["relative_similarity"],
+            "relative_mahalanobis": raw["relative_mahalanobis"]}, raw
 
 
 def rejection(train, val, known, unknown, seed, recall) -> dict:
@@ -91,8 +92,9 @@ def rejection(train, val, known, unknown, seed, recall) -> dict:
     (known vs unknown rows) and the share of unknown rows below the threshold keeping ``recall`` of known val."""
     model = _head(*train, seed)
     t = calibration.fit_temperature(model.decision_function(val[0]), np.searchsorted(model.classes_, val[1]))
-    density = openset.train_density(train[0], AuditConfig.neighbours)
-    (sv, rv), (sk, rk), (su, ru) = (_scores(model, t, x, train[0], density) for x in (val[0], known, unknown))
+    density, gaussians = openset.train_density(train[0], AuditConfig.neighbours), openset.fit_gaussians(*train)
+    (sv, rv), (sk, rk), (su, ru) = (_scores(model, t, x, train[0], gaussians, density)
+                                    for x in (val[0], known, unknown))
     stats = openset.standardiser(rv)
     for scores, raw in ((sv, rv), (sk, rk), (su, ru)):
         scores["combined"] = openset.combined(raw, stats)

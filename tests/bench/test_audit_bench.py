@@ -34,7 +34,10 @@ def test_audit_section_reports_every_figure(tmp_path, capsys):
         for fig in ("auroc", "top_n_precision", "recall", "precision"):
             assert 0 <= r["mean"][fig] <= 1, (lever, fig)
         assert r["mean"]["extra_on_clean"] <= r["mean"]["extra"] <= r["mean"]["flagged"]
-    assert len(sec["open_set"]["per_class"]) == 5
+    runs = sec["open_set"]["per_split"]
+    assert len(runs) == 2 and all(len(r["per_class"]) == 5 for r in runs)
+    assert sec["open_set"]["mean"]["combined"]["auroc"] == pytest.approx(
+        np.mean([r["mean"]["combined"]["auroc"] for r in runs]))
     for part in (sec["open_set"]["mean"], sec["far_ood"]):
         for score in auditparts.SCORES:
             assert 0 <= part[score]["auroc"] <= 1 and 0 <= part[score]["rejected"] <= 1
@@ -54,7 +57,7 @@ def test_audit_section_reports_every_figure(tmp_path, capsys):
     assert leaks["clean_false"] == leaks["clean_pairs"] - leaks["clean_same_photo"] >= 0
     assert sec["cost"]["tensorflow"] is False and sec["cost"]["modules"] > 100 and sec["cost"]["seconds"] > 0
     assert isinstance(sec["met"], bool)
-    for text in ("blend (default): AUROC of the label quality", "near OOD (class held out, mean): combined",
+    for text in ("blend (default): AUROC of the label quality", "near OOD (class held out, mean of classes and splits): combined",
                  "far OOD (digits among photos): knn_similarity", "dense (T=", "planted resized copies found",
                  "TensorFlow imported", "goal: leaks"):
         assert text in out, text

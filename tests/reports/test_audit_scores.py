@@ -3,6 +3,7 @@ deliberately over-confident head over real flowers5 features, the rejection thre
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 from audit_data import planted
 from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
@@ -55,7 +56,8 @@ def test_threshold_gives_the_target_recall_on_val(flowers):
     path, plants = flowers
     cache = store.load(path)
     model = labels.logistic().fit(cache.train.X, cache.train.y)
-    raw = {s: openset.raw_scores(model.predict_proba(sp.X), sp.X, cache.train.X, 10)
+    gaussians = openset.fit_gaussians(cache.train.X, cache.train.y)
+    raw = {s: openset.raw_scores(model.predict_proba(sp.X), sp.X, cache.train.X, gaussians, 10)
            for s, sp in (("val", cache.val), ("test", cache.test))}
     stats = openset.standardiser(raw["val"])
     score = {s: openset.combined(r, stats) for s, r in raw.items()}
@@ -71,11 +73,11 @@ def test_threshold_gives_the_target_recall_on_val(flowers):
     assert openset.choose_threshold(np.arange(1, 101), 0.95) == 6
 
 
-def test_combined_score_weights_the_neighbours_three_to_one():
-    stats = {"max_probability": (0.5, 0.25), "train_similarity": (0.2, 0.1), "relative_similarity": (0.0, 0.5)}
-    raw = {"max_probability": np.array([0.75, 0.5, 0.5]), "train_similarity": np.array([0.2, 0.3, 0.2]),
-           "relative_similarity": np.array([0.0, 0.0, 0.5])}
-    assert openset.combined(raw, stats) == pytest.approx([0.25, 0.375, 0.375])
+def test_combined_score_weights_the_standardised_scores_and_ignores_the_plain_similarity():
+    stats = {"max_probability": (0.5, 0.25), "relative_similarity": (0.0, 0.5), "relative_mahalanobis": (-4, 2)}
+    raw = {"max_probability": np.array([0.75, 0.5, 0.5, 0.5]), "train_similarity": np.array([0.2, 0.9, 0.2, 0.2]),
+           "relative_similarity": np.array([0.0, 0.0, 0.5, 0.0]), "relative_mahalanobis": np.array([-4, -4, -4, -2])}
+    assert openset.combined(raw, stats) == pytest.approx([0.25, 0, 0.5, 0.25])
     assert sum(openset.WEIGHTS.values()) == pytest.approx(1) and set(openset.WEIGHTS) == set(openset.SCORES)
 
 
@@ -91,8 +93,22 @@ def test_relative_similarity_corrects_for_the_neighbourhood_density():
     density = openset.train_density(train, 5)
     assert density[:50].mean() > density[50:].mean() + 0.2
     queries = np.r_[centres[0] + rng.normal(0, 1.2, (1, 64)), centres[1] + rng.normal(0, 2.5, (1, 64))]
-    raw = openset.raw_scores(np.full((2, 2), 0.5), queries, train, 5, density)
+    gaussians = openset.fit_gaussians(train, np.r_[np.zeros(50), np.ones(50)])
+    raw = openset.raw_scores(np.full((2, 2), 0.5), queries, train, gaussians, 5, density)
     assert raw["train_similarity"][0] > raw["train_similarity"][1]
     assert raw["relative_similarity"][1] > raw["relative_similarity"][0]
     assert raw["relative_similarity"] == pytest.approx(openset.raw_scores(np.full((2, 2), 0.5), queries, train,
-                                                                          5)["relative_similarity"])
+                                                                          gaussians, 5)["relative_similarity"])
+
+
+def test_relative_mahalanobis_ranks_a_class_it_never_saw_below_the_known_ones():
+    """Three clusters on a shared offset: Gaussians fitted on 12 images of two (fewer than the principal
+    components asked for) score fresh images of those two above images of the third."""
+    rng = np.random.default_rng(0)
+    centres = 3 * np.eye(32)[:3] + 5 * np.ones(32) / np.sqrt(32)
+    draw = lambda c, n: centres[c] + rng.normal(0, 0.4, (n, 32))
+    gaussians = openset.fit_gaussians(np.r_[draw(0, 6), draw(1, 6)], np.r_[np.zeros(6), np.ones(6)])
+    assert gaussians["pca"].n_components_ == 11
+    known, unknown = np.r_[draw(0, 20), draw(1, 20)], draw(2, 20)
+    scores = openset.relative_mahalanobis(gaussians, np.r_[known, unknown])
+    assert roc_auc_score(np.r_[np.ones(40), np.zeros(20)], scores) >= 0.99

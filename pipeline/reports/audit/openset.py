@@ -1,18 +1,47 @@
 """Unknown-image rejection: per-image scores of how known an image looks (the maximum calibrated
 probability; the mean cosine similarity to its nearest train images; that similarity relative to those train
 images' own similarity to their nearest train images, a local-density correction as in the local outlier
-factor), combined into one by standardising each on the known val images and weighting them (``WEIGHTS``: the
-neighbours 3 to 1); a threshold chosen on val to keep a target share of known images. Pure functions."""
+factor; the relative Mahalanobis distance, the nearest class Gaussian's against one Gaussian of all train
+images), combined into one by standardising each on the known val images and weighting them (``WEIGHTS``); a
+threshold chosen on val to keep a target share of known images. Pure functions."""
 
 from __future__ import annotations
 
 import numpy as np
+from sklearn.covariance import LedoitWolf
+from sklearn.decomposition import PCA
 
 from pipeline.reports.audit import knn
 
-SCORES = ("max_probability", "train_similarity", "relative_similarity")
-# of the standardised scores in :func:`combined`
-WEIGHTS = {"max_probability": 0.25, "train_similarity": 0.375, "relative_similarity": 0.375}
+# of the standardised scores in :func:`combined` (train_similarity is reported, and inside relative_similarity)
+WEIGHTS = {"max_probability": 0.25, "relative_similarity": 0.5, "relative_mahalanobis": 0.25}
+SCORES = tuple(WEIGHTS)
+GAUSSIAN_COMPONENTS = 128  # principal components of the unit-length features the Gaussians live on
+
+
+def fit_gaussians(train_features, train_labels, components=GAUSSIAN_COMPONENTS) -> dict:
+    """The Gaussians :func:`relative_mahalanobis` measures against, on the first ``components`` principal
+    components of the unit-length train features: one per class sharing a Ledoit-Wolf covariance, and one of
+    all train images (the background)."""
+    z = knn.unit(train_features).astype(np.float64)
+    pca = PCA(max(1, min(components, z.shape[1], len(z) - 1)), random_state=0).fit(z)
+    z = pca.transform(z)
+    _, of = np.unique(train_labels, return_inverse=True)
+    means = np.stack([z[of == c].mean(axis=0) for c in range(of.max() + 1)])
+    shared, background = LedoitWolf(assume_centered=True).fit(z - means[of]), LedoitWolf().fit(z)
+    return {"pca": pca, "means": means, "precision": shared.precision_,
+            "background": (background.location_, background.precision_)}
+
+
+def relative_mahalanobis(gaussians, features) -> np.ndarray:
+    """Minus the smallest relative Mahalanobis distance of each row (higher = more known): the squared distance
+    to a class Gaussian less the distance to the background Gaussian (Ren et al., 2021), which cancels what
+    every image shares and keeps what tells the classes apart."""
+    z = gaussians["pca"].transform(knn.unit(features).astype(np.float64))
+    (mu, bg) = gaussians["background"]
+    d0 = np.einsum("ij,jk,ik->i", z - mu, bg, z - mu)
+    d = [np.einsum("ij,jk,ik->i", z - m, gaussians["precision"], z - m) for m in gaussians["means"]]
+    return -(np.min(d, axis=0) - d0)
 
 
 def train_density(train_features, k=10) -> np.ndarray:
@@ -22,14 +51,16 @@ def train_density(train_features, k=10) -> np.ndarray:
     return sims.mean(axis=1) if sims.shape[1] else np.zeros(len(sims))
 
 
-def raw_scores(probs, features, train_features, k=10, density=None) -> dict:
-    """{"max_probability", "train_similarity", "relative_similarity"} of each row (higher = more like the known
-    classes). ``density``: :func:`train_density` of ``train_features`` with the same ``k`` (computed when None)."""
+def raw_scores(probs, features, train_features, gaussians, k=10, density=None) -> dict:
+    """{"max_probability", "train_similarity", "relative_similarity", "relative_mahalanobis"} of each row (higher
+    = more like the known classes). ``gaussians``: :func:`fit_gaussians` of the train rows; ``density``:
+    :func:`train_density` of ``train_features`` with the same ``k`` (computed when None)."""
     density = train_density(train_features, k) if density is None else np.asarray(density, np.float64)
     sims, idx = knn.nearest(features, train_features, k)
     similarity = sims.astype(np.float64).mean(axis=1)
     return {"max_probability": np.asarray(probs).max(axis=1), "train_similarity": similarity,
-            "relative_similarity": similarity - density[idx].mean(axis=1)}
+            "relative_similarity": similarity - density[idx].mean(axis=1),
+            "relative_mahalanobis": relative_mahalanobis(gaussians, features)}
 
 
 def standardiser(val_scores: dict) -> dict:

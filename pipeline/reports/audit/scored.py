@@ -68,7 +68,8 @@ def unknown(ctx, sec) -> dict:
         raise Skipped("needs a val split to choose the threshold on")
     t = ctx.temperature or 1.0
     density = openset.train_density(train.features, cfg.neighbours)
-    raw = {s: openset.raw_scores(calibration.scaled(probs[s], t), ctx.split(s).features, train.features,
+    gaussians = openset.fit_gaussians(train.features, train.labels)
+    raw = {s: openset.raw_scores(calibration.scaled(probs[s], t), ctx.split(s).features, train.features, gaussians,
                                  cfg.neighbours, density) for s in ("val", "test") if s in probs}
     stats = openset.standardiser(raw["val"])
     score = {s: openset.combined(r, stats) for s, r in raw.items()}
@@ -76,25 +77,28 @@ def unknown(ctx, sec) -> dict:
     rate = {s: float(openset.rejected(v, threshold).mean()) for s, v in score.items()}
     rows = [{"split": s, "path": str(p), "label": ctx.names[y], "max_probability": float(raw[s]["max_probability"][i]),
              "train_similarity": float(raw[s]["train_similarity"][i]),
-             "relative_similarity": float(raw[s]["relative_similarity"][i]), "score": float(score[s][i]),
+             "relative_similarity": float(raw[s]["relative_similarity"][i]),
+             "relative_mahalanobis": float(raw[s]["relative_mahalanobis"][i]), "score": float(score[s][i]),
              "rejected": bool(score[s][i] < threshold)}
             for s in score for i, (p, y) in enumerate(zip(ctx.split(s).paths, ctx.split(s).labels))]
     rows.sort(key=lambda r: r["score"])
     path = os.path.join(ctx.out, "unknown_scores.csv")
-    write_csv(path, ("split", "path", "label", "max_probability", "train_similarity", "relative_similarity", "score",
-                     "rejected"), rows)
+    write_csv(path, ("split", "path", "label", "max_probability", "train_similarity", "relative_similarity",
+                     "relative_mahalanobis", "score", "rejected"), rows)
     w = openset.WEIGHTS
     sec.text(f"Score of each image (higher = more like the known classes): {w['max_probability']:g} x its max "
-             f"calibrated probability + {w['train_similarity']:g} x its mean cosine similarity to its "
-             f"{cfg.neighbours} nearest train images + {w['relative_similarity']:g} x that similarity minus those "
-             "train images' own mean similarity to their nearest train images (how far it sits outside their "
-             f"neighbourhood), each standardised on val. Threshold {threshold:.4f} keeps {cfg.reject_recall:.0%} of "
+             f"calibrated probability + {w['relative_similarity']:g} x its mean cosine similarity to its "
+             f"{cfg.neighbours} nearest train images minus those train images' own mean similarity to their nearest "
+             f"train images (how far it sits outside their neighbourhood) + {w['relative_mahalanobis']:g} x minus "
+             "its relative Mahalanobis distance (to the nearest class Gaussian, less that to the Gaussian of all "
+             f"train images), each standardised on val. Threshold {threshold:.4f} keeps {cfg.reject_recall:.0%} of "
              "the known val images; below it an image would be labelled unknown. "
              + ", ".join(f"{s}: {rate[s]:.1%} rejected" for s in rate) + ". Scores: unknown_scores.csv.")
     sec.figure(plots.histograms(score, threshold, "combined score"), "score histograms with the threshold")
-    sec.table(("", "split", "path", "label", "max probability", "train similarity", "relative similarity", "score"),
-              [(ctx.thumb(r["path"]), r["split"], r["path"], r["label"], r["max_probability"],
-                r["train_similarity"], r["relative_similarity"], r["score"]) for r in rows[:cfg.show]])
+    sec.table(("", "split", "path", "label", "max probability", "train similarity", "relative similarity",
+               "relative Mahalanobis", "score"),
+              [(ctx.thumb(r["path"]), r["split"], r["path"], r["label"], r["max_probability"], r["train_similarity"],
+                r["relative_similarity"], r["relative_mahalanobis"], r["score"]) for r in rows[:cfg.show]])
     ctx.log(f"unknown images: threshold {threshold:.4f} (val recall {cfg.reject_recall:g}); "
             + ", ".join(f"{s} {rate[s]:.1%} rejected" for s in rate))
     return {"threshold": threshold, "temperature": t, "standardiser": stats, "rejected": rate, "csv": path}
