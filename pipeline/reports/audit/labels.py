@@ -10,6 +10,8 @@ the numbers as probabilities)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from cleanlab.count import num_label_issues
 from cleanlab.rank import get_label_quality_scores
@@ -65,10 +67,13 @@ def logistic_oof(X, y, folds=5, seed=0, C=OOF_C) -> np.ndarray:
 def discriminant_oof(X, y, folds=5, seed=0, components=LDA_COMPONENTS) -> np.ndarray:
     """Out-of-fold probabilities of a linear discriminant analysis (one covariance shared by the classes,
     Ledoit-Wolf shrinkage) on the first ``components`` principal components (at most the features and the
-    rows of a training fold)."""
+    rows of a training fold). A class with one image in a training fold adds no covariance of its own (scikit-learn
+    warns; the warning is dropped)."""
     d = max(1, min(components, X.shape[1], len(y) - -(-len(y) // folds)))
     model = make_pipeline(PCA(d, random_state=seed), LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto"))
-    return cross_validated(model, X, y, folds, seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Only one sample available", UserWarning)
+        return cross_validated(model, X, y, folds, seed)
 
 
 def knn_vote(X, y, k=KNN_K, temperature=KNN_TEMPERATURE) -> np.ndarray:
