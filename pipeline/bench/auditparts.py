@@ -10,7 +10,6 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
-from cleanlab.rank import get_label_quality_scores
 from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
@@ -48,15 +47,13 @@ def label_noise(X, y, rate, seeds, folds=5) -> dict:
     y = np.searchsorted(np.unique(y), y)
     out = {}
     for name, oof in LEVERS.items():
-        p = oof(X, y, folds, 0)
-        clean = labels.flag(y, p, get_label_quality_scores(y, p))
+        clean = labels.score_and_flag(y, oof(X, y, folds, 0))[1]
         figs = {k: [] for k in ("auroc", "top_n_precision", "recall", "precision", "flagged", "extra",
                                 "extra_on_clean")}
         for seed in seeds:
             noisy, flipped = flip(y, rate, seed)
             p = oof(X, noisy, folds, seed)
-            q = get_label_quality_scores(noisy, p)
-            f = labels.flag(noisy, p, q)
+            q, f = labels.score_and_flag(noisy, p)
             n, hit = int(flipped.sum()), int((f & flipped).sum())
             figs["auroc"].append(float(roc_auc_score(flipped, -q)))
             figs["top_n_precision"].append(float(flipped[np.argsort(q, kind="stable")[:n]].mean()))

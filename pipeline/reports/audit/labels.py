@@ -10,6 +10,7 @@ the numbers as probabilities)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -69,7 +70,7 @@ def discriminant_oof(X, y, folds=5, seed=0, components=LDA_COMPONENTS) -> np.nda
     Ledoit-Wolf shrinkage) on the first ``components`` principal components (at most the features and the
     rows of a training fold). A class with one image in a training fold adds no covariance of its own (scikit-learn
     warns; the warning is dropped)."""
-    d = max(1, min(components, X.shape[1], len(y) - -(-len(y) // folds)))
+    d = max(1, min(components, X.shape[1], len(y) - math.ceil(len(y) / folds)))
     model = make_pipeline(PCA(d, random_state=seed), LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto"))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Only one sample available", UserWarning)
@@ -91,19 +92,21 @@ def knn_vote(X, y, k=KNN_K, temperature=KNN_TEMPERATURE) -> np.ndarray:
 def out_of_fold(X, y, folds=5, seed=0) -> np.ndarray:
     """Out-of-fold predicted probabilities (N, classes present, in label order; labels 0..K-1): the mean of
     :func:`logistic_oof`, :func:`discriminant_oof` and :func:`knn_vote`, temperature-scaled to the lowest NLL
-    of ``y``. The blend of a strongly regularised head and a smoothed vote is under-confident; calibrated,
-    confident learning's count of label issues comes out right."""
+    of ``y``. The blend of a strongly regularised head, a shrunk discriminant and a smoothed vote is
+    under-confident; calibrated, confident learning's count of label issues comes out right."""
     blend = (logistic_oof(X, y, folds, seed) + discriminant_oof(X, y, folds, seed) + knn_vote(X, y)) / 3
     return calibration.scaled(blend, calibration.fit_temperature(blend, y))
 
 
-def flag(y, probs, quality) -> np.ndarray:
-    """Mask of the label issues: the ``num_label_issues`` rows of lowest ``quality``, the count estimated from the
-    calibrated confident joint of labels 0..K-1 ``y`` and ``probs`` (count, then rank)."""
+def score_and_flag(y, probs) -> tuple[np.ndarray, np.ndarray]:
+    """(label quality of every row, mask of the label issues) of labels 0..K-1 ``y`` and out-of-fold ``probs``:
+    the issues are the ``num_label_issues`` rows of lowest quality, the count estimated from the calibrated
+    confident joint (count, then rank)."""
+    quality = get_label_quality_scores(y, probs)
     n = int(num_label_issues(y, probs, estimation_method="off_diagonal_calibrated"))
     mask = np.zeros(len(y), bool)
     mask[np.argsort(quality, kind="stable")[:n]] = True
-    return mask
+    return quality, mask
 
 
 def find(X, y, names, paths, splits, folds=5, seed=0) -> dict:
@@ -114,8 +117,7 @@ def find(X, y, names, paths, splits, folds=5, seed=0) -> dict:
     present = np.unique(y)
     remap = np.searchsorted(present, y)  # cleanlab wants labels 0..K-1 of the classes present
     probs_present = out_of_fold(X, remap, folds, seed)
-    quality = get_label_quality_scores(remap, probs_present)
-    flagged = flag(remap, probs_present, quality)
+    quality, flagged = score_and_flag(remap, probs_present)
     probs = np.zeros((len(y), len(names)))
     probs[:, present] = probs_present
     suggested = np.argmax(probs, axis=1)
